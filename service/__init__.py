@@ -1,0 +1,1 @@
+"""The front door: owns the gRPC wire contract."""

@@ -1,0 +1,1 @@
+"""Generated from proto/attribution/v1/attribution.proto: do not edit."""

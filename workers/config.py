@@ -1,0 +1,143 @@
+"""Model and worker configuration: dataclasses with bounds, read once at start.
+
+A config file (YAML or JSON) has this shape; every key is optional except a
+model's name and source::
+
+    models:
+      - name: resnet18
+        source: torchvision          # demo | torchvision | torchscript | export
+        arch: resnet18               # torchvision only
+        weights: /models/r18.safetensors   # state_dict (.pt/.pth) or safetensors
+        num_classes: 1000
+        input: {height: 224, width: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
+        cam_layer: layer4
+        cam_layers: [layer3, layer4]
+        labels: /models/imagenet.txt  # one per line, or an inline list
+        replicas: 1
+        num_gpus: 0
+    default_model: demo
+    batching: {max_batch_samples: 256, batch_wait_timeout_s: 0.01, max_concurrent_batches: 2}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.errors import InvalidArgument
+
+SOURCES = ("demo", "torchvision", "torchscript", "export")
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model consumes: (C, H, W) and the pixel-space mean/std it was trained with."""
+
+    channels: int = 3
+    height: int = 224
+    width: int = 224
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self):
+        _check(1 <= self.channels <= 4, "input.channels", "must be 1..4")
+        _check(8 <= self.height <= 4096 and 8 <= self.width <= 4096, "input", "height and width must be 8..4096")
+        _check(len(self.mean) == self.channels and len(self.std) == self.channels,
+               "input", "mean and std need one value per channel")
+        _check(all(s > 0 for s in self.std), "input.std", "must be positive")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model the service can explain."""
+
+    name: str
+    source: str
+    arch: str = ""                 # torchvision architecture name
+    path: str = ""                 # weights file, TorchScript file or torch.export file
+    num_classes: int = 0           # 0: read from the model's output
+    input: InputSpec = field(default_factory=InputSpec)
+    cam_layer: str = ""            # default CAM layer; "" = the architecture's usual one
+    cam_layers: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    replicas: int = 1              # online replicas (one per GPU where there are GPUs)
+    num_gpus: float = 0.0          # per replica
+    num_cpus: float = 1.0          # per replica; also torch's intra-op thread count
+    seed: int = 0                  # demo only: data and training seed
+
+    def __post_init__(self):
+        _check(bool(self.name) and len(self.name) <= 64 and self.name.replace("-", "").replace("_", "").isalnum(),
+               "models.name", f"{self.name!r} must be 1..64 letters, digits, '-' or '_'")
+        _check(self.source in SOURCES, f"models[{self.name}].source", f"must be one of {', '.join(SOURCES)}")
+        _check(self.source != "torchvision" or bool(self.arch), f"models[{self.name}].arch",
+               "torchvision models need an architecture name")
+        _check(self.source in ("demo", "torchvision") or bool(self.path), f"models[{self.name}].path",
+               "torchscript and export models need a file path")
+        _check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
+               "replicas and num_gpus must be >= 0, num_cpus > 0")
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Dynamic batching on the online workers; changeable at runtime."""
+
+    max_batch_samples: int = 256        # a batch's total cost in samples (SmoothGrad-50 costs 50)
+    batch_wait_timeout_s: float = 0.01  # how long a partial batch waits for company
+    max_concurrent_batches: int = 2     # overlaps pre/post-processing with compute
+    max_ongoing_requests: int = 256     # per replica
+    max_queued_requests: int = 1024     # per deployment; overflow answers RESOURCE_EXHAUSTED
+    fold_max_bytes: int = 0             # memory budget per folded chunk; 0 = derived from the device
+    fold_max_rows: int = 0              # cap on rows per chunk; 0 = none
+
+    def __post_init__(self):
+        _check(1 <= self.max_batch_samples <= 1_000_000, "batching.max_batch_samples", "must be 1..1e6")
+        _check(0 <= self.batch_wait_timeout_s <= 10, "batching.batch_wait_timeout_s", "must be 0..10 seconds")
+        _check(1 <= self.max_concurrent_batches <= 64, "batching.max_concurrent_batches", "must be 1..64")
+        _check(self.max_ongoing_requests >= 1, "batching.max_ongoing_requests", "must be >= 1")
+        _check(self.max_queued_requests >= -1, "batching.max_queued_requests", "must be >= -1 (-1: unbounded)")
+        _check(self.fold_max_bytes >= 0 and self.fold_max_rows >= 0, "batching.fold_*", "must be >= 0")
+
+
+def _check(ok: bool, fieldname: str, description: str) -> None:
+    if not ok:
+        raise InvalidArgument.field(fieldname, description)
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    raw = dict(raw)
+    known = {f.name for f in dataclasses.fields(ModelConfig)} | {"weights"}
+    unknown = set(raw) - known
+    _check(not unknown, f"models[{raw.get('name', '?')}]", f"unknown keys: {', '.join(sorted(unknown))}")
+    if "weights" in raw:
+        raw["path"] = raw.pop("weights")
+    if isinstance(raw.get("input"), dict):
+        spec = dict(raw["input"])
+        for key in ("mean", "std"):
+            if key in spec:
+                spec[key] = tuple(float(v) for v in spec[key])
+        raw["input"] = InputSpec(**spec)
+    labels = raw.get("labels")
+    if isinstance(labels, str):
+        lines = pathlib.Path(labels).read_text().splitlines()
+        raw["labels"] = tuple(line.strip() for line in lines if line.strip())
+    elif labels is not None:
+        raw["labels"] = tuple(str(v) for v in labels)
+    if "cam_layers" in raw:
+        raw["cam_layers"] = tuple(raw["cam_layers"])
+    return ModelConfig(**raw)
+
+
+def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
+    """Reads a YAML or JSON config file into a plain dict."""
+    text = pathlib.Path(path).read_text()
+    if str(path).endswith(".json"):
+        return json.loads(text)
+    import yaml
+
+    return yaml.safe_load(text) or {}

@@ -1,0 +1,1 @@
+"""Attribution kernels: pure functions of (model, batch, params) -> tensors."""

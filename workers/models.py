@@ -1,0 +1,254 @@
+"""Model registry: load a configured model once, ready to explain.
+
+Loading puts the module in eval mode and turns off every parameter's
+`requires_grad` exactly once, so no request ever flips a shared model's mode or
+accumulates parameter gradients. Weights are read with `weights_only=True`
+(or safetensors); nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import pathlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from workers.config import InputSpec, ModelConfig
+from workers.errors import LayerNotFound, ModelLoadError, ModelNotFound
+from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS
+
+log = logging.getLogger(__name__)
+
+
+# The usual last feature map of each torchvision family, and a few earlier ones.
+_TORCHVISION_CAM_LAYERS = {
+    "resnet": ("layer2", "layer3", "layer4"),
+    "resnext": ("layer2", "layer3", "layer4"),
+    "wide_resnet": ("layer2", "layer3", "layer4"),
+    "mobilenet": ("features",),
+    "efficientnet": ("features",),
+    "densenet": ("features",),
+    "vgg": ("features",),
+    "convnext": ("features",),
+    "regnet": ("trunk_output",),
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain, shared by every request on a replica."""
+
+    name: str
+    module: nn.Module
+    spec: InputSpec
+    num_classes: int
+    version: str                      # sha256 of the weights, hex
+    device: torch.device
+    cam_layers: tuple[str, ...] = ()
+    default_cam_layer: str = ""
+    labels: tuple[str, ...] = ()
+    _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+
+    def layer(self, name: str) -> nn.Module:
+        """The CAM-able layer `name`; `LayerNotFound` lists the choices."""
+        if name not in self.cam_layers or name not in self._modules:
+            raise LayerNotFound(self.name, name, list(self.cam_layers))
+        return self._modules[name]
+
+    @property
+    def online_methods(self) -> tuple[str, ...]:
+        return GRADIENT_METHODS + (CAM_METHODS if self.cam_layers else ())
+
+    @property
+    def offline_methods(self) -> tuple[str, ...]:
+        return self.online_methods + (OFFLINE_ONLY_METHODS if self.cam_layers else ("occlusion",))
+
+
+def sha256_file(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_state(module: nn.Module) -> str:
+    """Hash of the parameters and buffers, for models built in code."""
+    digest = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelLoadError(f"{path}: expected a state_dict, found {type(state).__name__}")
+    return state
+
+
+def _build_torchvision(cfg: ModelConfig) -> tuple[nn.Module, str]:
+    import torchvision
+
+    try:
+        builder = torchvision.models.get_model_builder(cfg.arch)
+    except ValueError as exc:
+        raise ModelLoadError(f"model {cfg.name!r}: unknown torchvision architecture {cfg.arch!r}") from exc
+    kwargs = {"weights": None}
+    if cfg.num_classes:
+        kwargs["num_classes"] = cfg.num_classes
+    if not cfg.path:
+        # Random weights, seeded: for benchmarks and tests only; the version says so.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            module = builder(**kwargs)
+        return module, "random-" + sha256_state(module)[:16]
+    module = builder(**kwargs)
+    path = pathlib.Path(cfg.path)
+    try:
+        module.load_state_dict(_read_state_dict(path))
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise ModelLoadError(f"model {cfg.name!r}: cannot load weights from {path}: {exc}") from exc
+    return module, sha256_file(path)
+
+
+def _build_from_file(cfg: ModelConfig) -> tuple[nn.Module, str]:
+    path = pathlib.Path(cfg.path)
+    try:
+        if cfg.source == "torchscript":
+            module = torch.jit.load(str(path), map_location="cpu")
+        else:
+            module = torch.export.load(str(path)).module()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ModelLoadError(f"model {cfg.name!r}: cannot load {cfg.source} file {path}: {exc}") from exc
+    return module, sha256_file(path)
+
+
+def _build_demo(cfg: ModelConfig, cache_dir: pathlib.Path | None):
+    from workers import demo
+
+    config = demo.DemoConfig(seed=cfg.seed)
+    module, weights = demo.load_or_build_demo(cache_dir or demo.default_cache_dir(), config)
+    spec = InputSpec(channels=3, height=config.image_size, width=config.image_size,
+                     mean=tuple(demo.DEMO_MEAN), std=tuple(demo.DEMO_STD))
+    return module, sha256_file(weights), spec, demo.DEMO_CAM_LAYERS, demo.DEMO_CAM_LAYER, demo.DEMO_LABELS
+
+
+def _default_cam_layers(cfg: ModelConfig) -> tuple[str, ...]:
+    if cfg.cam_layers:
+        return cfg.cam_layers
+    if cfg.source != "torchvision":
+        return (cfg.cam_layer,) if cfg.cam_layer else ()
+    for prefix, layers in _TORCHVISION_CAM_LAYERS.items():
+        if cfg.arch.startswith(prefix):
+            return layers
+    return (cfg.cam_layer,) if cfg.cam_layer else ()
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """The replica's device, chosen once: `auto` takes CUDA when present."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {preference!r} asked for, but no CUDA device is present")
+    return device
+
+
+def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
+               cache_dir: pathlib.Path | None = None) -> LoadedModel:
+    """Builds, loads and freezes one configured model on `device`."""
+    device = torch.device(device)
+    spec, labels = cfg.input, cfg.labels
+    if cfg.source == "demo":
+        module, version, spec, cam_layers, cam_layer, demo_labels = _build_demo(cfg, cache_dir)
+        labels = labels or tuple(demo_labels)
+    else:
+        module, version = (_build_torchvision(cfg) if cfg.source == "torchvision" else _build_from_file(cfg))
+        cam_layers = _default_cam_layers(cfg)
+        cam_layer = cfg.cam_layer or (cam_layers[-1] if cam_layers else "")
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    module.to(device)
+    modules = dict(module.named_modules())
+    missing = [name for name in cam_layers if name not in modules]
+    if missing:
+        raise ModelLoadError(f"model {cfg.name!r}: CAM layers not found: {', '.join(missing)}")
+    if cam_layer and cam_layer not in cam_layers:
+        cam_layers = tuple(cam_layers) + (cam_layer,)
+    num_classes = _probe_num_classes(module, spec, device, cfg)
+    if labels and len(labels) != num_classes:
+        raise ModelLoadError(f"model {cfg.name!r}: {len(labels)} labels for {num_classes} classes")
+    return LoadedModel(name=cfg.name, module=module, spec=spec, num_classes=num_classes, version=version,
+                       device=device, cam_layers=tuple(cam_layers), default_cam_layer=cam_layer,
+                       labels=tuple(labels), _modules={n: modules[n] for n in cam_layers})
+
+
+def _probe_num_classes(module: nn.Module, spec: InputSpec, device: torch.device, cfg: ModelConfig) -> int:
+    """One tiny forward: checks the model runs on its input spec and reads the class count."""
+    try:
+        with torch.inference_mode():
+            out = module(torch.zeros((1,) + spec.shape, device=device))
+    except Exception as exc:  # any failure here means the config and the model disagree
+        raise ModelLoadError(f"model {cfg.name!r} fails on a {spec.shape} input: {exc}") from exc
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise ModelLoadError(f"model {cfg.name!r} must return logits (N, classes), got {getattr(out, 'shape', out)}")
+    if cfg.num_classes and out.shape[1] != cfg.num_classes:
+        raise ModelLoadError(f"model {cfg.name!r}: config says {cfg.num_classes} classes, model gives {out.shape[1]}")
+    return int(out.shape[1])
+
+
+class ModelRegistry:
+    """The configured models by name; loads each on first use, once."""
+
+    def __init__(self, configs: list[ModelConfig], default: str = "", device: str | torch.device = "cpu",
+                 cache_dir: pathlib.Path | None = None):
+        names = [c.name for c in configs]
+        if len(set(names)) != len(names):
+            raise ModelLoadError(f"duplicate model names in config: {names}")
+        if not configs:
+            raise ModelLoadError("no models configured")
+        self.configs = {c.name: c for c in configs}
+        self.default = default or configs[0].name
+        if self.default not in self.configs:
+            raise ModelNotFound(self.default, names)
+        self.device = torch.device(device)
+        self.cache_dir = cache_dir
+        self._loaded: dict[str, LoadedModel] = {}
+
+    def config(self, name: str = "") -> ModelConfig:
+        name = name or self.default
+        if name not in self.configs:
+            raise ModelNotFound(name, list(self.configs))
+        return self.configs[name]
+
+    def get(self, name: str = "") -> LoadedModel:
+        cfg = self.config(name)
+        if cfg.name not in self._loaded:
+            log.info("loading model %s (%s) on %s", cfg.name, cfg.source, self.device)
+            self._loaded[cfg.name] = load_model(cfg, self.device, self.cache_dir)
+        return self._loaded[cfg.name]
+
+    def names(self) -> list[str]:
+        return list(self.configs)
+
+
+def describe(model: LoadedModel, is_default: bool = False) -> "ModelDescription":
+    from workers.spec import ModelDescription
+
+    spec = model.spec
+    return ModelDescription(
+        name=model.name, version=model.version, channels=spec.channels, height=spec.height, width=spec.width,
+        mean=tuple(spec.mean), std=tuple(spec.std), num_classes=model.num_classes, labels=model.labels,
+        cam_layers=model.cam_layers, default_cam_layer=model.default_cam_layer,
+        online_methods=model.online_methods, offline_methods=model.offline_methods, is_default=is_default)

@@ -1,0 +1,153 @@
+"""The typed request and result that cross from the front door to the workers.
+
+`service/validation.py` turns a wire request into an `ExplainSpec` (every limit
+checked there); the workers run it and answer an `ExplainResult`. Both are plain
+picklable dataclasses of CPU tensors, so they travel through Ray unchanged.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+NOISE_METHODS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+GRADIENT_METHODS = ("vanilla",) + NOISE_METHODS + ("integrated_gradients",)
+CAM_METHODS = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
+OFFLINE_ONLY_METHODS = ("score_cam", "occlusion")
+ALL_METHODS = GRADIENT_METHODS + CAM_METHODS + OFFLINE_ONLY_METHODS
+
+REDUCTIONS = ("abs_max", "sum", "none")
+NORMALIZATIONS = ("none", "max_abs", "min_max")
+OUTPUT_DTYPES = ("float32", "float16", "uint8")
+BASELINE_KINDS = ("zero", "black", "blurred", "uniform_noise", "dataset_mean", "custom")
+INTEGRATION_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre")
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """Which classes to explain: `predicted` (top-1), `indices` (one or per item) or `top_k`."""
+
+    kind: str = "predicted"
+    indices: tuple[int, ...] = ()
+    k: int = 1
+
+    @property
+    def per_item(self) -> int:
+        """Maps per item."""
+        return self.k if self.kind == "top_k" else 1
+
+
+@dataclass(frozen=True)
+class MethodParams:
+    """Every method's parameters, defaults filled in; a method reads its own."""
+
+    absolute: bool = False                 # vanilla
+    samples: int = 32                      # noise family
+    noise_fraction: float = 0.15
+    steps: int = 32                        # integrated gradients
+    rule: str = "gauss_legendre"
+    baseline: str = "zero"
+    blur_sigma: float = 5.0
+    baseline_tensor: torch.Tensor | None = None  # custom baseline, model space (1 or N, C, H, W)
+    layer: str = ""                        # CAM family and Score-CAM; "" = the model's default
+    also: tuple[str, ...] = ()             # extra CAM variants in the same pass
+    top_k_channels: int = 0                # Score-CAM
+    patch_size: int = 8                    # occlusion
+    stride: int = 4
+    baseline_value: float = 0.0
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    reduction: str = "abs_max"
+    normalization: str = "none"
+    dtype: str = "float32"
+    png_overlay: bool = False
+    native_resolution: bool = False
+
+
+@dataclass
+class ExplainSpec:
+    """One validated request. `inputs` is model space, float32, CPU, (N, C, H, W)."""
+
+    model: str
+    method: str
+    inputs: torch.Tensor
+    request_id: str = ""
+    target: TargetSpec = field(default_factory=TargetSpec)
+    params: MethodParams = field(default_factory=MethodParams)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    seed: int = 0
+    audit: bool | None = None              # None = the server's default
+    deadline: float | None = None          # time.time() after which the answer is useless
+    received_at: float = field(default_factory=time.time)
+
+    @property
+    def items(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @property
+    def cost(self) -> int:
+        """Batching cost in samples: folded rows per item, times items and targets.
+
+        A SmoothGrad-50 item costs 50, an IG-32 item 32, a vanilla or CAM item 1.
+        """
+        per_item = 1
+        if self.method in NOISE_METHODS:
+            per_item = self.params.samples
+        elif self.method == "integrated_gradients":
+            per_item = self.params.steps
+        return self.items * self.target.per_item * per_item
+
+
+@dataclass
+class AttributionMap:
+    """One map: float32 CPU tensor, (H, W) or (C, H, W) at input resolution."""
+
+    method: str
+    target: int
+    target_score: float
+    map: torch.Tensor
+    native: torch.Tensor | None = None     # CAM at the layer's resolution, (h, w)
+    completeness_error: float | None = None
+
+
+@dataclass
+class ItemExplanation:
+    predicted_classes: list[int]
+    predicted_scores: list[float]
+    attributions: list[AttributionMap]
+
+
+@dataclass
+class ExplainResult:
+    request_id: str
+    model: str
+    model_version: str
+    method: str
+    items: list[ItemExplanation]
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    batch_samples: int = 0
+    batch_requests: int = 0
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the front door needs to validate requests for a model and to list it."""
+
+    name: str
+    version: str
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    labels: tuple[str, ...]
+    cam_layers: tuple[str, ...]
+    default_cam_layer: str
+    online_methods: tuple[str, ...]
+    offline_methods: tuple[str, ...]
+    is_default: bool = False
