@@ -79,7 +79,7 @@ def sha256_state(module: nn.Module) -> str:
     digest = hashlib.sha256()
     for key, value in sorted(module.state_dict().items()):
         digest.update(key.encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -176,7 +176,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         module, version = (_build_torchvision(cfg) if cfg.source == "torchvision" else _build_from_file(cfg))
         cam_layers = _default_cam_layers(cfg)
         cam_layer = cfg.cam_layer or (cam_layers[-1] if cam_layers else "")
-    module.eval()
+    if cfg.source != "export":  # an exported graph has its mode baked in and refuses eval()
+        module.eval()
     for param in module.parameters():
         param.requires_grad_(False)
     module.to(device)

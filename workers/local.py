@@ -1,0 +1,65 @@
+"""In-process backend: the real pipeline without Ray, one worker thread per model.
+
+Used by `attribution explain --local`, by single-process deployments and by the
+front door's own tests. Each call runs as its own batch; the cross-request
+batching lives in the Ray Serve deployment.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from workers.batching import FoldBudget
+from workers.errors import AttributionError, Unavailable
+from workers.models import ModelRegistry, describe
+from workers.pipeline import WorkerContext, explain_batch
+from workers.spec import ExplainResult, ExplainSpec, ModelDescription
+
+
+class LocalBackend:
+    def __init__(self, registry: ModelRegistry, budget: FoldBudget | None = None, threads: int = 1):
+        self.registry = registry
+        self.budget = budget or FoldBudget()
+        self._contexts: dict[str, WorkerContext] = {}
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="explain")
+        self._closed = False
+
+    def context(self, name: str = "") -> WorkerContext:
+        model = self.registry.get(name)
+        if model.name not in self._contexts:
+            self._contexts[model.name] = WorkerContext.create(model, self.budget)
+        return self._contexts[model.name]
+
+    async def models(self) -> list[ModelDescription]:
+        loop = asyncio.get_running_loop()
+        contexts = [await loop.run_in_executor(self._pool, self.context, n) for n in self.registry.names()]
+        return [describe(c.model, is_default=c.model.name == self.registry.default) for c in contexts]
+
+    def explain_sync(self, spec: ExplainSpec) -> ExplainResult:
+        if self._closed:
+            raise Unavailable("the backend is shutting down")
+        queued_at = time.perf_counter()
+        ctx = self.context(spec.model)
+        started = time.perf_counter()
+        (outcome,) = explain_batch(ctx, [spec])
+        if isinstance(outcome, AttributionError):
+            raise outcome
+        outcome.queue_ms = (started - queued_at) * 1e3
+        return outcome
+
+    async def explain(self, spec: ExplainSpec) -> ExplainResult:
+        loop = asyncio.get_running_loop()
+        submitted = time.perf_counter()
+        result = await loop.run_in_executor(self._pool, self.explain_sync, spec)
+        # queue time: waiting for the worker thread, measured from submission
+        result.queue_ms = max(0.0, (time.perf_counter() - submitted) * 1e3 - result.compute_ms)
+        return result
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._pool.shutdown(wait=True)
+        for ctx in self._contexts.values():
+            ctx.taps.close()

@@ -1,0 +1,260 @@
+"""One batch of validated requests -> results, with per-request error isolation.
+
+Stages, each over the whole batch: predict (one inference forward over every
+request's items) -> resolve targets -> fold into the kernels (every gradient
+request into one `explain_gradients` call, every CAM request into one
+`explain_cam` call) -> reduce/normalize on the device -> assemble results.
+A request that fails validation or a kernel fails alone: a failing folded call
+is retried request by request so the culprit is found and its neighbours
+still succeed.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.batching import FoldBudget
+from workers.errors import AttributionError, DeadlineExceeded, InternalError, InvalidArgument
+from workers.kernels.baselines import make_baseline
+from workers.kernels.cam import CamRequest, explain_cam, validate_cam_request
+from workers.kernels.gradients import GradientLimits, GradientRequest, explain_gradients, validate_gradient_request
+from workers.kernels.hooks import LayerTaps
+from workers.models import LoadedModel
+from workers.postprocess import finish_maps
+from workers.spec import (CAM_METHODS, GRADIENT_METHODS, AttributionMap, ExplainResult, ExplainSpec,
+                          ItemExplanation)
+
+log = logging.getLogger(__name__)
+
+TOP_PREDICTIONS = 5
+
+
+@dataclass
+class WorkerContext:
+    """What a replica holds for one model: the model, its taps and its budget."""
+
+    model: LoadedModel
+    taps: LayerTaps
+    budget: FoldBudget = field(default_factory=FoldBudget)
+    limits: GradientLimits = field(default_factory=GradientLimits)
+
+    @classmethod
+    def create(cls, model: LoadedModel, budget: FoldBudget | None = None,
+               limits: GradientLimits | None = None) -> "WorkerContext":
+        taps = LayerTaps(model.module, model.cam_layers, model_name=model.name)
+        return cls(model, taps, budget or FoldBudget(), limits or GradientLimits())
+
+
+@dataclass
+class _Work:
+    """A request on its way through the stages."""
+
+    index: int
+    spec: ExplainSpec
+    inputs: torch.Tensor | None = None        # (N, C, H, W) on the device
+    item_of_row: torch.Tensor | None = None   # (N*k,) item index of each explained row
+    targets: torch.Tensor | None = None       # (N*k,)
+    probs: torch.Tensor | None = None         # (N, classes)
+    kernel_request: object = None
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)    # method -> (N*k, ...) host maps
+    native: dict[str, torch.Tensor] = field(default_factory=dict)
+    completeness: torch.Tensor | None = None
+
+
+def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec]) -> list[ExplainResult | AttributionError]:
+    """Runs a batch; each entry of the answer is a result or the typed error of that request."""
+    started = time.perf_counter()
+    outcomes: list[ExplainResult | AttributionError | None] = [None] * len(specs)
+    works = []
+    for index, spec in enumerate(specs):
+        work = _Work(index, spec)
+        if _guard(outcomes, work, _check_online):
+            works.append(work)
+    for w in works:  # outside inference mode: the kernels build autograd graphs from these
+        w.inputs = to_device(w.spec.inputs, ctx.model.device)
+    with torch.inference_mode():
+        _predict(ctx, works, outcomes)
+    works = [w for w in works if outcomes[w.index] is None and _guard(outcomes, w, _resolve, ctx)]
+    grad_works = [w for w in works if w.spec.method in GRADIENT_METHODS]
+    cam_works = [w for w in works if w.spec.method in CAM_METHODS]
+    _run_folded(grad_works, outcomes, lambda batch: _run_gradients(ctx, batch))
+    _run_folded(cam_works, outcomes, lambda batch: _run_cam(ctx, batch))
+    compute_ms = (time.perf_counter() - started) * 1e3
+    samples = sum(spec.cost for spec in specs)
+    for w in works:
+        if outcomes[w.index] is None:
+            _guard(outcomes, w, _assemble, ctx, compute_ms, samples, len(specs))
+    return outcomes  # type: ignore[return-value]
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device through pinned memory, so the copy overlaps with queued work."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def _guard(outcomes, work: _Work, stage, *args) -> bool:
+    """Runs one request's stage; a failure becomes that request's outcome."""
+    try:
+        result = stage(work, *args)
+    except AttributionError as exc:
+        outcomes[work.index] = exc
+        return False
+    except Exception as exc:  # a bug or a device fault in one request must not fail the batch
+        log.exception("request %s failed in %s", work.spec.request_id, getattr(stage, "__name__", stage))
+        outcomes[work.index] = InternalError(f"internal error while explaining: {type(exc).__name__}")
+        return False
+    if result is not None:
+        outcomes[work.index] = result
+    return True
+
+
+def _check_online(work: _Work) -> None:
+    if work.spec.method not in GRADIENT_METHODS + CAM_METHODS:
+        raise InvalidArgument.field("method", f"{work.spec.method} runs only as an offline job (SubmitJob)")
+    deadline = work.spec.deadline
+    if deadline is not None and time.time() > deadline:
+        raise DeadlineExceeded("the request's deadline passed before its batch started; it was dropped")
+
+
+def _predict(ctx: WorkerContext, works: list[_Work], outcomes) -> None:
+    """One inference forward over every request's items: top-k and target scores."""
+    if not works:
+        return
+    try:
+        logits = ctx.model.module(torch.cat([w.inputs for w in works]))  # (sum N, classes)
+        probs = torch.softmax(logits.float(), dim=1)
+    except Exception:
+        if len(works) == 1:
+            _guard(outcomes, works[0], _raise_internal)
+            return
+        for w in works:  # isolate the request that breaks the forward
+            _predict(ctx, [w], outcomes)
+        return
+    offset = 0
+    for w in works:
+        w.probs = probs[offset:offset + w.spec.items]
+        offset += w.spec.items
+
+
+def _raise_internal(work: _Work) -> None:
+    log.exception("prediction forward failed for request %s", work.spec.request_id)
+    raise InternalError("the model failed on this input")
+
+
+def _resolve(work: _Work, ctx: WorkerContext) -> None:
+    """Targets per explained row and the kernel request of this work."""
+    spec, n = work.spec, work.spec.items
+    device = ctx.model.device
+    target = spec.target
+    if target.kind == "top_k":
+        k = min(target.k, ctx.model.num_classes)
+        targets = work.probs.topk(k, dim=1).indices.reshape(-1)  # (N*k,) best first per item
+    elif target.kind == "indices":
+        if len(target.indices) not in (1, n):
+            raise InvalidArgument.field("target.class_indices", f"give one index or one per item ({n})")
+        idx = torch.tensor(target.indices, dtype=torch.long, device=device)
+        targets = idx.expand(n) if idx.numel() == 1 else idx
+        k = 1
+    else:
+        targets, k = work.probs.argmax(dim=1), 1
+    bad = (targets < 0) | (targets >= ctx.model.num_classes)
+    if bool(bad.any()):
+        raise InvalidArgument.field("target", f"class indices must be in [0, {ctx.model.num_classes})")
+    work.item_of_row = torch.arange(n, device=device).repeat_interleave(k)
+    work.targets = targets.to(torch.long)
+    inputs = work.inputs if k == 1 else work.inputs.repeat_interleave(k, dim=0)  # (N*k, C, H, W)
+    work.kernel_request = (_gradient_request(ctx, spec, inputs, work.targets) if spec.method in GRADIENT_METHODS
+                           else _cam_request(ctx, spec, inputs, work.targets))
+
+
+def _gradient_request(ctx: WorkerContext, spec: ExplainSpec, inputs, targets) -> GradientRequest:
+    p, model = spec.params, ctx.model
+    baselines = None
+    if spec.method == "integrated_gradients":
+        custom = None if p.baseline_tensor is None else p.baseline_tensor.to(model.device)
+        if custom is not None and custom.shape[0] not in (1, inputs.shape[0]) and spec.target.per_item > 1:
+            custom = custom.repeat_interleave(spec.target.per_item, dim=0)
+        baselines = make_baseline(p.baseline, inputs, mean=model.spec.mean, std=model.spec.std, seed=spec.seed,
+                                  blur_sigma=p.blur_sigma, custom=custom)
+    req = GradientRequest(inputs=inputs, targets=targets, method=spec.method, samples=p.samples,
+                          noise_fraction=p.noise_fraction, steps=p.steps, rule=p.rule, baselines=baselines,
+                          seed=spec.seed, absolute=p.absolute)
+    validate_gradient_request(req, model.num_classes, ctx.limits)
+    return req
+
+
+def _cam_request(ctx: WorkerContext, spec: ExplainSpec, inputs, targets) -> CamRequest:
+    layer = spec.params.layer or ctx.model.default_cam_layer
+    variants = (spec.method,) + tuple(v for v in spec.params.also if v != spec.method)
+    req = CamRequest(inputs=inputs, targets=targets, layer=layer, variants=variants)
+    validate_cam_request(req, ctx.taps, ctx.model.num_classes)
+    return req
+
+
+def _run_folded(works: list[_Work], outcomes, run) -> None:
+    """Runs the works folded; if the folded call fails, once more one by one."""
+    if not works:
+        return
+    try:
+        run(works)
+        return
+    except Exception as exc:
+        if len(works) == 1:
+            _guard(outcomes, works[0], _reraise, exc)
+            return
+        log.warning("folded kernel call failed (%s); isolating the %d requests", type(exc).__name__, len(works))
+    for w in works:
+        _guard(outcomes, w, lambda work: run([work]))
+
+
+def _reraise(work: _Work, exc: Exception) -> None:
+    raise exc
+
+
+def _run_gradients(ctx: WorkerContext, works: list[_Work]) -> None:
+    results = explain_gradients(ctx.model.module, [w.kernel_request for w in works], ctx.budget, ctx.limits,
+                                num_classes=ctx.model.num_classes)
+    for w, res in zip(works, results):
+        out = w.spec.output
+        w.maps[w.spec.method] = finish_maps(res.attributions, out.reduction, out.normalization)
+        if res.completeness_error is not None:
+            w.completeness = res.completeness_error.float().cpu()
+
+
+def _run_cam(ctx: WorkerContext, works: list[_Work]) -> None:
+    results = explain_cam(ctx.model.module, ctx.taps, [w.kernel_request for w in works], ctx.budget)
+    for w, res in zip(works, results):
+        norm = w.spec.output.normalization
+        for variant, maps in res.maps.items():
+            w.maps[variant] = finish_maps(maps, "none", norm)
+            if w.spec.output.native_resolution:
+                w.native[variant] = finish_maps(res.native[variant], "none", norm)
+
+
+def _assemble(work: _Work, ctx: WorkerContext, compute_ms: float, samples: int, requests: int) -> ExplainResult:
+    spec, model = work.spec, ctx.model
+    k = spec.target.per_item if spec.target.kind == "top_k" else 1
+    k = min(k, model.num_classes)
+    top = work.probs.topk(min(TOP_PREDICTIONS, model.num_classes), dim=1)
+    top_classes, top_scores = top.indices.cpu().tolist(), top.values.cpu().tolist()
+    targets = work.targets.cpu().tolist()
+    target_scores = work.probs[work.item_of_row, work.targets].cpu().tolist()
+    completeness = None if work.completeness is None else work.completeness.tolist()
+    items = []
+    for i in range(spec.items):
+        attributions = []
+        for row in range(i * k, (i + 1) * k):
+            for method, maps in work.maps.items():
+                attributions.append(AttributionMap(
+                    method=method, target=targets[row], target_score=target_scores[row], map=maps[row],
+                    native=work.native[method][row] if method in work.native else None,
+                    completeness_error=None if completeness is None else completeness[row]))
+        items.append(ItemExplanation(top_classes[i], top_scores[i], attributions))
+    return ExplainResult(request_id=spec.request_id, model=model.name, model_version=model.version,
+                         method=spec.method, items=items, compute_ms=compute_ms, batch_samples=samples,
+                         batch_requests=requests)
