@@ -1,0 +1,394 @@
+"""Python client for the attribution service: numpy (or torch) in, numpy out.
+
+    with AttributionClient("localhost:50051") as client:
+        result = client.explain(images, method="smoothgrad", samples=16, layout="NHWC")
+        heatmaps = result.maps            # (N, maps per item, H, W) float32
+
+`AttributionClient` is blocking, `AsyncAttributionClient` is its asyncio twin.
+Calls retry on UNAVAILABLE with capped exponential backoff and jitter, within
+the call's timeout; failures raise `ServiceError`, a `grpc.RpcError` that also
+carries the message and any field violations. Needs only numpy and grpc.
+"""
+from __future__ import annotations
+
+import asyncio
+import pathlib
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from service._proto import attribution_pb2 as pb
+from service._proto import attribution_pb2_grpc as pb_grpc
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
+_NUMPY_DTYPES = {np.dtype(np.float32): pb.FLOAT32, np.dtype(np.float16): pb.FLOAT16, np.dtype(np.uint8): pb.UINT8}
+_WIRE_DTYPES = {pb.DTYPE_UNSPECIFIED: np.float32, pb.FLOAT32: np.float32, pb.FLOAT16: np.float16,
+                pb.UINT8: np.uint8}
+# Which `params` member of ExplainRequest each method reads, and the keywords it takes.
+_FAMILY = {pb.VANILLA_GRADIENT: "gradient", pb.SMOOTHGRAD: "noise", pb.SMOOTHGRAD_SQ: "noise", pb.VARGRAD: "noise",
+           pb.INTEGRATED_GRADIENTS: "integrated_gradients", pb.GRAD_CAM: "cam", pb.GRAD_CAM_PLUS_PLUS: "cam",
+           pb.LAYER_CAM: "cam", pb.SCORE_CAM: "score_cam", pb.OCCLUSION: "occlusion"}
+_FAMILY_KEYWORDS = {"gradient": {"absolute"}, "noise": {"samples", "noise_fraction"},
+                    "integrated_gradients": {"steps", "rule", "baseline", "blur_sigma"},
+                    "cam": {"layer", "also"}, "score_cam": {"layer", "top_k_channels"},
+                    "occlusion": {"patch_size", "stride", "baseline_value"}}
+# Friendly names: the workers' "vanilla", normalization "none", audit "on"/"off".
+_ALIASES = {("Method", "VANILLA"): "VANILLA_GRADIENT", ("Normalization", "NONE"): "NO_NORMALIZATION",
+            ("AuditMode", "ON"): "AUDIT_ON", ("AuditMode", "OFF"): "AUDIT_OFF"}
+
+
+class ServiceError(grpc.RpcError):
+    """A failed call: `code()` and `details()` as on grpc.Call, plus the rich details."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, violations: Sequence[tuple[str, str]] = ()):
+        super().__init__(f"{code.name}: {message}")
+        self.status_code, self.message, self.violations = code, message, list(violations)
+
+    def code(self) -> grpc.StatusCode:
+        return self.status_code
+
+    def details(self) -> str:
+        return self.message
+
+    @classmethod
+    def from_rpc_error(cls, exc: grpc.RpcError) -> "ServiceError":
+        violations = []
+        try:
+            status = rpc_status.from_call(exc)
+        except (ValueError, AttributeError):
+            status = None
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations += [(v.field, v.description) for v in bad.field_violations]
+        return cls(exc.code(), exc.details() or "", violations)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries of one call: attempt k waits a random time in [b/2, b], b = min(max, initial * 2**(k-1))."""
+
+    max_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 2.0
+    codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+
+    def pause(self, attempt: int) -> float:
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)  # jitter: retrying clients must not march in step
+
+
+class _Attempts:
+    """The retry schedule of one call within its overall timeout."""
+
+    def __init__(self, policy: RetryPolicy, timeout: float | None):
+        self.policy, self.attempt = policy, 0
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def next_pause(self, exc: grpc.RpcError) -> float | None:
+        """Seconds to wait before the next attempt, or None: give up and raise."""
+        self.attempt += 1
+        if exc.code() not in self.policy.codes or self.attempt >= self.policy.max_attempts:
+            return None
+        pause = self.policy.pause(self.attempt)
+        left = self.remaining()
+        return None if left is not None and pause >= left else pause
+
+
+# ------------------------------------------------------------- requests --
+
+def _enum(enum_type, value: Any) -> int:
+    """An enum value from an int or a (case-insensitive) name such as "smoothgrad" or "nhwc"."""
+    if isinstance(value, int):
+        return value
+    name = str(value).upper()
+    name = _ALIASES.get((enum_type.DESCRIPTOR.name, name), name)
+    if name not in enum_type.keys():
+        choices = ", ".join(k.lower() for k in enum_type.keys() if not k.endswith("UNSPECIFIED"))
+        raise ValueError(f"unknown {enum_type.DESCRIPTOR.name} {value!r}; one of: {choices}")
+    return enum_type.Value(name)
+
+
+def tensor_from_array(array: Any, layout: str | int = "NCHW") -> pb.Tensor:
+    """A numpy array or torch tensor (float32, float16 or uint8; float64 is cast) as a wire Tensor."""
+    if hasattr(array, "detach"):  # torch, without importing it
+        array = array.detach().cpu().numpy()
+    a = np.asarray(array)
+    if a.dtype == np.float64:
+        a = a.astype(np.float32)
+    if a.dtype not in _NUMPY_DTYPES:
+        raise TypeError(f"arrays must be float32, float16 or uint8, got {a.dtype}")
+    a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+    return pb.Tensor(data=a.tobytes(), dtype=_NUMPY_DTYPES[a.dtype.newbyteorder("=")], shape=list(a.shape),
+                     layout=_enum(pb.Layout, layout))
+
+
+def array_from_tensor(tensor: pb.Tensor) -> np.ndarray:
+    """A wire Tensor as a writable numpy array of its dtype and shape."""
+    dtype = np.dtype(_WIRE_DTYPES[tensor.dtype]).newbyteorder("<")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(tuple(tensor.shape)).astype(dtype.newbyteorder("="))
+
+
+def _image_bytes(image: str | pathlib.Path | bytes) -> bytes:
+    return bytes(image) if isinstance(image, (bytes, bytearray, memoryview)) else pathlib.Path(image).read_bytes()
+
+
+def _set_params(request: pb.ExplainRequest, params: dict[str, Any], layout: str | int) -> None:
+    family = _FAMILY.get(request.method)
+    unknown = set(params) - _FAMILY_KEYWORDS.get(family, set())
+    if unknown:
+        raise TypeError(f"{pb.Method.Name(request.method).lower()} takes no {', '.join(sorted(unknown))}; "
+                        f"it takes {', '.join(sorted(_FAMILY_KEYWORDS.get(family, ()))) or 'no parameters'}")
+    if not params:
+        return
+    target = getattr(request, family)
+    for key, value in params.items():
+        if key == "rule":
+            target.rule = _enum(pb.IntegrationRule, value)
+        elif key == "baseline":
+            if isinstance(value, (str, int)):
+                target.baseline.kind = _enum(pb.BaselineKind, value)
+            else:
+                target.baseline.kind = pb.CUSTOM
+                target.baseline.tensor.CopyFrom(tensor_from_array(value, layout))
+        elif key == "blur_sigma":
+            target.baseline.blur_sigma = value
+        elif key == "also":
+            target.also.extend(_enum(pb.Method, m) for m in value)
+        else:
+            setattr(target, key, value)
+
+
+def build_request(inputs: Any = None, *, images: Sequence[str | pathlib.Path | bytes] | None = None,
+                  method: str | int = "vanilla", model: str = "", target: int | Sequence[int] | None = None,
+                  top_k: int | None = None, space: str | int = "pixels", layout: str | int = "NCHW",
+                  reduction: str | int = 0, normalization: str | int = 0, dtype: str | int = 0,
+                  png_overlay: bool = False, native_resolution: bool = False, seed: int = 0,
+                  audit: str | int = 0, request_id: str = "", **params: Any) -> pb.ExplainRequest:
+    """An ExplainRequest from Python values; `params` are the method's parameters (samples=, steps=, ...)."""
+    if (inputs is None) == (images is None):
+        raise ValueError("give exactly one of inputs (an array) or images (paths or encoded bytes)")
+    request = pb.ExplainRequest(request_id=request_id, model=model, method=_enum(pb.Method, method), seed=seed,
+                                audit=_enum(pb.AuditMode, audit))
+    if images is not None:
+        request.inputs.images.images.extend(_image_bytes(i) for i in images)
+    else:
+        request.inputs.tensor.CopyFrom(tensor_from_array(inputs, layout))
+        request.inputs.space = _enum(pb.InputSpace, space)
+    if top_k is not None:
+        request.target.top_k = top_k
+    elif target is not None:
+        request.target.class_indices.indices.extend([target] if isinstance(target, int) else list(target))
+    out = request.output
+    out.reduction, out.normalization = _enum(pb.ChannelReduction, reduction), _enum(pb.Normalization, normalization)
+    out.dtype, out.png_overlay, out.native_resolution = _enum(pb.DType, dtype), png_overlay, native_resolution
+    _set_params(request, params, layout)
+    return request
+
+
+# -------------------------------------------------------------- results --
+
+@dataclass
+class Attribution:
+    method: str                  # lower-case Method name, e.g. "grad_cam"
+    target: int
+    target_score: float
+    map: np.ndarray              # (H, W) or (C, H, W), in the requested dtype
+    native_map: np.ndarray | None = None
+    png_overlay: bytes | None = None
+    completeness_error: float | None = None
+    map_sha256: str = ""
+
+
+@dataclass
+class ItemResult:
+    predicted_classes: list[int]
+    predicted_scores: list[float]
+    attributions: list[Attribution]
+    input_sha256: str
+
+
+@dataclass
+class Explanation:
+    """One answered request; `error` is set (and `items` empty) for a failed streamed request."""
+
+    request_id: str
+    model: str
+    model_version: str
+    method: str
+    items: list[ItemResult]
+    timings: dict[str, float]
+    error: ServiceError | None = None
+    response: pb.ExplainResponse | None = field(default=None, repr=False)
+
+    @property
+    def maps(self) -> np.ndarray:
+        """Every map, `(N, maps per item, ...)`."""
+        return np.stack([np.stack([a.map for a in item.attributions]) for item in self.items])
+
+    @property
+    def predictions(self) -> list[int]:
+        """Top-1 class of each item."""
+        return [item.predicted_classes[0] for item in self.items]
+
+    @classmethod
+    def from_response(cls, response: pb.ExplainResponse) -> "Explanation":
+        error = None
+        if response.HasField("error"):
+            code = next((c for c in grpc.StatusCode if c.value[0] == response.error.code), grpc.StatusCode.UNKNOWN)
+            error = ServiceError(code, response.error.message)
+        items = [ItemResult(list(i.predicted_classes), list(i.predicted_scores), [
+            Attribution(method=pb.Method.Name(a.method).lower(), target=a.target, target_score=a.target_score,
+                        map=array_from_tensor(a.map),
+                        native_map=array_from_tensor(a.native_map) if a.HasField("native_map") else None,
+                        png_overlay=a.png_overlay or None,
+                        completeness_error=a.completeness_error if a.HasField("completeness_error") else None,
+                        map_sha256=a.map_sha256) for a in i.attributions], i.input_sha256) for i in response.items]
+        t = response.timings
+        timings = {"queue_ms": t.queue_ms, "compute_ms": t.compute_ms, "total_ms": t.total_ms,
+                   "batch_samples": t.batch_samples, "batch_requests": t.batch_requests}
+        return cls(response.request_id, response.model, response.model_version,
+                   pb.Method.Name(response.method).lower(), items, timings, error, response)
+
+
+# -------------------------------------------------------------- clients --
+
+def _channel_args(target: str, root_certificates: bytes | str | pathlib.Path | None, max_message_bytes: int):
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes)]
+    credentials = None
+    if root_certificates is not None:
+        pem = root_certificates
+        if not isinstance(pem, bytes):
+            pem = pathlib.Path(pem).read_bytes()
+        credentials = grpc.ssl_channel_credentials(root_certificates=pem)
+    return target, credentials, options
+
+
+class _ClientBase:
+    def __init__(self, token: str | None, timeout: float | None, retry: RetryPolicy):
+        self.timeout, self.retry = timeout, retry
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+
+class AttributionClient(_ClientBase):
+    """Blocking client. `root_certificates` (PEM bytes or path) turns TLS on."""
+
+    def __init__(self, target: str, *, token: str | None = None, root_certificates=None,
+                 timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        super().__init__(token, timeout, retry)
+        target, credentials, options = _channel_args(target, root_certificates, max_message_bytes)
+        self.channel = (grpc.secure_channel(target, credentials, options) if credentials
+                        else grpc.insecure_channel(target, options))
+        self.stub = pb_grpc.AttributionServiceStub(self.channel)
+
+    def _call(self, rpc, request, timeout: float | None):
+        attempts = _Attempts(self.retry, self._timeout(timeout))
+        while True:
+            try:
+                return rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                pause = attempts.next_pause(exc)
+                if pause is None:
+                    raise ServiceError.from_rpc_error(exc) from None
+                time.sleep(pause)
+
+    def models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        return list(self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout).models)
+
+    def model(self, name: str = "", timeout: float | None = None) -> pb.ModelInfo:
+        return self._call(self.stub.GetModel, pb.GetModelRequest(name=name), timeout)
+
+    def explain(self, inputs: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Explanation:
+        """Explains `inputs` (or `images=`); keywords as `build_request`."""
+        return self.explain_request(build_request(inputs, **kwargs), timeout)
+
+    def explain_request(self, request: pb.ExplainRequest, timeout: float | None = None) -> Explanation:
+        return Explanation.from_response(self._call(self.stub.Explain, request, timeout))
+
+    def explain_stream(self, requests: Iterable[pb.ExplainRequest],
+                       timeout: float | None = None) -> Iterator[Explanation]:
+        """Streams requests; answers come as they finish (match them by request_id). No retries."""
+        try:
+            for response in self.stub.ExplainStream(iter(requests), timeout=self._timeout(timeout),
+                                                    metadata=self._metadata):
+                yield Explanation.from_response(response)
+        except grpc.RpcError as exc:
+            raise ServiceError.from_rpc_error(exc) from None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "AttributionClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AsyncAttributionClient(_ClientBase):
+    """asyncio client; the same calls as `AttributionClient`, awaited."""
+
+    def __init__(self, target: str, *, token: str | None = None, root_certificates=None,
+                 timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+        super().__init__(token, timeout, retry)
+        target, credentials, options = _channel_args(target, root_certificates, max_message_bytes)
+        self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
+                        else grpc.aio.insecure_channel(target, options))
+        self.stub = pb_grpc.AttributionServiceStub(self.channel)
+
+    async def _call(self, rpc, request, timeout: float | None):
+        attempts = _Attempts(self.retry, self._timeout(timeout))
+        while True:
+            try:
+                return await rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
+            except grpc.RpcError as exc:
+                pause = attempts.next_pause(exc)
+                if pause is None:
+                    raise ServiceError.from_rpc_error(exc) from None
+                await asyncio.sleep(pause)
+
+    async def models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        return list((await self._call(self.stub.ListModels, pb.ListModelsRequest(), timeout)).models)
+
+    async def model(self, name: str = "", timeout: float | None = None) -> pb.ModelInfo:
+        return await self._call(self.stub.GetModel, pb.GetModelRequest(name=name), timeout)
+
+    async def explain(self, inputs: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Explanation:
+        return await self.explain_request(build_request(inputs, **kwargs), timeout)
+
+    async def explain_request(self, request: pb.ExplainRequest, timeout: float | None = None) -> Explanation:
+        return Explanation.from_response(await self._call(self.stub.Explain, request, timeout))
+
+    async def explain_stream(self, requests: Iterable[pb.ExplainRequest],
+                             timeout: float | None = None) -> AsyncIterator[Explanation]:
+        try:
+            call = self.stub.ExplainStream(iter(requests), timeout=self._timeout(timeout), metadata=self._metadata)
+            async for response in call:
+                yield Explanation.from_response(response)
+        except grpc.RpcError as exc:
+            raise ServiceError.from_rpc_error(exc) from None
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncAttributionClient":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()

@@ -1,0 +1,320 @@
+"""Proto <-> tensors: input tensors and encoded images in, maps and overlays out.
+
+Decoding checks what the bytes themselves say (dtype, shape against length,
+NaN/Inf, image header dimensions) and raises field-level `InvalidArgument`;
+checks against the model and the limits live in validation.py. Everything
+decoded ends as model-space float32 CPU tensors `# (N, C, H, W)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+import torchvision.io as tvio
+
+from service._proto import attribution_pb2 as pb
+from workers.errors import FieldViolation, InternalError, InvalidArgument
+from workers.spec import AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec
+
+# ------------------------------------------------------------ enum names --
+# The workers speak lower-case names (workers/spec.py); the wire speaks enums.
+
+METHOD_NAMES: dict[int, str] = {
+    pb.VANILLA_GRADIENT: "vanilla", pb.SMOOTHGRAD: "smoothgrad", pb.SMOOTHGRAD_SQ: "smoothgrad_sq",
+    pb.VARGRAD: "vargrad", pb.INTEGRATED_GRADIENTS: "integrated_gradients", pb.GRAD_CAM: "grad_cam",
+    pb.GRAD_CAM_PLUS_PLUS: "grad_cam_plus_plus", pb.LAYER_CAM: "layer_cam", pb.SCORE_CAM: "score_cam",
+    pb.OCCLUSION: "occlusion",
+}
+METHOD_ENUMS: dict[str, int] = {name: enum for enum, name in METHOD_NAMES.items()}
+REDUCTION_NAMES = {pb.CHANNEL_REDUCTION_UNSPECIFIED: "abs_max", pb.ABS_MAX: "abs_max", pb.SUM: "sum",
+                   pb.NONE: "none"}
+NORMALIZATION_NAMES = {pb.NORMALIZATION_UNSPECIFIED: "none", pb.NO_NORMALIZATION: "none",
+                       pb.MAX_ABS: "max_abs", pb.MIN_MAX: "min_max"}
+DTYPE_NAMES = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT16: "float16",
+               pb.UINT8: "uint8"}
+DTYPE_ENUMS = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "uint8": pb.UINT8}
+RULE_NAMES = {pb.INTEGRATION_RULE_UNSPECIFIED: "gauss_legendre", pb.RIEMANN_LEFT: "riemann_left",
+              pb.RIEMANN_RIGHT: "riemann_right", pb.RIEMANN_MIDDLE: "riemann_middle",
+              pb.RIEMANN_TRAPEZOID: "riemann_trapezoid", pb.GAUSS_LEGENDRE: "gauss_legendre"}
+BASELINE_NAMES = {pb.BASELINE_KIND_UNSPECIFIED: "zero", pb.ZERO: "zero", pb.BLACK: "black",
+                  pb.BLURRED: "blurred", pb.UNIFORM_NOISE: "uniform_noise", pb.DATASET_MEAN: "dataset_mean",
+                  pb.CUSTOM: "custom"}
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
+# Maps the reader refuses beyond this many bad items, so one message stays readable.
+_MAX_ITEM_VIOLATIONS = 8
+
+# ------------------------------------------------------------ tensors in --
+
+
+def decode_tensor(tensor: pb.Tensor, field: str) -> torch.Tensor:
+    """A wire tensor as `# (N, C, H, W)` in its own dtype (f32, f16 or u8); 3-D is one item."""
+    dtype = DTYPE_NAMES.get(tensor.dtype)
+    if dtype is None:
+        raise InvalidArgument.field(f"{field}.dtype", f"unknown dtype {tensor.dtype}; use FLOAT32, FLOAT16 or UINT8")
+    if tensor.layout not in (pb.LAYOUT_UNSPECIFIED, pb.NCHW, pb.NHWC):
+        raise InvalidArgument.field(f"{field}.layout", f"unknown layout {tensor.layout}; use NCHW or NHWC")
+    shape = [int(d) for d in tensor.shape]
+    if len(shape) not in (3, 4) or any(d <= 0 for d in shape):
+        raise InvalidArgument.field(f"{field}.shape", f"must be 4 (or 3, one item) positive sizes, got {shape}")
+    itemsize = _TORCH_DTYPES[dtype].itemsize
+    expected = math.prod(shape) * itemsize  # Python ints: a huge claimed shape cannot overflow
+    if len(tensor.data) != expected:
+        raise InvalidArgument.field(f"{field}.data", f"has {len(tensor.data)} bytes; shape {shape} of {dtype} "
+                                                     f"needs {expected}")
+    # bytearray: one copy that torch may own and write (protobuf bytes are read-only).
+    # Wire order is little-endian, as every host we run on is.
+    x = torch.frombuffer(bytearray(tensor.data), dtype=_TORCH_DTYPES[dtype]).reshape(shape)
+    if len(shape) == 3:
+        x = x.unsqueeze(0)
+    if tensor.layout == pb.NHWC:
+        x = x.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    x = x.contiguous()
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise InvalidArgument.field(f"{field}.data", "contains NaN or Inf")
+    return x
+
+
+def normalize(pixels: torch.Tensor, model: ModelDescription) -> torch.Tensor:
+    """Pixel space [0, 1] -> model space, (x - mean) / std per channel; float32."""
+    mean = torch.tensor(model.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(model.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels.to(torch.float32) - mean) / std
+
+
+def denormalize(inputs: torch.Tensor, model: ModelDescription) -> torch.Tensor:
+    """Model space -> pixel space clamped to [0, 1]; `# (C, H, W)` or `# (N, C, H, W)`."""
+    shape = (-1, 1, 1) if inputs.dim() == 3 else (1, -1, 1, 1)
+    mean = torch.tensor(model.mean, dtype=torch.float32).view(shape)
+    std = torch.tensor(model.std, dtype=torch.float32).view(shape)
+    return (inputs.to(torch.float32) * std + mean).clamp_(0.0, 1.0)
+
+
+def to_model_space(raw: torch.Tensor, space: int, model: ModelDescription, field: str) -> torch.Tensor:
+    """A decoded tensor in `space` (InputSpace) -> model space float32."""
+    if space == pb.MODEL:
+        if raw.dtype == torch.uint8:
+            raise InvalidArgument.field(field, "uint8 is pixel data; send it with space PIXELS, or send "
+                                               "model-space floats")
+        return raw.to(torch.float32)
+    pixels = raw.to(torch.float32) / 255.0 if raw.dtype == torch.uint8 else raw
+    return normalize(pixels, model)
+
+# ------------------------------------------------------------- images in --
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers carry the dimensions; C4, C8 and CC are not frames.
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_READ_MODES = {1: tvio.ImageReadMode.GRAY, 2: tvio.ImageReadMode.GRAY_ALPHA,
+               3: tvio.ImageReadMode.RGB, 4: tvio.ImageReadMode.RGB_ALPHA}
+
+
+def image_dimensions(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from a PNG or JPEG header, without decoding; ValueError otherwise."""
+    if data.startswith(_PNG_SIGNATURE):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ValueError("PNG without an IHDR header")
+        width, height = struct.unpack(">II", data[16:24])
+        return "png", width, height
+    if data[:2] == b"\xff\xd8":
+        return ("jpeg",) + _jpeg_dimensions(data)
+    raise ValueError("not a PNG or JPEG file")
+
+
+def _jpeg_dimensions(data: bytes) -> tuple[int, int]:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise ValueError("corrupt JPEG: marker expected")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image or scan data before any frame header
+            break
+        if marker in _JPEG_SOF:
+            if i + 9 > len(data):
+                break
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
+        (length,) = struct.unpack(">H", data[i + 2:i + 4])
+        i += 2 + length
+    raise ValueError("JPEG without a frame header")
+
+
+def decode_image(data: bytes, model: ModelDescription, max_pixels: int, field: str) -> torch.Tensor:
+    """One PNG/JPEG -> pixel space `# (1, C, H, W)` at the model's size, in [0, 1].
+
+    The header's dimensions are checked against `max_pixels` before a single
+    pixel is decoded, so a tiny file claiming a huge image costs nothing.
+    """
+    try:
+        fmt, width, height = image_dimensions(data)
+    except ValueError as exc:
+        raise InvalidArgument.field(field, str(exc)) from None
+    if width == 0 or height == 0:
+        raise InvalidArgument.field(field, f"{fmt} header says {width}x{height} pixels")
+    if width * height > max_pixels:
+        raise InvalidArgument.field(field, f"{fmt} is {width}x{height} = {width * height} pixels; the cap is "
+                                           f"{max_pixels} per image")
+    try:
+        image = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                  mode=_READ_MODES[model.channels])
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidArgument.field(field, f"cannot decode {fmt}: {str(exc)[:200]}") from None
+    scale = float(torch.iinfo(image.dtype).max)  # 255, or 65535 for 16-bit PNG
+    x = image.unsqueeze(0)  # (1, C, h, w)
+    if tuple(x.shape[-2:]) != (model.height, model.width):
+        # 8-bit images resize as uint8: 4x less memory and ~5x faster than float on
+        # a big photo, at most one grey level apart.
+        x = x if x.dtype == torch.uint8 else x.to(torch.float32)
+        x = F.interpolate(x, size=(model.height, model.width), mode="bilinear", antialias=True,
+                          align_corners=False)
+    return (x.to(torch.float32) / scale).clamp_(0.0, 1.0)
+
+
+def decode_images(images: Sequence[bytes], model: ModelDescription, max_pixels: int, field: str) -> torch.Tensor:
+    """PNG/JPEG files -> model space `# (N, C, H, W)`; every bad file is named in one error."""
+    decoded, violations = [], []
+    for i, data in enumerate(images):
+        try:
+            decoded.append(decode_image(data, model, max_pixels, f"{field}[{i}]"))
+        except InvalidArgument as exc:
+            violations.extend(exc.violations)
+            if len(violations) >= _MAX_ITEM_VIOLATIONS:
+                break
+    if violations:
+        raise InvalidArgument(violation_message(violations), violations)
+    return normalize(torch.cat(decoded), model)
+
+# --------------------------------------------------------------- maps out --
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian C-order bytes of a CPU tensor."""
+    return t.detach().cpu().contiguous().numpy().tobytes()
+
+
+def scale_to_uint8(values: torch.Tensor) -> torch.Tensor:
+    """Min-max over the whole map to 0..255; a constant map is all zeros."""
+    lo, hi = values.min(), values.max()
+    span = (hi - lo).clamp_min(torch.finfo(torch.float32).tiny)
+    return ((values - lo) / span * 255.0).round_().to(torch.uint8)
+
+
+def encode_map(values: torch.Tensor, dtype: str) -> pb.Tensor:
+    """A float32 map `# (H, W)` or `# (C, H, W)` -> wire tensor in `dtype`."""
+    values = values.detach().to(torch.float32).cpu()
+    if dtype == "uint8":
+        wire = scale_to_uint8(values)
+    elif dtype == "float16":
+        # Clamped: a huge raw gradient would otherwise become Inf on the wire.
+        wire = values.clamp(-65504.0, 65504.0).to(torch.float16)
+    else:
+        wire = values
+    return pb.Tensor(data=tensor_bytes(wire), dtype=DTYPE_ENUMS[dtype], shape=list(values.shape), layout=pb.NCHW)
+
+
+def map_sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def input_sha256(item: torch.Tensor) -> str:
+    """Hex sha256 of one item's model-space float32 bytes, `# (C, H, W)`."""
+    return hashlib.sha256(tensor_bytes(item.to(torch.float32))).hexdigest()
+
+
+# Inferno, sampled at 11 evenly spaced points (8-bit sRGB); the LUT interpolates.
+_INFERNO_ANCHORS = ((0, 0, 4), (22, 11, 57), (66, 10, 104), (106, 23, 110), (147, 38, 103), (188, 55, 84),
+                    (221, 81, 58), (243, 120, 25), (252, 165, 10), (246, 215, 70), (252, 255, 164))
+
+
+def colormap_lut(size: int = 256) -> torch.Tensor:
+    """`# (size, 3)` float32 colours in [0, 1], dark (low) to bright (high)."""
+    anchors = torch.tensor(_INFERNO_ANCHORS, dtype=torch.float32) / 255.0  # (A, 3)
+    pos = torch.linspace(0, len(anchors) - 1, size)
+    lo = pos.floor().long().clamp(max=len(anchors) - 2)
+    frac = (pos - lo).unsqueeze(1)
+    return anchors[lo] * (1 - frac) + anchors[lo + 1] * frac
+
+
+_LUT = colormap_lut()
+
+
+def overlay_png(values: torch.Tensor, item: torch.Tensor, model: ModelDescription, alpha: float = 0.5) -> bytes:
+    """A map blended over its input as PNG bytes.
+
+    values: `# (H, W)` or `# (C, H, W)` map; item: `# (C, H, W)` model-space input.
+    """
+    heat = values.detach().to(torch.float32).cpu()
+    if heat.dim() == 3:
+        heat = heat.abs().amax(dim=0)  # (H, W)
+    image = denormalize(item, model)  # (C, H, W) in [0, 1]
+    if heat.shape != image.shape[-2:]:
+        heat = F.interpolate(heat[None, None], size=tuple(image.shape[-2:]), mode="bilinear",
+                             align_corners=False)[0, 0]
+    rgb = image[:3] if image.shape[0] >= 3 else image[:1].expand(3, -1, -1)
+    index = scale_to_uint8(heat).long()  # (H, W)
+    colours = _LUT[index].permute(2, 0, 1)  # (3, H, W)
+    blended = (1 - alpha) * rgb + alpha * colours
+    return tensor_bytes(tvio.encode_png((blended * 255.0).round_().to(torch.uint8)))
+
+
+def _attribution(amap: AttributionMap, item: torch.Tensor, output: OutputSpec,
+                 model: ModelDescription) -> pb.Attribution:
+    wire = encode_map(amap.map, output.dtype)
+    out = pb.Attribution(method=METHOD_ENUMS[amap.method], target=int(amap.target),
+                         target_score=float(amap.target_score), map=wire, map_sha256=map_sha256(wire.data))
+    if amap.native is not None:
+        out.native_map.CopyFrom(encode_map(amap.native, output.dtype))
+    if output.png_overlay:
+        out.png_overlay = overlay_png(amap.map, item, model)
+    if amap.completeness_error is not None:
+        out.completeness_error = float(amap.completeness_error)
+    return out
+
+
+def encode_result(result: ExplainResult, spec: ExplainSpec, model: ModelDescription) -> pb.ExplainResponse:
+    """A worker's answer -> ExplainResponse (timings.total_ms is the servicer's to fill)."""
+    if len(result.items) != spec.items:
+        raise InternalError(f"backend answered {len(result.items)} items for {spec.items}")
+    items = []
+    for item, explanation in zip(spec.inputs, result.items):
+        items.append(pb.ItemResult(
+            predicted_classes=[int(c) for c in explanation.predicted_classes],
+            predicted_scores=[float(s) for s in explanation.predicted_scores],
+            attributions=[_attribution(a, item, spec.output, model) for a in explanation.attributions],
+            input_sha256=input_sha256(item)))
+    timings = pb.Timings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
+                         batch_samples=int(result.batch_samples), batch_requests=int(result.batch_requests))
+    return pb.ExplainResponse(request_id=spec.request_id, model=result.model or spec.model,
+                              model_version=result.model_version, method=METHOD_ENUMS[spec.method],
+                              items=items, timings=timings)
+
+
+def violation_message(violations: Sequence[FieldViolation]) -> str:
+    """One readable line naming every bad field."""
+    return "; ".join(f"{v.field}: {v.description}" for v in violations)
+
+
+def model_info(model: ModelDescription, limits) -> pb.ModelInfo:
+    """A model's description and the server's limits as ModelInfo (`limits`: service.config.Limits)."""
+    return pb.ModelInfo(
+        name=model.name, version=model.version,
+        input_spec=pb.InputSpec(channels=model.channels, height=model.height, width=model.width,
+                                mean=list(model.mean), std=list(model.std)),
+        num_classes=model.num_classes, class_labels=list(model.labels), cam_layers=list(model.cam_layers),
+        default_cam_layer=model.default_cam_layer,
+        online_methods=[METHOD_ENUMS[m] for m in model.online_methods if m in METHOD_ENUMS],
+        offline_methods=[METHOD_ENUMS[m] for m in model.offline_methods if m in METHOD_ENUMS],
+        limits=pb.ServerLimits(max_items=limits.max_items, max_samples=limits.max_samples,
+                               max_steps=limits.max_steps, max_top_k=min(limits.max_top_k, model.num_classes),
+                               max_image_pixels=limits.max_image_pixels),
+        is_default=model.is_default)

@@ -1,0 +1,175 @@
+"""Front-door configuration: dataclasses with bounds, read once at start.
+
+A config file's `server:` section has this shape (every key optional)::
+
+    server:
+      host: "[::]"
+      port: 50051                 # 0 = any free port (tests)
+      metrics_port: 9090          # null = no exporter; 0 = any free port
+      max_message_bytes: 67108864
+      keepalive: {time_s: 60, timeout_s: 20, permit_without_calls: true, min_ping_interval_s: 10}
+      auth_token: ""              # "" = no auth
+      tls_cert: ""                # PEM paths; both or neither
+      tls_key: ""
+      grace_s: 10
+      stream_max_in_flight: 8
+      max_concurrent_rpcs: 0      # 0 = unbounded
+      limits: {max_items: 64, max_samples: 256, max_steps: 512, max_top_k: 10,
+               max_image_pixels: 16777216, max_request_id_chars: 128}
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.errors import InvalidArgument
+
+MIB = 1 << 20
+
+
+def _check(ok: bool, fieldname: str, description: str) -> None:
+    if not ok:
+        raise InvalidArgument.field(fieldname, description)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; validation.py enforces every one.
+
+    max_items: items (images) per request.
+    max_samples: NoiseParams.samples.
+    max_steps: IntegratedGradientsParams.steps.
+    max_top_k: Target.top_k.
+    max_image_pixels: decoded width * height per encoded image (decompression bombs).
+    max_request_id_chars: ExplainRequest.request_id length.
+    """
+
+    max_items: int = 64
+    max_samples: int = 256
+    max_steps: int = 512
+    max_top_k: int = 10
+    max_image_pixels: int = 4096 * 4096
+    max_request_id_chars: int = 128
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_items <= 4096, "limits.max_items", "must be 1..4096")
+        _check(1 <= self.max_samples <= 65536, "limits.max_samples", "must be 1..65536")
+        _check(1 <= self.max_steps <= 65536, "limits.max_steps", "must be 1..65536")
+        _check(1 <= self.max_top_k <= 1000, "limits.max_top_k", "must be 1..1000")
+        _check(64 <= self.max_image_pixels <= 1 << 30, "limits.max_image_pixels", "must be 64..2**30")
+        _check(1 <= self.max_request_id_chars <= 1024, "limits.max_request_id_chars", "must be 1..1024")
+
+
+@dataclass(frozen=True)
+class KeepaliveConfig:
+    """HTTP/2 keepalive: detects dead peers behind load balancers and NATs.
+
+    time_s: server ping period on an idle connection.
+    timeout_s: how long a ping may go unanswered before the connection is dropped.
+    permit_without_calls: accept client pings on connections with no call.
+    min_ping_interval_s: the shortest client ping period tolerated (faster is a GOAWAY).
+    max_connection_idle_s: close connections idle this long; 0 = never.
+    """
+
+    time_s: float = 60.0
+    timeout_s: float = 20.0
+    permit_without_calls: bool = True
+    min_ping_interval_s: float = 10.0
+    max_connection_idle_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.time_s <= 86400, "keepalive.time_s", "must be 1..86400 seconds")
+        _check(1 <= self.timeout_s <= 3600, "keepalive.timeout_s", "must be 1..3600 seconds")
+        _check(0 <= self.min_ping_interval_s <= 3600, "keepalive.min_ping_interval_s", "must be 0..3600 seconds")
+        _check(0 <= self.max_connection_idle_s <= 86400 * 7, "keepalive.max_connection_idle_s",
+               "must be 0..604800 seconds")
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        options = [
+            ("grpc.keepalive_time_ms", int(self.time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", int(self.permit_without_calls)),
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.min_ping_interval_s * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+        if self.max_connection_idle_s:
+            options.append(("grpc.max_connection_idle_ms", int(self.max_connection_idle_s * 1000)))
+        return options
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC front door.
+
+    host, port: where to listen; port 0 takes any free port (RunningServer.port says which).
+    metrics_port: Prometheus /metrics over HTTP; None = no exporter, 0 = any free port.
+    metrics_host: the exporter's bind address.
+    max_message_bytes: largest request or response; the default carries 16 float32
+        224x224 RGB images in and their maps and overlays out with room to spare.
+    keepalive: HTTP/2 keepalive settings.
+    auth_token: when set, every call but health and reflection needs
+        `authorization: Bearer <token>` metadata.
+    tls_cert, tls_key: PEM file paths; both set = TLS, neither = plaintext.
+    grace_s: on stop, how long in-flight calls may run before they are cancelled.
+    stream_max_in_flight: requests of one ExplainStream processed at once.
+    max_concurrent_rpcs: calls served at once before new ones are refused
+        with RESOURCE_EXHAUSTED; 0 = unbounded.
+    limits: per-request limits.
+    """
+
+    host: str = "[::]"
+    port: int = 50051
+    metrics_port: int | None = 9090
+    metrics_host: str = "0.0.0.0"
+    max_message_bytes: int = 64 * MIB
+    keepalive: KeepaliveConfig = field(default_factory=KeepaliveConfig)
+    auth_token: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    grace_s: float = 10.0
+    stream_max_in_flight: int = 8
+    max_concurrent_rpcs: int = 0
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host), "server.host", "must not be empty")
+        _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
+        _check(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "server.metrics_port",
+               "must be 0..65535 or null")
+        _check(MIB <= self.max_message_bytes <= 2**31 - 1, "server.max_message_bytes", "must be 1 MiB..2 GiB")
+        _check(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert",
+               "tls_cert and tls_key must be given together")
+        _check(self.auth_token == self.auth_token.strip(), "server.auth_token", "must not have surrounding spaces")
+        _check(0 <= self.grace_s <= 3600, "server.grace_s", "must be 0..3600 seconds")
+        _check(1 <= self.stream_max_in_flight <= 1024, "server.stream_max_in_flight", "must be 1..1024")
+        _check(0 <= self.max_concurrent_rpcs <= 1_000_000, "server.max_concurrent_rpcs", "must be 0..1e6")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "ServerConfig":
+        """Builds a config from a plain dict (a parsed YAML/JSON `server:` section)."""
+        raw = dict(raw or {})
+        _refuse_unknown(cls, raw, "server")
+        if "keepalive" in raw:
+            keepalive = raw["keepalive"] or {}
+            _refuse_unknown(KeepaliveConfig, keepalive, "server.keepalive")
+            raw["keepalive"] = KeepaliveConfig(**keepalive)
+        if "limits" in raw:
+            limits = raw["limits"] or {}
+            _refuse_unknown(Limits, limits, "server.limits")
+            raw["limits"] = Limits(**limits)
+        return cls(**raw)
+
+
+def _refuse_unknown(kind: type, raw: Any, where: str) -> None:
+    _check(isinstance(raw, dict), where, "must be a mapping")
+    unknown = set(raw) - {f.name for f in dataclasses.fields(kind)}
+    _check(not unknown, where, f"unknown keys: {', '.join(sorted(unknown))}")

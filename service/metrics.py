@@ -1,0 +1,100 @@
+"""The front door's Prometheus metrics: names, buckets, exporter.
+
+Each `ServiceMetrics` owns its own `CollectorRegistry` (never the process-wide
+default), so several servers can live in one process (tests) without
+colliding. Names use base units and `_total` counters; labels stay low
+cardinality: `model` is a configured model name (or "unknown"), `method` the
+lower-case method name (or "unknown"), `code` the gRPC status name.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from workers.spec import ExplainResult, ExplainSpec
+
+UNKNOWN = "unknown"
+
+# End-to-end and per-stage latencies: 1 ms .. 2 min, roughly x2.5 apart.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# A batch's cost in samples (SmoothGrad-50 counts 50) and its request count: powers of two.
+SAMPLE_BUCKETS = tuple(float(2**i) for i in range(0, 15))
+REQUEST_BUCKETS = tuple(float(2**i) for i in range(0, 11))
+
+
+class ServiceMetrics:
+    """Every metric the front door records, on one private registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self.requests = Counter("attribution_requests", "Explain requests answered, by final status.",
+                                ["model", "method", "code"], registry=reg)
+        self.latency = Histogram("attribution_request_latency_seconds",
+                                 "Receipt to response, per request (streamed requests included).",
+                                 ["model", "method"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.queue = Histogram("attribution_queue_seconds", "Time a request waited for a worker batch slot.",
+                               ["model", "method"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.compute = Histogram("attribution_compute_seconds", "Kernel time of the batch a request rode in.",
+                                 ["model", "method"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.batch_samples = Histogram("attribution_batch_samples", "Cost in samples of the batch a request "
+                                       "rode in.", ["model"], buckets=SAMPLE_BUCKETS, registry=reg)
+        self.batch_requests = Histogram("attribution_batch_requests", "Requests in the batch a request rode in.",
+                                        ["model"], buckets=REQUEST_BUCKETS, registry=reg)
+        self.samples = Counter("attribution_samples", "Samples explained (noisy copies, interpolation points, "
+                               "plain items); rate() gives samples per second.", ["model", "method"], registry=reg)
+        self.inflight = Gauge("attribution_inflight_requests", "Explain requests being processed now.",
+                              registry=reg)
+
+    @contextmanager
+    def track_inflight(self) -> Iterator[None]:
+        self.inflight.inc()
+        try:
+            yield
+        finally:
+            self.inflight.dec()
+
+    def observe_request(self, model: str, method: str, code: str, seconds: float) -> None:
+        """One finished request: its status and end-to-end latency."""
+        self.requests.labels(model or UNKNOWN, method or UNKNOWN, code).inc()
+        self.latency.labels(model or UNKNOWN, method or UNKNOWN).observe(max(0.0, seconds))
+
+    def observe_result(self, spec: ExplainSpec, result: ExplainResult) -> None:
+        """The worker's timings and batch of one successful request."""
+        model, method = spec.model, spec.method
+        self.queue.labels(model, method).observe(max(0.0, result.queue_ms) / 1e3)
+        self.compute.labels(model, method).observe(max(0.0, result.compute_ms) / 1e3)
+        if result.batch_requests:
+            self.batch_samples.labels(model).observe(result.batch_samples)
+            self.batch_requests.labels(model).observe(result.batch_requests)
+        self.samples.labels(model, method).inc(spec.cost)
+
+
+class Stopwatch:
+    """Seconds since creation, on the monotonic clock."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def start_metrics_server(port: int, registry: CollectorRegistry,
+                         addr: str = "0.0.0.0") -> tuple[int, Callable[[], None]]:
+    """Serves `registry` as Prometheus text on http://addr:port/metrics (port 0: any free one).
+
+    Returns the bound port and a function that stops the exporter.
+    """
+    httpd, thread = start_http_server(port, addr=addr, registry=registry)
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+    return int(httpd.server_address[1]), stop

@@ -1,0 +1,215 @@
+"""create_server(config, backend) -> a started grpc.aio server with everything wired.
+
+The server carries the AttributionService, the standard grpc.health.v1 service
+(per-service status, Watch included), server reflection (grpcurl needs no
+proto file), the request-id and optional auth interceptors, message size and
+keepalive options, optional TLS, and a Prometheus exporter on its own port.
+`RunningServer.stop()` flips health to NOT_SERVING first, so load balancers
+drain the instance while in-flight calls finish within the grace period.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+
+from service._proto import attribution_pb2 as pb
+from service._proto import attribution_pb2_grpc as pb_grpc
+from service.backend import ExplainBackend
+from service.config import ServerConfig
+from service.interceptors import BearerTokenInterceptor, RequestIdInterceptor
+from service.metrics import ServiceMetrics, start_metrics_server
+from service.servicer import AttributionServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttributionService"].full_name
+HEALTH_SERVICE_NAME = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+
+
+class _StatusRecorder:
+    """A Watch call's context that notes when NOT_SERVING has gone out."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+        self.not_serving_sent = asyncio.Event()
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(message)
+        if message.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+            self.not_serving_sent.set()
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+
+class DrainingHealthServicer(health_aio.HealthServicer):
+    """The stock aio health service, whose Watch streams end once shutdown has been announced.
+
+    A Watch stream never ends on its own, so without this every connected
+    load balancer would hold `server.stop(grace)` for the full grace period.
+    """
+
+    # Watchers of a service that never turns NOT_SERVING (an unknown name) wait this long.
+    FINAL_STATUS_WAIT_S = 1.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._draining = asyncio.Event()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._draining.set()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
+        recorder = _StatusRecorder(context)
+        watching = asyncio.ensure_future(super().Watch(request, recorder))
+        draining = asyncio.ensure_future(self._draining.wait())
+        try:
+            await asyncio.wait({watching, draining}, return_when=asyncio.FIRST_COMPLETED)
+            if not watching.done():  # shutdown: let NOT_SERVING go out, then end the stream with OK
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(recorder.not_serving_sent.wait(), self.FINAL_STATUS_WAIT_S)
+        finally:
+            draining.cancel()
+            watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching  # a failure of the stock Watch surfaces as such
+
+
+@dataclass
+class RunningServer:
+    """A started server: where it listens, and how to stop it."""
+
+    server: grpc.aio.Server
+    config: ServerConfig
+    port: int
+    backend: ExplainBackend
+    servicer: AttributionServicer
+    health: DrainingHealthServicer
+    metrics: ServiceMetrics
+    metrics_port: int | None = None
+    jobs: Any = None    # service.jobs.Jobs
+    audit: Any = None   # service.audit.AuditLog
+    _stop_metrics: Callable[[], None] | None = field(default=None, repr=False)
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def address(self) -> str:
+        """host:port a client on this machine can dial."""
+        host = self.config.host
+        host = "localhost" if host in ("[::]", "0.0.0.0", "") else host
+        return f"{host}:{self.port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, then in-flight calls get `grace` seconds, then the backend closes. Idempotent.
+
+        Health Watch streams end as soon as they have sent NOT_SERVING, so
+        connected load balancers do not hold the server for the whole grace
+        period; an ExplainStream left open by its client does, up to `grace`.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        try:
+            if self.jobs is not None:  # running jobs go back to the queue
+                await self.jobs.stop()
+            await self.backend.close()
+        finally:
+            if self.audit is not None:  # everything queued is written and synced
+                await asyncio.to_thread(self.audit.close)
+            if self._stop_metrics is not None:
+                await asyncio.to_thread(self._stop_metrics)
+
+    async def wait_for_termination(self) -> None:
+        await self.server.wait_for_termination()
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # A second server on the same port must fail loudly, not share the traffic.
+        ("grpc.so_reuseport", 0),
+    ] + config.keepalive.channel_options()
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    """Adds the listening port (TLS when configured); returns the bound port. OSError when it cannot."""
+    try:
+        if config.tls:
+            key = pathlib.Path(config.tls_key).read_bytes()
+            cert = pathlib.Path(config.tls_cert).read_bytes()
+            port = server.add_secure_port(config.address, grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(config.address)
+    except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
+        raise OSError(f"cannot listen on {config.address}: {exc}") from None
+    if not port:
+        raise OSError(f"cannot listen on {config.address}")
+    return port
+
+
+async def create_server(config: ServerConfig, backend: ExplainBackend, *, metrics: ServiceMetrics | None = None,
+                        offline: Any = None, data_dir: pathlib.Path | None = None,
+                        sections: dict[str, Any] | None = None) -> RunningServer:
+    """Builds, binds and starts the server; `RunningServer.port` is the bound port (config.port may be 0).
+
+    The backend is asked for its models once, here; a backend that cannot
+    answer fails the start rather than the first request. With `data_dir`,
+    the server keeps an audit log there (the `audit:` section of `sections`);
+    with an `offline` backend too, it runs the durable job queue (`jobs:`).
+    """
+    metrics = metrics or ServiceMetrics()
+    sections = sections or {}
+    servicer = await AttributionServicer.create(backend, config.limits, metrics, config.stream_max_in_flight)
+    if data_dir is not None:
+        from service.audit import AuditConfig, AuditLog
+
+        audit_config = AuditConfig.from_dict(sections.get("audit"))
+        servicer.audit = AuditLog(audit_config, audit_config.directory_for(data_dir), registry=metrics.registry)
+    if offline is not None:
+        from service.jobs import Jobs, JobsConfig
+
+        servicer.jobs = Jobs.create(data_dir, offline, servicer.models, limits=config.limits,
+                                    config=JobsConfig.from_dict(sections.get("jobs")), registry=metrics.registry)
+    interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
+    if config.auth_token:
+        interceptors.append(BearerTokenInterceptor(config.auth_token))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(config),
+                             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+    pb_grpc.add_AttributionServiceServicer_to_server(servicer, server)
+    health = DrainingHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = _bind(server, config)
+    metrics_port, stop_metrics = None, None
+    if config.metrics_port is not None:
+        metrics_port, stop_metrics = start_metrics_server(config.metrics_port, metrics.registry, config.metrics_host)
+    try:
+        await server.start()
+    except BaseException:
+        if stop_metrics is not None:
+            stop_metrics()
+        raise
+    if servicer.jobs is not None:
+        await servicer.jobs.start()  # recovers what a killed process left, then runs the queue
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s (port %d)%s; metrics on %s", SERVICE_NAME, config.host, port,
+             " with TLS" if config.tls else "", metrics_port if metrics_port is not None else "no port")
+    return RunningServer(server=server, config=config, port=port, backend=backend, servicer=servicer,
+                         health=health, metrics=metrics, metrics_port=metrics_port, jobs=servicer.jobs,
+                         audit=servicer.audit, _stop_metrics=stop_metrics)
+

@@ -1,0 +1,313 @@
+"""ExplainRequest + the model's description + limits -> a typed `ExplainSpec`.
+
+Every limit is checked here, before any work is queued, and every refusal is
+a field-level `InvalidArgument` naming the proto field path to fix. Checks
+that do not depend on each other are collected, so one round trip reports
+all of a request's mistakes; a check whose input is already known bad is
+skipped rather than reported twice.
+"""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from typing import Mapping
+
+import torch
+
+from service import codec
+from service._proto import attribution_pb2 as pb
+from service.config import Limits
+from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
+from workers.spec import (CAM_METHODS, NOISE_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
+                          ModelDescription, OutputSpec, TargetSpec)
+
+_DEFAULTS = MethodParams()
+_MAX_BLUR_SIGMA = 64.0
+# Which `params` oneof member each method reads.
+_PARAMS_FIELD = {"vanilla": "gradient", "integrated_gradients": "integrated_gradients",
+                 "score_cam": "score_cam", "occlusion": "occlusion",
+                 **{m: "noise" for m in NOISE_METHODS}, **{m: "cam" for m in CAM_METHODS}}
+_AUDIT = {pb.AUDIT_MODE_UNSPECIFIED: None, pb.AUDIT_ON: True, pb.AUDIT_OFF: False}
+
+
+def method_label(method: int) -> str:
+    """The enum's proto name, for messages: SMOOTHGRAD, GRAD_CAM, ..."""
+    return pb.Method.Name(method) if method in pb.Method.values() else str(method)
+
+
+class _Violations:
+    """Collects field violations; `raise_if_any` raises them as one InvalidArgument."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field, description))
+
+    def extend(self, exc: InvalidArgument) -> None:
+        self.items.extend(exc.violations or [FieldViolation("", exc.message)])
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise InvalidArgument(codec.violation_message(self.items), self.items)
+
+
+def resolve_model(name: str, models: Mapping[str, ModelDescription]) -> ModelDescription:
+    """The model a request names; empty = the default one. `ModelNotFound` otherwise."""
+    if not name:
+        default = next((m for m in models.values() if m.is_default), None)
+        default = default or next(iter(models.values()), None)
+        if default is None:
+            raise ModelNotFound("(default)", [])
+        return default
+    if name not in models:
+        raise ModelNotFound(name if len(name) <= 64 else name[:61] + "...", list(models))
+    return models[name]
+
+
+def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits: Limits, *,
+                     offline: bool = False, request_id: str = "",
+                     time_remaining: float | None = None) -> ExplainSpec:
+    """The typed spec of `request` for `model` (see `resolve_model`).
+
+    offline: the request comes from a job, so offline-only methods are allowed.
+    request_id: the id to use when the request carries none (a fresh uuid4 hex otherwise).
+    time_remaining: the call's remaining seconds (context.time_remaining()); None = no deadline.
+    """
+    v = _Violations()
+    rid = _request_id(request.request_id, limits, v) or request_id or uuid.uuid4().hex
+    method = _method(request.method, model, offline, v)
+    declared = _declared_items(request.inputs)
+    inputs = _inputs(request.inputs, model, limits, declared, v)
+    items = int(inputs.shape[0]) if inputs is not None else declared
+    target = _target(request.target, model, limits, items, v)
+    params = _params(request, method, model, limits, items, v) if method else _DEFAULTS
+    output = _output(request.output, method, v)
+    if request.audit not in _AUDIT:
+        v.add("audit", f"unknown audit mode {request.audit}")
+    v.raise_if_any()
+    deadline = time.time() + time_remaining if time_remaining is not None else None
+    return ExplainSpec(model=model.name, method=method, inputs=inputs, request_id=rid, target=target,
+                       params=params, output=output, seed=int(request.seed), audit=_AUDIT[request.audit],
+                       deadline=deadline)
+
+
+def _request_id(rid: str, limits: Limits, v: _Violations) -> str:
+    if len(rid) > limits.max_request_id_chars:
+        v.add("request_id", f"has {len(rid)} characters; at most {limits.max_request_id_chars}")
+    elif rid and not rid.isprintable():
+        v.add("request_id", "must be printable characters")
+    return rid
+
+
+def _method(method: int, model: ModelDescription, offline: bool, v: _Violations) -> str:
+    """The method's name, or "" (with a violation) when it cannot run here."""
+    choices = model.offline_methods if offline else model.online_methods
+    listed = ", ".join(method_label(codec.METHOD_ENUMS[m]) for m in choices)
+    name = codec.METHOD_NAMES.get(method)
+    if method == pb.METHOD_UNSPECIFIED or name is None:
+        what = "must be set" if method == pb.METHOD_UNSPECIFIED else f"unknown method {method}"
+        v.add("method", f"{what}; one of: {listed}")
+        return ""
+    if name in OFFLINE_ONLY_METHODS and not offline:
+        v.add("method", f"{method_label(method)} is too expensive to run online; submit it as an offline job "
+                        "with SubmitJob")
+        return ""
+    if name not in choices:
+        v.add("method", f"model {model.name!r} does not support {method_label(method)}; one of: {listed}")
+        return ""
+    return name
+
+
+def _declared_items(inputs: pb.Inputs) -> int:
+    """Items the request claims to carry, read before any decoding (0 = unknown)."""
+    if inputs.HasField("images"):
+        return len(inputs.images.images)
+    shape = list(inputs.tensor.shape)
+    return int(shape[0]) if len(shape) == 4 else 1 if len(shape) == 3 else 0
+
+
+def _inputs(inputs: pb.Inputs, model: ModelDescription, limits: Limits, declared: int,
+            v: _Violations) -> torch.Tensor | None:
+    """Model-space inputs `# (N, C, H, W)`, or None with violations added."""
+    source = inputs.WhichOneof("source")
+    if source is None:
+        v.add("inputs", "set inputs.tensor (raw pixels or model-space values) or inputs.images (PNG/JPEG)")
+        return None
+    if source == "images" and declared == 0:
+        v.add("inputs.images.images", "needs at least one image")
+        return None
+    if declared > limits.max_items:
+        v.add(f"inputs.{source}", f"has {declared} items; at most {limits.max_items} per request")
+        return None
+    if inputs.space not in (pb.INPUT_SPACE_UNSPECIFIED, pb.PIXELS, pb.MODEL):
+        v.add("inputs.space", f"unknown input space {inputs.space}; use PIXELS or MODEL")
+        return None
+    try:
+        if source == "images":
+            if inputs.space == pb.MODEL:
+                raise InvalidArgument.field("inputs.space", "encoded images are pixel data; leave space unset "
+                                                            "or PIXELS")
+            return codec.decode_images(inputs.images.images, model, limits.max_image_pixels, "inputs.images.images")
+        raw = codec.decode_tensor(inputs.tensor, "inputs.tensor")
+        _check_item_shape(raw, model, "inputs.tensor.shape")
+        return codec.to_model_space(raw, inputs.space, model, "inputs.tensor.dtype")
+    except InvalidArgument as exc:
+        v.extend(exc)
+        return None
+
+
+def _check_item_shape(x: torch.Tensor, model: ModelDescription, field: str) -> None:
+    got, want = tuple(x.shape[1:]), (model.channels, model.height, model.width)
+    if got != want:
+        raise InvalidArgument.field(field, f"items are (C, H, W) = {got}; model {model.name!r} takes {want}. "
+                                           "Resize first, or send PNG/JPEG in inputs.images to have it done here")
+
+
+def _target(target: pb.Target, model: ModelDescription, limits: Limits, items: int,
+            v: _Violations) -> TargetSpec:
+    kind = target.WhichOneof("kind")
+    if kind is None or kind == "predicted":
+        return TargetSpec()
+    if kind == "top_k":
+        cap = min(model.num_classes, limits.max_top_k)
+        if not 1 <= target.top_k <= cap:
+            v.add("target.top_k", f"must be 1..{cap}, got {target.top_k}")
+        return TargetSpec(kind="top_k", k=max(1, int(target.top_k)))
+    indices = tuple(int(i) for i in target.class_indices.indices)
+    field = "target.class_indices.indices"
+    if not indices:
+        v.add(field, "give one class index for every item, or one per item")
+    elif items and len(indices) not in (1, items):
+        v.add(field, f"has {len(indices)} indices for {items} items; give one, or one per item")
+    bad = [i for i in indices if not 0 <= i < model.num_classes]
+    if bad:
+        v.add(field, f"{bad[:5]} out of range: model {model.name!r} has classes 0..{model.num_classes - 1}")
+    return TargetSpec(kind="indices", indices=indices)
+
+
+def _params(request: pb.ExplainRequest, method: str, model: ModelDescription, limits: Limits, items: int,
+            v: _Violations) -> MethodParams:
+    which, expected = request.WhichOneof("params"), _PARAMS_FIELD[method]
+    if which is not None and which != expected:
+        v.add(which, f"`{which}` parameters do not apply to {method_label(codec.METHOD_ENUMS[method])}; "
+                     f"set `{expected}` or leave the parameters unset")
+        return _DEFAULTS
+    if expected == "gradient":
+        return MethodParams(absolute=request.gradient.absolute)
+    if expected == "noise":
+        return _noise_params(request.noise, limits, v)
+    if expected == "integrated_gradients":
+        return _ig_params(request.integrated_gradients, request.inputs, model, limits, items, v)
+    if expected == "cam":
+        return _cam_params(request.cam, method, model, v)
+    if expected == "score_cam":
+        layer = _cam_layer(request.score_cam.layer, "score_cam.layer", model, v)
+        return MethodParams(layer=layer, top_k_channels=int(request.score_cam.top_k_channels))
+    return _occlusion_params(request.occlusion, model, v)
+
+
+def _noise_params(p: pb.NoiseParams, limits: Limits, v: _Violations) -> MethodParams:
+    samples = p.samples or _DEFAULTS.samples
+    if not 1 <= samples <= limits.max_samples:
+        v.add("noise.samples", f"must be 1..{limits.max_samples}, got {samples}")
+    fraction = p.noise_fraction or _DEFAULTS.noise_fraction
+    if not 0.0 <= fraction <= 1.0:  # NaN fails too
+        v.add("noise.noise_fraction", f"must be 0..1, got {fraction}")
+    return MethodParams(samples=int(samples), noise_fraction=float(fraction))
+
+
+def _ig_params(p: pb.IntegratedGradientsParams, inputs: pb.Inputs, model: ModelDescription, limits: Limits,
+               items: int, v: _Violations) -> MethodParams:
+    steps = p.steps or _DEFAULTS.steps
+    if not 1 <= steps <= limits.max_steps:
+        v.add("integrated_gradients.steps", f"must be 1..{limits.max_steps}, got {steps}")
+    rule = codec.RULE_NAMES.get(p.rule)
+    if rule is None:
+        v.add("integrated_gradients.rule", f"unknown integration rule {p.rule}")
+    elif rule == "riemann_trapezoid" and steps < 2:
+        v.add("integrated_gradients.steps", "RIEMANN_TRAPEZOID needs steps >= 2")
+    kind = codec.BASELINE_NAMES.get(p.baseline.kind)
+    if kind is None:
+        v.add("integrated_gradients.baseline.kind", f"unknown baseline kind {p.baseline.kind}")
+    sigma = p.baseline.blur_sigma or _DEFAULTS.blur_sigma
+    if kind == "blurred" and not 0.0 < sigma <= _MAX_BLUR_SIGMA:
+        v.add("integrated_gradients.baseline.blur_sigma", f"must be in (0, {_MAX_BLUR_SIGMA:g}], got {sigma}")
+    baseline = None
+    if kind == "custom":
+        baseline = _custom_baseline(p.baseline, inputs, model, items, v)
+    elif p.baseline.HasField("tensor"):
+        v.add("integrated_gradients.baseline.tensor", "is read only with baseline kind CUSTOM")
+    return MethodParams(steps=int(steps), rule=rule or _DEFAULTS.rule, baseline=kind or _DEFAULTS.baseline,
+                        blur_sigma=float(sigma) if kind == "blurred" else _DEFAULTS.blur_sigma,
+                        baseline_tensor=baseline)
+
+
+def _custom_baseline(baseline: pb.Baseline, inputs: pb.Inputs, model: ModelDescription, items: int,
+                     v: _Violations) -> torch.Tensor | None:
+    """The CUSTOM baseline in model space `# (1 or N, C, H, W)`, in the inputs' space."""
+    field = "integrated_gradients.baseline.tensor"
+    if not baseline.HasField("tensor"):
+        v.add(field, "baseline kind CUSTOM needs a tensor")
+        return None
+    space = pb.PIXELS if inputs.HasField("images") else inputs.space
+    try:
+        raw = codec.decode_tensor(baseline.tensor, field)
+        _check_item_shape(raw, model, f"{field}.shape")
+        if items and raw.shape[0] not in (1, items):
+            raise InvalidArgument.field(f"{field}.shape", f"has {raw.shape[0]} items for {items} inputs; "
+                                                          "give one, or one per item")
+        return codec.to_model_space(raw, space, model, f"{field}.dtype")
+    except InvalidArgument as exc:
+        v.extend(exc)
+        return None
+
+
+def _cam_layer(layer: str, field: str, model: ModelDescription, v: _Violations) -> str:
+    layer = layer or model.default_cam_layer
+    if layer not in model.cam_layers:
+        shown = layer if len(layer) <= 64 else layer[:61] + "..."
+        v.add(field, f"model {model.name!r} has no CAM-able layer {shown!r}; choose one of: "
+                     f"{', '.join(model.cam_layers) or '(none)'}")
+    return layer
+
+
+def _cam_params(p: pb.CamParams, method: str, model: ModelDescription, v: _Violations) -> MethodParams:
+    layer = _cam_layer(p.layer, "cam.layer", model, v)
+    also: list[str] = []
+    for value in p.also:
+        name = codec.METHOD_NAMES.get(value)
+        if name not in CAM_METHODS:
+            v.add("cam.also", f"{method_label(value)} is not a CAM variant; only GRAD_CAM, GRAD_CAM_PLUS_PLUS "
+                              "and LAYER_CAM can share the pass")
+        elif name != method and name not in also:  # the method itself and repeats add no map
+            also.append(name)
+    return MethodParams(layer=layer, also=tuple(also))
+
+
+def _occlusion_params(p: pb.OcclusionParams, model: ModelDescription, v: _Violations) -> MethodParams:
+    side = min(model.height, model.width)
+    patch = p.patch_size or _DEFAULTS.patch_size
+    if not 1 <= patch <= side:
+        v.add("occlusion.patch_size", f"must be 1..{side} (the input's smaller side), got {patch}")
+    stride = p.stride or max(1, patch // 2)
+    if stride > side:
+        v.add("occlusion.stride", f"must be 1..{side}, got {stride}")
+    if not math.isfinite(p.baseline_value):
+        v.add("occlusion.baseline_value", "must be finite")
+    return MethodParams(patch_size=int(patch), stride=int(stride), baseline_value=float(p.baseline_value))
+
+
+def _output(o: pb.OutputOptions, method: str, v: _Violations) -> OutputSpec:
+    chosen = {}
+    for field, names in (("reduction", codec.REDUCTION_NAMES), ("normalization", codec.NORMALIZATION_NAMES),
+                         ("dtype", codec.DTYPE_NAMES)):
+        value = getattr(o, field)
+        chosen[field] = names.get(value)
+        if chosen[field] is None:
+            v.add(f"output.{field}", f"unknown value {value}")
+    # Only CAM maps have a native (layer) resolution; elsewhere the flag is moot.
+    native = o.native_resolution and method in CAM_METHODS + ("score_cam",)
+    return OutputSpec(reduction=chosen["reduction"] or "abs_max", normalization=chosen["normalization"] or "none",
+                      dtype=chosen["dtype"] or "float32", png_overlay=o.png_overlay, native_resolution=native)
