@@ -1,0 +1,55 @@
+"""`attribution serve | explain | models | jobs | audit | bench | loadtest`."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with add_arguments(parser) and run(args), one-line help)
+_COMMANDS = {
+    "serve": ("service.launcher", "start Ray, the workers, the gRPC front door and /metrics"),
+    "explain": ("service.cli_explain", "explain images (a folder at once) against a server or in-process"),
+    "models": ("service.cli_models", "list a server's models, layers and methods"),
+    "jobs": ("service.jobs.cli", "offline jobs: submit | get | watch | cancel | list"),
+    "audit": ("service.audit_verify", "audit logs: verify that logged maps reproduce"),
+    "loadtest": ("loadtests.cli", "drive a server with a closed- or open-loop load and report"),
+}
+_BENCHES = {
+    "kernels": ("loadtests.kernel_bench", "in-process kernel timings against floors and peers"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="attribution", description="Batched, audited saliency maps over gRPC.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in _COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module)
+        _add_module_arguments(cmd, module)
+    bench = sub.add_parser("bench", help="benchmarks (scripts that print measured ratios)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    for name, (module, help_text) in _BENCHES.items():
+        cmd = bench_sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module)
+        _add_module_arguments(cmd, module)
+    return parser
+
+
+def _add_module_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    try:
+        importlib.import_module(module).add_arguments(parser)
+    except ImportError as exc:  # an optional part (e.g. test extras for the bench) is missing
+        parser.set_defaults(_import_error=str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "_import_error", None):
+        print(f"attribution {args.command}: unavailable: {args._import_error}", file=sys.stderr)
+        return 2
+    result = importlib.import_module(args._module).run(args)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Build the Ray Serve applications from config: what `serve run` / `serve deploy` load.
+
+One application per model, named `attribution-<model>`, whose ingress is that
+model's `OnlineWorker` deployment. The front door calls each application's
+handle directly (no router hop). `build_online_app` is the `import_path` that
+deploy/serve.yaml names; `deploy_all` is what `attribution serve` calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from workers.config import BatchingConfig, ModelConfig, model_config_from_dict
+from workers.errors import InvalidArgument
+
+APP_PREFIX = "attribution-"
+
+
+def app_name(model: str) -> str:
+    return APP_PREFIX + model
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The worker side of the one config: models, batching, device, cache."""
+
+    models: tuple[ModelConfig, ...] = (ModelConfig(name="demo", source="demo"),)
+    default_model: str = ""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    cache_dir: str = ""            # demo model cache; "" = the user's cache directory
+
+    def __post_init__(self):
+        names = [m.name for m in self.models]
+        if not names:
+            raise InvalidArgument.field("models", "configure at least one model")
+        if len(set(names)) != len(names):
+            raise InvalidArgument.field("models", f"model names must be unique: {names}")
+        if self.default_model and self.default_model not in names:
+            raise InvalidArgument.field("default_model", f"{self.default_model!r} is not among {names}")
+
+    @property
+    def default(self) -> str:
+        return self.default_model or self.models[0].name
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "AppConfig":
+        raw = dict(raw or {})
+        kwargs: dict[str, Any] = {}
+        if "models" in raw:
+            kwargs["models"] = tuple(model_config_from_dict(m) for m in raw.pop("models"))
+        if "batching" in raw:
+            kwargs["batching"] = BatchingConfig(**raw.pop("batching"))
+        for key in ("default_model", "device", "cache_dir"):
+            if key in raw:
+                kwargs[key] = str(raw.pop(key))
+        return cls(**kwargs)
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise InvalidArgument.field("model", f"unknown model {name!r}")
+
+
+def model_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that differ from the defaults: what a config file would say."""
+    out: dict[str, Any] = {"name": cfg.name, "source": cfg.source}
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name not in out and value != default:
+            out[f.name] = dataclasses.asdict(value) if f.name == "input" else (
+                list(value) if isinstance(value, tuple) else value)
+    if "input" in out:
+        out["input"]["mean"], out["input"]["std"] = list(cfg.input.mean), list(cfg.input.std)
+    return out
+
+
+def build_online_app(args: dict[str, Any]):
+    """Serve `import_path` target: args = {model: {...}, batching: {...}, device, cache_dir, is_default}."""
+    from workers.deployment import online_deployment
+
+    cfg = model_config_from_dict(args["model"])
+    batching = BatchingConfig(**args.get("batching", {}))
+    deployment = online_deployment(cfg, batching)
+    return deployment.bind(model_to_dict(cfg), device=args.get("device", "auto"),
+                           cache_dir=args.get("cache_dir") or None, is_default=bool(args.get("is_default")))
+
+
+def deploy_all(config: AppConfig, timeout_s: float = 300.0) -> list[str]:
+    """Deploys every model's application on the connected Ray cluster; returns app names."""
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+    names = []
+    for cfg in config.models:
+        app = build_online_app({"model": model_to_dict(cfg), "batching": dataclasses.asdict(config.batching),
+                                "device": config.device, "cache_dir": config.cache_dir,
+                                "is_default": cfg.name == config.default})
+        name = app_name(cfg.name)
+        serve.run(app, name=name, route_prefix=None, blocking=False)
+        names.append(name)
+    return names
+
+
+def shutdown_all(config: AppConfig) -> None:
+    from ray import serve
+
+    for cfg in config.models:
+        serve.delete(app_name(cfg.name), _blocking=True)
+
+
+def serve_yaml(config: AppConfig, path: pathlib.Path) -> None:
+    """Writes a `serve run`-able config for this AppConfig."""
+    import yaml
+
+    apps = [{"name": app_name(m.name), "route_prefix": None, "import_path": "workers.app:build_online_app",
+             "args": {"model": model_to_dict(m), "batching": dataclasses.asdict(config.batching),
+                      "device": config.device, "is_default": m.name == config.default}}
+            for m in config.models]
+    path.write_text(yaml.safe_dump({"proxy_location": "Disabled", "applications": apps}, sort_keys=False))

@@ -1,0 +1,141 @@
+"""Ray Serve deployments: the online worker, one per model, batching across clients.
+
+A replica loads its model once (eval, frozen, hooks tapped) and serves every
+online method through `@serve.batch`, whose `batch_size_fn` counts samples: a
+SmoothGrad-50 request costs 50, a Grad-CAM request 1. The kernel runs on a
+thread pool sized by `max_concurrent_batches`, off the replica's event loop, so
+the next batch keeps filling while one computes; batches that queue behind a
+busy model merge into one (workers/slots.py). Batching parameters come from
+the deployment's `user_config` and change at runtime through `reconfigure`.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+
+import torch
+from ray import serve
+
+from workers.batching import FoldBudget
+from workers.config import BatchingConfig, ModelConfig, model_config_from_dict
+from workers.errors import AttributionError, InternalError
+from workers.models import describe, load_model, select_device
+from workers.pipeline import WorkerContext, explain_batch
+from workers.slots import ComputeSlots
+from workers.spec import ExplainResult, ExplainSpec, ModelDescription
+
+log = logging.getLogger(__name__)
+
+# Ray's batcher forms batches whether or not the model is free; let them all
+# through to the compute slots, which bound concurrency (max_concurrent_batches,
+# changeable at runtime) and merge the batches that wait (workers/slots.py).
+_BATCHER_CONCURRENCY = 16
+_INITIAL_MAX_BATCH = BatchingConfig().max_batch_samples
+
+
+def _item_cost(item: tuple[ExplainSpec, float]) -> int:
+    return item[0].cost
+
+
+def _batch_cost(items: list[tuple[ExplainSpec, float]]) -> int:
+    return sum(spec.cost for spec, _ in items)
+
+
+class OnlineWorker:
+    """One model on one device; the class behind the `OnlineWorker` deployment."""
+
+    def __init__(self, model: dict, device: str = "auto", cache_dir: str | None = None,
+                 is_default: bool = False, threads: int = 0):
+        cfg: ModelConfig = model_config_from_dict(model)
+        # Ray sets OMP_NUM_THREADS from the actor's num_cpus; be explicit so a
+        # replica never silently computes on one core.
+        torch.set_num_threads(max(1, threads or int(cfg.num_cpus)))
+        self.device = select_device(device)
+        self.model = load_model(cfg, self.device, cache_dir and os.fspath(cache_dir))
+        self.is_default = is_default
+        self.config = BatchingConfig()
+        self.ctx = WorkerContext.create(self.model, FoldBudget())
+        self._pool = ThreadPoolExecutor(_BATCHER_CONCURRENCY, thread_name_prefix="kernel")
+        self.slots = ComputeSlots(self.config.max_concurrent_batches, self.config.max_batch_samples,
+                                  _item_cost, self._run)
+        log.info("online worker for %s ready on %s (%d torch threads)", cfg.name, self.device,
+                 torch.get_num_threads())
+
+    def reconfigure(self, user_config: dict) -> None:
+        """Applies batching settings; called by Serve at start and on every config change."""
+        cfg = BatchingConfig(**user_config)
+        self.config = cfg
+        self.ctx.budget = FoldBudget(max_bytes=cfg.fold_max_bytes or None, max_rows=cfg.fold_max_rows or None)
+        self.explain_batched.set_max_batch_size(cfg.max_batch_samples)
+        self.explain_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.slots.resize(cfg.max_concurrent_batches, cfg.max_batch_samples)
+
+    def batching(self) -> dict:
+        """The settings in force (for tests and operators)."""
+        return dict(asdict(self.config), compute_slots=self.slots.slots)
+
+    def describe(self) -> ModelDescription:
+        return describe(self.model, self.is_default)
+
+    async def explain(self, spec: ExplainSpec) -> ExplainResult | AttributionError:
+        """One request; answers the result or the request's typed error (never raises it)."""
+        arrived = time.time()
+        if spec.cost > self.config.max_batch_samples:
+            # Bigger than a whole batch: it runs as a batch of its own.
+            (outcome,) = await self.slots.run([(spec, arrived)])
+            return outcome
+        return await self.explain_batched((spec, arrived))
+
+    @serve.batch(max_batch_size=_INITIAL_MAX_BATCH, batch_wait_timeout_s=0.01,
+                 max_concurrent_batches=_BATCHER_CONCURRENCY, batch_size_fn=_batch_cost)
+    async def explain_batched(self, items: list[tuple[ExplainSpec, float]]) -> list:
+        return await self.slots.run(items)
+
+    async def _run(self, items: list[tuple[ExplainSpec, float]]) -> list:
+        loop = asyncio.get_running_loop()
+        try:
+            started, outcomes = await loop.run_in_executor(self._pool, self._compute, [s for s, _ in items])
+        except Exception as exc:  # the batch machinery itself broke: fail each request, typed
+            log.exception("batch of %d failed", len(items))
+            return [InternalError(f"worker failure: {type(exc).__name__}")] * len(items)
+        for (_, arrived), outcome in zip(items, outcomes):
+            if isinstance(outcome, ExplainResult):
+                outcome.queue_ms = max(0.0, (started - arrived) * 1e3)
+        return outcomes
+
+    def _compute(self, specs: list[ExplainSpec]) -> tuple[float, list]:
+        started = time.time()
+        return started, explain_batch(self.ctx, specs)
+
+    def check_health(self) -> None:
+        """Serve restarts the replica when this raises: a tiny real forward."""
+        spec = self.model.spec
+        with torch.inference_mode():
+            out = self.model.module(torch.zeros((1,) + spec.shape, device=self.device))
+        if not torch.isfinite(out).all():
+            raise RuntimeError("model produced non-finite logits on a zero input")
+
+    def device_memory(self) -> dict:
+        if self.device.type != "cuda":
+            return {}
+        return {"allocated_bytes": torch.cuda.memory_allocated(self.device),
+                "reserved_bytes": torch.cuda.memory_reserved(self.device)}
+
+
+def online_deployment(cfg: ModelConfig, batching: BatchingConfig):
+    """The Serve deployment object for one model's online worker."""
+    return serve.deployment(
+        OnlineWorker,
+        name="OnlineWorker",
+        num_replicas=max(1, cfg.replicas),
+        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        max_ongoing_requests=batching.max_ongoing_requests,
+        max_queued_requests=batching.max_queued_requests,
+        user_config=asdict(batching),
+        health_check_period_s=10,
+        health_check_timeout_s=30,
+    )
