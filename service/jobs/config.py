@@ -1,0 +1,79 @@
+"""The offline queue's configuration: the config file's `jobs:` section, read once at start.
+
+    jobs:
+      concurrency: 1            # jobs this front door runs at once
+      max_items: 1024           # items per job request
+      max_attempts: 5
+      progress_persist_s: 1.0
+      poll_s: 2.0
+      cancel_wait_s: 2.0
+      retries: 3
+      offline: {replicas: 1, num_cpus: 1, max_ongoing_requests: 1, items_per_chunk: 8}
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.config import Limits
+from workers.errors import InvalidArgument
+from workers.offline import OfflineConfig
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """The job runner and the offline workers it feeds.
+
+    concurrency: jobs this front door runs at once; match it to the offline slots
+        (offline.replicas x offline.max_ongoing_requests), so a job is RUNNING only
+        while a replica works on it.
+    max_items: items one job's request may carry (online requests keep limits.max_items).
+    max_attempts: a job left RUNNING by this many dead processes fails instead of rerunning.
+    progress_persist_s: how often a running job's progress is written to the store
+        (watchers in this process see every step at once).
+    poll_s: how often an idle runner looks for work it was not told about, and a
+        watcher rereads the store (jobs submitted or run by another process).
+    cancel_wait_s: how long CancelJob waits for a running job to stop before answering.
+    retries: reruns of a job whose offline worker became unavailable, before it fails.
+    offline: the offline Serve deployment.
+    """
+
+    concurrency: int = 1
+    max_items: int = 1024
+    max_attempts: int = 5
+    progress_persist_s: float = 1.0
+    poll_s: float = 2.0
+    cancel_wait_s: float = 2.0
+    retries: int = 3
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+
+    def __post_init__(self):
+        checks = (("concurrency", 1 <= self.concurrency <= 256, "must be 1..256"),
+                  ("max_items", 1 <= self.max_items <= 4096, "must be 1..4096"),
+                  ("max_attempts", 1 <= self.max_attempts <= 100, "must be 1..100"),
+                  ("progress_persist_s", 0 <= self.progress_persist_s <= 3600, "must be 0..3600 seconds"),
+                  ("poll_s", 0.01 <= self.poll_s <= 3600, "must be 0.01..3600 seconds"),
+                  ("cancel_wait_s", 0 <= self.cancel_wait_s <= 60, "must be 0..60 seconds"),
+                  ("retries", 0 <= self.retries <= 100, "must be 0..100"))
+        for name, ok, why in checks:
+            if not ok:
+                raise InvalidArgument.field(f"jobs.{name}", why)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "JobsConfig":
+        raw = dict(raw or {})
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise InvalidArgument.field("jobs", f"unknown keys: {', '.join(sorted(unknown))}")
+        if "offline" in raw:
+            offline = dict(raw["offline"] or {})
+            unknown = set(offline) - {f.name for f in dataclasses.fields(OfflineConfig)}
+            if unknown:
+                raise InvalidArgument.field("jobs.offline", f"unknown keys: {', '.join(sorted(unknown))}")
+            raw["offline"] = OfflineConfig(**offline)
+        return cls(**raw)
+
+    def request_limits(self, limits: Limits) -> Limits:
+        """The online limits, but a job may carry `max_items` items."""
+        return dataclasses.replace(limits, max_items=self.max_items)

@@ -1,0 +1,400 @@
+"""The durable job store: the `JobStore` interface and its SQLite (WAL) implementation.
+
+A job moves QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED. Every move is one
+SQLite write statement or one IMMEDIATE transaction, so it is atomic across threads,
+connections and processes. A claim hands out a fresh attempt token; progress and
+the final write must present it, so a worker whose attempt was taken back (the
+process died and `recover()` requeued the job, or another runner claimed it) can
+never write over the new attempt. The result is committed in the same transaction
+as the SUCCEEDED state: a client sees a final state with its result, or no final
+state at all, and never two.
+
+The store speaks `JobRecord`s and the proto's JobState numbers; it knows nothing
+of gRPC or of what a request means. A shared store for multi-node clusters
+implements the same `JobStore` protocol.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import fcntl
+import json
+import os
+import pathlib
+import sqlite3
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+from service._proto import attribution_pb2 as pb
+from workers.errors import FailedPrecondition, InvalidArgument, JobNotFound
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = pb.QUEUED, pb.RUNNING, pb.SUCCEEDED, pb.FAILED, pb.CANCELLED
+FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+# google.rpc.Code INTERNAL: what a job that keeps killing its process fails with.
+_INTERNAL = 13
+_TOKEN_VERSION = 1
+
+
+class StaleAttempt(FailedPrecondition):
+    """The attempt token no longer owns the job: it was requeued, claimed again or finished."""
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a submission stores: the validated request, serialized, and what lists show."""
+
+    id: str
+    priority: int
+    idempotency_key: str
+    model: str
+    method: int            # pb.Method
+    num_items: int
+    request: bytes         # serialized ExplainRequest
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One job as stored. `token` is set while RUNNING: the owning attempt's proof."""
+
+    id: str
+    state: int
+    priority: int
+    idempotency_key: str
+    model: str
+    method: int
+    num_items: int
+    progress: float
+    created: float
+    started: float
+    finished: float
+    attempt: int
+    token: str
+    cancel_requested: bool
+    error_code: int
+    error_message: str
+    seq: int
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class JobStore(Protocol):
+    """Durable jobs. Every method is blocking and thread-safe; async callers use a thread."""
+
+    def submit(self, job: NewJob) -> tuple[JobRecord, bool]:
+        """Stores `job`, or returns the job already stored under its idempotency key (created=False)."""
+
+    def get(self, job_id: str) -> JobRecord:
+        """The job; `JobNotFound` otherwise."""
+
+    def result(self, job_id: str) -> bytes | None:
+        """The serialized ExplainResponse of a SUCCEEDED job; None otherwise."""
+
+    def request(self, job_id: str) -> bytes:
+        """The serialized ExplainRequest the job runs."""
+
+    def claim(self) -> JobRecord | None:
+        """Atomically marks the next QUEUED job (priority desc, submission asc) RUNNING with a new token."""
+
+    def set_progress(self, job_id: str, token: str, progress: float) -> bool:
+        """Records progress; answers whether cancellation was requested. `StaleAttempt` if not the owner."""
+
+    def finish(self, job_id: str, token: str, state: int, *, error: tuple[int, str] = (0, ""),
+               result: bytes | None = None) -> JobRecord:
+        """Final state (with its result, in one transaction); `StaleAttempt` if not the owner."""
+
+    def release(self, job_id: str, token: str) -> JobRecord:
+        """Gives a RUNNING job back to the queue (graceful stop); `StaleAttempt` if not the owner."""
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """QUEUED -> CANCELLED; RUNNING -> cancel requested; final -> `FailedPrecondition`."""
+
+    def list(self, states: Sequence[int] = (), page_size: int = 50,
+             page_token: str = "") -> tuple[list[JobRecord], str]:
+        """Newest first, filtered by state; the next page's opaque token ("" on the last page)."""
+
+    def counts(self) -> dict[int, int]:
+        """Jobs per state."""
+
+    def recover(self) -> dict[str, int]:
+        """At start: settles the RUNNING jobs a killed process left (requeued, cancelled or failed)."""
+
+    def close(self) -> None:
+        """Releases the store; idempotent."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,      -- submission order: ties of priority, paging
+    id TEXT NOT NULL UNIQUE,
+    state INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    idempotency_key TEXT UNIQUE,                -- NULL when the client gave none
+    model TEXT NOT NULL,
+    method INTEGER NOT NULL,
+    num_items INTEGER NOT NULL,
+    request BLOB NOT NULL,
+    progress REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    started REAL NOT NULL DEFAULT 0,
+    finished REAL NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 0,         -- claims so far
+    token TEXT,                                 -- the RUNNING attempt's token
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error_code INTEGER NOT NULL DEFAULT 0,
+    error_message TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
+CREATE TABLE IF NOT EXISTS results (
+    job_id TEXT PRIMARY KEY REFERENCES jobs (id),
+    response BLOB NOT NULL                      -- serialized ExplainResponse
+);
+"""
+_COLUMNS = ("id, state, priority, idempotency_key, model, method, num_items, progress, created, started, "
+            "finished, attempt, token, cancel_requested, error_code, error_message, seq")
+
+
+def _record(row: tuple) -> JobRecord:
+    (job_id, state, priority, key, model, method, items, progress, created, started, finished, attempt,
+     token, cancel, code, message, seq) = row
+    return JobRecord(id=job_id, state=state, priority=priority, idempotency_key=key or "", model=model,
+                     method=method, num_items=items, progress=progress, created=created, started=started,
+                     finished=finished, attempt=attempt, token=token or "", cancel_requested=bool(cancel),
+                     error_code=code, error_message=message, seq=seq)
+
+
+def default_data_dir() -> pathlib.Path:
+    """`$XDG_DATA_HOME/attribution-service`, else `~/.local/share/attribution-service`."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return pathlib.Path(base) / "attribution-service"
+
+
+def open_store(data_dir: str | os.PathLike | None = None, *, max_attempts: int = 5) -> "SqliteJobStore":
+    """The job store of a data directory (created if missing): `<dir>/jobs.sqlite3`."""
+    directory = pathlib.Path(data_dir) if data_dir else default_data_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    return SqliteJobStore(directory / "jobs.sqlite3", max_attempts=max_attempts)
+
+
+class SqliteJobStore:
+    """`JobStore` on one SQLite file in WAL mode: one connection behind a lock.
+
+    exclusive: hold an advisory lock on `<path>.lock` for the store's lifetime, so a
+        second service on the same data directory fails at start instead of
+        requeueing the first one's running jobs. The kernel drops the lock when the
+        process dies, however it dies, so a restart after SIGKILL takes it at once.
+    max_attempts: `recover()` fails a job left RUNNING this many times rather than
+        requeue it again: a job that kills its process must not kill every restart.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, exclusive: bool = True, max_attempts: int = 5):
+        if max_attempts < 1:
+            raise InvalidArgument.field("jobs.max_attempts", "must be >= 1")
+        self.path = pathlib.Path(path)
+        self.max_attempts = max_attempts
+        self._lock_file = self._take_lock() if exclusive else None
+        # No implicit transactions: each write is one statement or one `_transaction`.
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._lock = threading.Lock()
+        # synchronous FULL: a committed final state survives power loss, not only a process kill.
+        self._db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"
+                               + _SCHEMA)
+
+    def _take_lock(self):
+        handle = open(f"{self.path}.lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise FailedPrecondition(f"job store {self.path} is in use by {owner}; one service per data "
+                                     "directory") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        return handle
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: the write lock is taken up front, so it never fails halfway."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------ reads --
+
+    def _one(self, sql: str, args: tuple) -> tuple | None:
+        # fetchall, not fetchone: an UPDATE ... RETURNING commits only once it has run to its end.
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return rows[0] if rows else None
+
+    def get(self, job_id: str) -> JobRecord:
+        row = self._one(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        if row is None:
+            raise JobNotFound(job_id)
+        return _record(row)
+
+    def result(self, job_id: str) -> bytes | None:
+        row = self._one("SELECT response FROM results WHERE job_id = ?", (job_id,))
+        return None if row is None else bytes(row[0])
+
+    def request(self, job_id: str) -> bytes:
+        row = self._one("SELECT request FROM jobs WHERE id = ?", (job_id,))
+        if row is None:
+            raise JobNotFound(job_id)
+        return bytes(row[0])
+
+    def counts(self) -> dict[int, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        found = dict(rows)
+        return {state: found.get(state, 0) for state in ALL_STATES}
+
+    def list(self, states: Sequence[int] = (), page_size: int = 50,
+             page_token: str = "") -> tuple[list[JobRecord], str]:
+        wanted = sorted(set(states))
+        if any(s not in ALL_STATES for s in wanted):
+            raise InvalidArgument.field("states", f"unknown job state in {wanted}")
+        if page_size < 1:
+            raise InvalidArgument.field("page_size", "must be positive")
+        before = _decode_page_token(page_token, wanted) if page_token else None
+        where, args = [], []
+        if wanted:
+            where.append(f"state IN ({', '.join('?' * len(wanted))})")
+            args.extend(wanted)
+        if before is not None:
+            where.append("seq < ?")
+            args.append(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?",
+                                    (*args, page_size + 1)).fetchall()
+        records = [_record(r) for r in rows[:page_size]]
+        more = len(rows) > page_size
+        return records, _encode_page_token(records[-1].seq, wanted) if more else ""
+
+    # ----------------------------------------------------------- writes --
+
+    def submit(self, job: NewJob) -> tuple[JobRecord, bool]:
+        key = job.idempotency_key or None
+        with self._lock:
+            cursor = self._db.execute(
+                "INSERT INTO jobs (id, state, priority, idempotency_key, model, method, num_items, request, created)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+                (job.id, QUEUED, job.priority, key, job.model, job.method, job.num_items, job.request, time.time()))
+            created = cursor.rowcount == 1
+            column, value = ("id", job.id) if created else ("idempotency_key", key)
+            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {column} = ?", (value,)).fetchall()
+        return _record(row[0]), created
+
+    def claim(self) -> JobRecord | None:
+        token = uuid.uuid4().hex
+        # One statement: the pick and the mark are atomic, whatever other
+        # connections or processes claim at the same moment.
+        row = self._one(
+            f"UPDATE jobs SET state = ?, token = ?, attempt = attempt + 1, started = ?, progress = 0 "
+            f"WHERE seq = (SELECT seq FROM jobs WHERE state = ? ORDER BY priority DESC, seq ASC LIMIT 1) "
+            f"AND state = ? RETURNING {_COLUMNS}", (RUNNING, token, time.time(), QUEUED, QUEUED))
+        return None if row is None else _record(row)
+
+    def set_progress(self, job_id: str, token: str, progress: float) -> bool:
+        row = self._one("UPDATE jobs SET progress = MAX(progress, ?) WHERE id = ? AND token = ? AND state = ? "
+                        "RETURNING cancel_requested", (float(progress), job_id, token, RUNNING))
+        if row is None:
+            raise StaleAttempt(f"job {job_id}: attempt {token[:8]} no longer owns it")
+        return bool(row[0])
+
+    def finish(self, job_id: str, token: str, state: int, *, error: tuple[int, str] = (0, ""),
+               result: bytes | None = None) -> JobRecord:
+        if state not in FINAL_STATES:
+            raise InvalidArgument.field("state", f"{state} is not a final state")
+        progress = "1.0" if state == SUCCEEDED else "progress"
+        with self._transaction() as db:
+            row = db.execute(
+                f"UPDATE jobs SET state = ?, finished = ?, progress = {progress}, token = NULL, "
+                f"error_code = ?, error_message = ? WHERE id = ? AND token = ? AND state = ? "
+                f"RETURNING {_COLUMNS}", (state, time.time(), error[0], error[1], job_id, token, RUNNING)
+            ).fetchall()
+            if not row:
+                raise StaleAttempt(f"job {job_id}: attempt {token[:8]} no longer owns it")
+            if result is not None:
+                db.execute("INSERT INTO results (job_id, response) VALUES (?, ?)", (job_id, result))
+        return _record(row[0])
+
+    def release(self, job_id: str, token: str) -> JobRecord:
+        row = self._one(f"UPDATE jobs SET state = ?, token = NULL, progress = 0, started = 0 "
+                        f"WHERE id = ? AND token = ? AND state = ? RETURNING {_COLUMNS}",
+                        (QUEUED, job_id, token, RUNNING))
+        if row is None:
+            raise StaleAttempt(f"job {job_id}: attempt {token[:8]} no longer owns it")
+        return _record(row)
+
+    def cancel(self, job_id: str) -> JobRecord:
+        with self._lock:
+            row = self._db.execute(
+                f"UPDATE jobs SET state = CASE state WHEN ? THEN ? ELSE state END, "
+                f"finished = CASE state WHEN ? THEN ? ELSE finished END, cancel_requested = 1 "
+                f"WHERE id = ? AND state IN (?, ?) RETURNING {_COLUMNS}",
+                (QUEUED, CANCELLED, QUEUED, time.time(), job_id, QUEUED, RUNNING)).fetchall()
+        if row:
+            return _record(row[0])
+        job = self.get(job_id)  # JobNotFound, or it is already final
+        raise FailedPrecondition(f"job {job_id} is already {pb.JobState.Name(job.state)}; only QUEUED or "
+                                 "RUNNING jobs can be cancelled")
+
+    def recover(self) -> dict[str, int]:
+        now = time.time()
+        with self._transaction() as db:
+            cancelled = db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, token = NULL WHERE state = ? AND cancel_requested = 1",
+                (CANCELLED, now, RUNNING)).rowcount
+            failed = db.execute(
+                "UPDATE jobs SET state = ?, finished = ?, token = NULL, error_code = ?, error_message = ? "
+                "WHERE state = ? AND attempt >= ?",
+                (FAILED, now, _INTERNAL, f"the service stopped while running this job {self.max_attempts} "
+                                         "times; it is not retried again", RUNNING, self.max_attempts)).rowcount
+            requeued = db.execute("UPDATE jobs SET state = ?, token = NULL, progress = 0, started = 0 "
+                                  "WHERE state = ?", (QUEUED, RUNNING)).rowcount
+        return {"requeued": requeued, "cancelled": cancelled, "failed": failed}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing the descriptor drops the flock
+            self._lock_file = None
+
+
+def _encode_page_token(last_seq: int, states: list[int]) -> str:
+    raw = json.dumps({"v": _TOKEN_VERSION, "before": last_seq, "states": states}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, states: list[int]) -> int:
+    """The seq the page starts below; the token must come from a listing with the same filter."""
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        before, token_states = raw["before"], raw["states"]
+        if raw.get("v") != _TOKEN_VERSION or not isinstance(before, int) or not isinstance(token_states, list):
+            raise ValueError("unexpected token content")
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument.field("page_token", "is not a token this server gave out") from None
+    if token_states != states:
+        raise InvalidArgument.field("page_token", "was given for a different state filter; keep the filter "
+                                                  "while paging")
+    return before

@@ -1,0 +1,74 @@
+"""`attribution jobs ...` through the real CLI entry point, against a real server on a socket."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision.io as tvio
+
+from service.cli import main
+
+
+@pytest.fixture
+def images(tmp_path, demo_batch):
+    paths = []
+    for i, image in enumerate(demo_batch.images[:2]):
+        path = tmp_path / f"image{i}.png"
+        path.write_bytes(tvio.encode_png((image * 255).round().to(torch.uint8)).numpy().tobytes())
+        paths.append(str(path))
+    return paths
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["jobs", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_submit_watch_get_list_cancel(start_service, images, tmp_path, capsys):
+    server = ["--server", start_service().address]
+    code, out, _ = run_cli(capsys, "submit", *images, "--method", "score_cam", "--overlay", "--priority", "3",
+                           "--idempotency-key", "cli-1", *server, "--json")
+    assert code == 0
+    job = json.loads(out)
+    assert job["state"] in ("QUEUED", "RUNNING") and job["num_items"] == 2 and job["priority"] == 3
+
+    outputs = tmp_path / "maps"
+    code, out, _ = run_cli(capsys, "watch", job["id"], *server, "--json", "-o", str(outputs))
+    assert code == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert events[-1]["id"] == job["id"] and events[-1]["state"] == "SUCCEEDED"
+    assert [e["progress"] for e in events] == sorted(e["progress"] for e in events)
+    npy, png = sorted(outputs.glob("*.npy")), sorted(outputs.glob("*.png"))
+    assert [p.name.split("_class")[0] for p in npy] == ["item0000_score_cam", "item0001_score_cam"]
+    assert [p.stem for p in png] == [p.stem for p in npy]  # one overlay per map
+    assert all(np.load(p).shape == (64, 64) and np.load(p).dtype == np.float32 for p in npy)
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in png)
+
+    code, out, _ = run_cli(capsys, "get", job["id"], *server, "--json")
+    assert code == 0 and json.loads(out)["state"] == "SUCCEEDED" and "result" not in json.loads(out)
+    code, out, _ = run_cli(capsys, "list", "--state", "succeeded", *server, "--json")
+    assert code == 0 and [j["id"] for j in json.loads(out)["jobs"]] == [job["id"]]
+    code, _, err = run_cli(capsys, "cancel", job["id"], *server)
+    assert code == 1 and "FAILED_PRECONDITION" in err
+
+
+def test_watch_draws_a_progress_bar(start_service, images, capsys):
+    server = ["--server", start_service().address]
+    code, out, err = run_cli(capsys, "submit", *images, "--method", "occlusion", "--patch-size", "8", "--stride",
+                             "8", "--watch", *server)
+    assert code == 0
+    assert "[" + "#" * 30 + "] 100%" in err and "SUCCEEDED" in err
+    assert "SUCCEEDED" in out
+
+
+def test_bad_requests_exit_nonzero_with_the_status(start_service, images, capsys):
+    server = ["--server", start_service().address]
+    code, _, err = run_cli(capsys, "submit", *images, "--method", "score_cam", "--layer", "fc", *server)
+    assert code == 1 and "INVALID_ARGUMENT" in err and "score_cam.layer" in err
+    code, _, err = run_cli(capsys, "get", "no-such-job", *server)
+    assert code == 1 and "NOT_FOUND" in err
+    code, _, err = run_cli(capsys, "submit", *images, "--method", "no_such_method", *server)
+    assert code == 1 and "unknown Method" in err
