@@ -1,0 +1,361 @@
+"""`attribution audit verify`: re-run logged explanations and check their map hashes.
+
+Each (sampled) record is re-run in-process through `LocalBackend` from its
+recorded parameters, on its recorded input, and the map is encoded by the
+same codec function the servicer uses, so the sha256 must match bit for bit.
+A request is re-run whole: SmoothGrad noise and noise baselines are drawn for
+all of a request's items at once, so an item alone would get other noise.
+Inputs come from the audit store (`input_ref`, `<log dir>/inputs/`) or from a
+directory the client kept (.npy arrays or PNG/JPEG files, matched by hash).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import pathlib
+import random
+import sys
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from service import codec
+from service.audit import INPUTS_DIR, RECORD_FIELDS, SCHEMA_VERSION, AuditConfig, log_files
+from workers.errors import AttributionError
+from workers.local import LocalBackend
+from workers.models import ModelRegistry, describe
+from workers.spec import ExplainSpec, MethodParams, ModelDescription, OutputSpec, TargetSpec
+
+STATUSES = ("ok", "mismatch", "model_version_mismatch", "missing_input", "rerun_error", "invalid_record")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# What the server computed a map from; records that agree on these re-run together.
+_RUN_KEYS = ("entry_id", "model", "model_version", "method", "seed", "target_spec", "params", "output")
+
+
+@dataclass
+class RecordCheck:
+    """The verdict on one record (or one unreadable line)."""
+
+    source: str                 # file:line
+    status: str                 # one of STATUSES
+    request_id: str = ""
+    item: int = -1
+    map_index: int = -1
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    records: int = 0            # readable records found
+    checks: list[RecordCheck] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when something was checked and every check matched."""
+        return bool(self.checks) and all(c.status == "ok" for c in self.checks)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(c.status for c in self.checks))
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(self.counts().items())) or "nothing checked"
+        lines = [f"audit verify: {len(self.checks)} checked of {self.records} records: {counts}"]
+        lines += [f"  {c.source} request {c.request_id!r} item {c.item} map {c.map_index}: {c.status}: {c.detail}"
+                  for c in self.checks if c.status != "ok"]
+        lines.append("PASS" if self.ok else "FAIL")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ok": self.ok, "records": self.records, "counts": self.counts(),
+                "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+
+@dataclass
+class _Logged:
+    record: dict[str, Any]
+    source: str
+    log_dir: pathlib.Path
+
+    def check(self, status: str, detail: str = "") -> RecordCheck:
+        r = self.record
+        return RecordCheck(self.source, status, r["request_id"], r["item"], r["map_index"], detail)
+
+
+# ------------------------------------------------------------- reading --
+
+
+def expand_paths(paths: Iterable[str | pathlib.Path]) -> list[pathlib.Path]:
+    """Files as given; a directory stands for its log files, oldest first."""
+    out: list[pathlib.Path] = []
+    for p in map(pathlib.Path, paths):
+        out.extend(log_files(p) if p.is_dir() else [p])
+    return out
+
+
+def _problem(record: Any) -> str:
+    """Why a parsed line is not a usable record; "" when it is."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if record.get("schema") != SCHEMA_VERSION:
+        return f"schema {record.get('schema')!r}; this verifier reads schema {SCHEMA_VERSION}"
+    for key, types in RECORD_FIELDS.items():
+        value = record.get(key, ...)
+        if value is ... or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            return f"field {key!r} missing or not {'/'.join(t.__name__ for t in types)}"
+    return ""
+
+
+def read_records(paths: Iterable[pathlib.Path]) -> tuple[list[_Logged], list[RecordCheck]]:
+    """Every readable record, and an `invalid_record` check per line that is not one."""
+    logged, invalid = [], []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                for number, line in enumerate(fh, 1):
+                    if line.strip():
+                        _read_line(line, f"{path}:{number}", path.parent, logged, invalid)
+        except OSError as exc:
+            invalid.append(RecordCheck(str(path), "invalid_record", detail=f"cannot read: {exc}"))
+    return logged, invalid
+
+
+def _read_line(line: str, source: str, log_dir: pathlib.Path, logged: list[_Logged],
+               invalid: list[RecordCheck]) -> None:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        invalid.append(RecordCheck(source, "invalid_record", detail=f"not JSON: {exc}"))
+        return
+    problem = _problem(record)
+    if problem:
+        invalid.append(RecordCheck(source, "invalid_record", detail=problem))
+    else:
+        logged.append(_Logged(record, source, log_dir))
+
+# -------------------------------------------------------------- inputs --
+
+
+class InputFinder:
+    """Model-space tensors by sha256: the audit store first, then a client's directory."""
+
+    def __init__(self, store_dirs: Iterable[pathlib.Path] = (), client_dir: pathlib.Path | None = None):
+        self.store_dirs = list(store_dirs)
+        self.client_dir = client_dir
+        self._client: dict[str, torch.Tensor] = {}
+        self._indexed: set[tuple] = set()
+
+    def find(self, sha: str, ref: str | None, log_dir: pathlib.Path,
+             model: ModelDescription) -> torch.Tensor | None:
+        candidates = ([log_dir / ref] if ref else []) + [d / f"{sha}.npy" for d in [log_dir / INPUTS_DIR,
+                                                                                     *self.store_dirs]]
+        for path in candidates:
+            tensor = _load_npy(path)
+            if tensor is not None and codec.input_sha256(tensor) == sha:
+                return tensor
+        if self.client_dir is not None:
+            self._index_client(model)
+        return self._client.get(sha)
+
+    def _index_client(self, model: ModelDescription) -> None:
+        """Hashes every item the client kept, read each way the server could have read it."""
+        key = (model.channels, model.height, model.width, model.mean, model.std)
+        if key in self._indexed:
+            return
+        self._indexed.add(key)
+        for path in sorted(self.client_dir.rglob("*")):
+            for item in _client_items(path, model):
+                self._client.setdefault(codec.input_sha256(item), item)
+
+
+def _load_npy(path: pathlib.Path) -> torch.Tensor | None:
+    try:
+        return torch.from_numpy(np.load(path, allow_pickle=False)).to(torch.float32)
+    except (OSError, ValueError):
+        return None
+
+
+def _client_items(path: pathlib.Path, model: ModelDescription) -> list[torch.Tensor]:
+    """Model-space items `# (C, H, W)` a kept file may stand for: as sent in MODEL or PIXELS space."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix in _IMAGE_SUFFIXES:
+            pixels = codec.decode_image(path.read_bytes(), model, 1 << 30, str(path))  # (1, C, H, W)
+            return [codec.normalize(pixels, model)[0]]
+        if suffix != ".npy":
+            return []
+        raw = torch.from_numpy(np.load(path, allow_pickle=False))
+    except (OSError, ValueError, AttributionError):
+        return []
+    batch = raw.unsqueeze(0) if raw.dim() == 3 else raw
+    if batch.dim() != 4:
+        return []
+    views = [batch, batch.permute(0, 3, 1, 2)]  # NCHW, or NHWC as a client may keep it
+    items = []
+    for x in views:
+        if tuple(x.shape[1:]) != (model.channels, model.height, model.width):
+            continue
+        pixel = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
+        spaces = [codec.normalize(pixel, model)] + ([] if x.dtype == torch.uint8 else [x.to(torch.float32)])
+        items.extend(t.contiguous() for space in spaces for t in space)
+    return items
+
+# -------------------------------------------------------------- re-run --
+
+
+def _run_key(record: dict[str, Any]) -> str:
+    return json.dumps({k: record[k] for k in _RUN_KEYS}, sort_keys=True)
+
+
+def spec_from_record(record: dict[str, Any], inputs: torch.Tensor, baseline: torch.Tensor | None) -> ExplainSpec:
+    """The ExplainSpec the record was computed from; TypeError/ValueError when the record disagrees."""
+    params = dict(record["params"])
+    params.pop("baseline_tensor", None)
+    params["also"] = tuple(params.get("also", ()))
+    target = dict(record["target_spec"])
+    target["indices"] = tuple(target.get("indices", ()))
+    # The overlay does not change the map; skipping it saves the PNG encode.
+    output = dict(record["output"], png_overlay=False)
+    return ExplainSpec(model=record["model"], method=record["method"], inputs=inputs,
+                       request_id=record["request_id"], target=TargetSpec(**target),
+                       params=MethodParams(**params, baseline_tensor=baseline), output=OutputSpec(**output),
+                       seed=int(record["seed"]), audit=False)
+
+
+def _gather(group: list[_Logged], entry: list[_Logged], finder: InputFinder,
+            model: ModelDescription) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """The request's inputs `# (N, C, H, W)` and custom baseline, or a reason they cannot be had."""
+    first = group[0].record
+    shas: dict[int, tuple[str, str | None, pathlib.Path]] = {}
+    for logged in entry:
+        r = logged.record
+        shas.setdefault(r["item"], (r["input_sha256"], r["input_ref"], logged.log_dir))
+    if sorted(shas) != list(range(first["items"])):
+        return None, None, f"the log holds items {sorted(shas)} of the request's {first['items']}"
+    items = []
+    for i in range(first["items"]):
+        sha, ref, log_dir = shas[i]
+        item = finder.find(sha, ref, log_dir, model)
+        if item is None:
+            return None, None, f"no input with sha256 {sha} (item {i}) in the store or --inputs"
+        items.append(item.reshape(model.channels, model.height, model.width))
+    baseline = None
+    info = first["params"].get("baseline_tensor")
+    if isinstance(info, dict):
+        baseline = finder.find(info.get("sha256", ""), info.get("ref"), group[0].log_dir, model)
+        if baseline is None:
+            return None, None, f"no custom baseline with sha256 {info.get('sha256')}"
+        baseline = baseline.reshape(info["shape"])
+    return torch.stack(items), baseline, ""
+
+
+def _compare(logged: _Logged, response) -> RecordCheck:
+    r = logged.record
+    if r["item"] >= len(response.items) or r["map_index"] >= len(response.items[r["item"]].attributions):
+        return logged.check("mismatch", "the re-run produced no such map")
+    item = response.items[r["item"]]
+    attr = item.attributions[r["map_index"]]
+    native = codec.map_sha256(attr.native_map.data) if attr.HasField("native_map") else None
+    got = {"map_sha256": attr.map_sha256, "input_sha256": item.input_sha256, "target": int(attr.target),
+           "map_method": codec.METHOD_NAMES.get(attr.method, ""), "map_dtype": codec.DTYPE_NAMES.get(attr.map.dtype),
+           "map_shape": [int(d) for d in attr.map.shape], "native_map_sha256": native}
+    diffs = [f"{k}: logged {r[k]!r}, re-run {v!r}" for k, v in got.items() if r[k] != v]
+    return logged.check("mismatch", "; ".join(diffs)) if diffs else logged.check("ok")
+
+
+def _rerun(group: list[_Logged], entry: list[_Logged], backend: LocalBackend,
+           finder: InputFinder) -> list[RecordCheck]:
+    """Re-runs one request's parameter set and checks each of `group`'s records."""
+    first = group[0].record
+    try:
+        loaded = backend.context(first["model"]).model
+        if loaded.version != first["model_version"]:
+            detail = f"logged {first['model_version']}, served now {loaded.version}"
+            return [g.check("model_version_mismatch", detail) for g in group]
+        model = describe(loaded)
+        inputs, baseline, missing = _gather(group, entry, finder, model)
+        if inputs is None:
+            return [g.check("missing_input", missing) for g in group]
+        spec = spec_from_record(first, inputs, baseline)
+        response = codec.encode_result(backend.explain_sync(spec), spec, model)
+    except AttributionError as exc:
+        return [g.check("rerun_error", f"{type(exc).__name__}: {exc.message}") for g in group]
+    except (TypeError, ValueError, KeyError) as exc:  # a record whose parameters no spec accepts
+        return [g.check("invalid_record", f"parameters do not build a request: {exc}") for g in group]
+    return [_compare(g, response) for g in group]
+
+
+def verify(log_paths: Iterable[str | pathlib.Path], backend: LocalBackend | ModelRegistry,
+           inputs_dir: str | pathlib.Path | None = None, sample: int | None = None, seed: int = 0,
+           store_dirs: Iterable[str | pathlib.Path] = ()) -> VerifyReport:
+    """Re-runs every (or `sample` randomly chosen, from `seed`) record of the logs; see VerifyReport.
+
+    store_dirs: further audit stores to search for inputs (each log's own `inputs/` always is).
+    """
+    logged, invalid = read_records(expand_paths(log_paths))
+    report = VerifyReport(records=len(logged), checks=list(invalid))
+    chosen = logged
+    if sample is not None and sample < len(logged):
+        chosen = [logged[i] for i in sorted(random.Random(seed).sample(range(len(logged)), sample))]
+    entries: dict[str, list[_Logged]] = defaultdict(list)
+    for item in logged:
+        entries[item.record["entry_id"]].append(item)
+    groups: dict[str, list[_Logged]] = defaultdict(list)
+    for item in chosen:
+        groups[_run_key(item.record)].append(item)
+    finder = InputFinder([pathlib.Path(d) for d in store_dirs], pathlib.Path(inputs_dir) if inputs_dir else None)
+    owned = isinstance(backend, ModelRegistry)
+    runner = LocalBackend(backend) if owned else backend
+    try:
+        for group in groups.values():
+            report.checks.extend(_rerun(group, entries[group[0].record["entry_id"]], runner, finder))
+    finally:
+        if owned:
+            asyncio.run(runner.close())
+    return report
+
+# ----------------------------------------------------------------- CLI --
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`attribution audit verify ...` under the `audit` command's parser."""
+    sub = parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    v = sub.add_parser("verify", help="re-run logged explanations and compare map hashes",
+                       description="Re-runs logged explanations from their recorded parameters and checks "
+                                   "that each map's sha256 matches. Exit code 0 when every checked record matches.")
+    v.add_argument("logs", nargs="*", metavar="LOG", help="log files or audit directories "
+                                                          "(default: the configured audit directory)")
+    v.add_argument("--sample", type=int, metavar="N", help="check N randomly chosen records (default: all)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    v.add_argument("--inputs", metavar="DIR", help="inputs the client kept: .npy arrays or PNG/JPEG files")
+    v.add_argument("--config", metavar="FILE", help="the server's YAML/JSON config file (models, audit)")
+    v.add_argument("--data-dir", metavar="DIR", help="the server's data directory (audit log and stored inputs)")
+    v.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's); use the server's hardware")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.jobs.store import default_data_dir
+    from workers.app import AppConfig
+    from workers.config import load_config_file
+    from workers.models import select_device
+
+    try:
+        raw = load_config_file(args.config) if args.config else {}
+        app = AppConfig.from_dict({k: raw[k] for k in ("models", "default_model", "device", "cache_dir") if k in raw})
+        audit_dir = AuditConfig.from_dict(raw.get("audit")).directory_for(args.data_dir or default_data_dir())
+        if args.sample is not None and args.sample < 1:
+            raise ValueError("--sample must be at least 1")
+        registry = ModelRegistry(list(app.models), app.default, device=select_device(args.device or app.device),
+                                 cache_dir=pathlib.Path(app.cache_dir) if app.cache_dir else None)
+    except (AttributionError, OSError, ValueError) as exc:
+        print(f"attribution audit verify: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    report = verify(args.logs or [audit_dir], registry, inputs_dir=args.inputs, sample=args.sample,
+                    seed=args.seed, store_dirs=[audit_dir / INPUTS_DIR])
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0 if report.ok else 1
