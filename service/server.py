@@ -184,6 +184,7 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
 
         servicer.jobs = Jobs.create(data_dir, offline, servicer.models, limits=config.limits,
                                     config=JobsConfig.from_dict(sections.get("jobs")), registry=metrics.registry)
+        servicer.jobs.runner.audit = servicer.audit
     interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
     if config.auth_token:
         interceptors.append(BearerTokenInterceptor(config.auth_token))

@@ -63,6 +63,8 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._cancels: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []
+        self.audit = None  # service.audit.AuditLog: a succeeded job's maps are audited like online ones
+        self._to_audit: dict[str, tuple[ExplainSpec, pb.ExplainResponse]] = {}
 
     async def start(self, recover: bool = True) -> None:
         """Settles what a killed process left RUNNING (unless `recover` is False), then starts the slots."""
@@ -141,6 +143,10 @@ class JobRunner:
             raise
         finally:
             del self._cancels[job.id]
+            audited = self._to_audit.pop(job.id, None)
+        if audited is not None and self.audit is not None and final.state == SUCCEEDED:
+            # Only once the result is durable: a job redone after a crash is logged once.
+            await self.audit.record_async(*audited)
         self.publish(final)
         if self.metrics is not None:
             self.metrics.observe_finished(codec.METHOD_NAMES.get(final.method, "unknown"), final.state,
@@ -153,7 +159,8 @@ class JobRunner:
             spec, model = await self._prepare(job)
             result = await self._execute(job, spec, cancel)
             response = await asyncio.to_thread(_encode, result, spec, model, job.started)
-            return SUCCEEDED, (0, ""), response
+            self._to_audit[job.id] = (spec, response)
+            return SUCCEEDED, (0, ""), response.SerializeToString()
         except Cancelled as exc:
             if cancel.is_set():
                 return CANCELLED, (0, ""), None
@@ -234,7 +241,8 @@ class JobRunner:
         progress.shown = max(progress.shown, fraction)
 
 
-def _encode(result: ExplainResult, spec: ExplainSpec, model: ModelDescription, started: float) -> bytes:
+def _encode(result: ExplainResult, spec: ExplainSpec, model: ModelDescription,
+            started: float) -> pb.ExplainResponse:
     response = codec.encode_result(result, spec, model)
     response.timings.total_ms = max(0.0, time.time() - started) * 1e3
-    return response.SerializeToString()
+    return response

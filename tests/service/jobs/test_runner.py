@@ -76,7 +76,9 @@ def test_score_cam_job_succeeds_with_progress_in_order(start_service, demo_batch
     assert states[0] == pb.QUEUED and states[-1] == pb.SUCCEEDED
     assert set(states[1:-1]) == {pb.RUNNING}
     progress = [e.job.progress for e in events[1:-1]]
-    assert len(progress) >= 3 and progress == sorted(set(progress)), progress  # strictly increasing
+    # A slow watcher gets merged events (the latest progress), so how many arrive depends on
+    # scheduling; that they only ever rise does not.
+    assert len(progress) >= 1 and progress == sorted(set(progress)), progress  # strictly increasing
     assert all(e.job.result.ByteSize() == 0 for e in events[:-1])
 
     done = events[-1].job

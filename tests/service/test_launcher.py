@@ -1,0 +1,83 @@
+"""`attribution serve` as a user runs it: a real process with its own Ray, stopped by SIGTERM."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto import attribution_pb2 as pb
+from service._proto import attribution_pb2_grpc as pb_grpc
+from service.client import AttributionClient
+
+START_TIMEOUT_S = 240
+
+
+@pytest.fixture(scope="module")
+def serve_process(tmp_path_factory, demo_cache_dir, demo_model):
+    folder = tmp_path_factory.mktemp("serve")
+    config = folder / "config.json"
+    config.write_text(json.dumps({"models": [{"name": "demo", "source": "demo"}], "cache_dir": str(demo_cache_dir),
+                                  "audit": {"fsync_interval_s": 0}, "jobs": {"poll_s": 0.2}}))
+    log = open(folder / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--port", "0",
+                             "--metrics-port", "0", "--data-dir", str(folder / "data"), "--num-cpus", "2"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    ports = _wait_for_ports(proc, folder / "serve.log")
+    yield proc, ports, folder
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(30)
+    log.close()
+
+
+def _wait_for_ports(proc, log_path) -> dict[str, int]:
+    deadline = time.time() + START_TIMEOUT_S
+    while time.time() < deadline:
+        text = log_path.read_text()
+        if "Ctrl-C stops" in text:
+            grpc_port = int(re.search(r"gRPC listening on .*:(\d+)", text).group(1))
+            metrics_port = int(re.search(r"metrics on http://.*:(\d+)/metrics", text).group(1))
+            return {"grpc": grpc_port, "metrics": metrics_port}
+        if proc.poll() is not None:
+            pytest.fail(f"attribution serve exited early:\n{text[-3000:]}")
+        time.sleep(0.5)
+    proc.kill()
+    pytest.fail(f"attribution serve did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+
+
+def test_serve_explains_runs_jobs_audits_and_stops_gracefully(serve_process, demo_heldout):
+    proc, ports, folder = serve_process
+    address = f"127.0.0.1:{ports['grpc']}"
+    with AttributionClient(address, timeout=120) as client:
+        result = client.explain(demo_heldout.images[:2].numpy(), method="grad_cam", seed=3)
+        assert result.model == "demo" and len(result.items) == 2
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            jobs = pb_grpc.AttributionServiceStub(channel)
+            request = pb.ExplainRequest(method=pb.OCCLUSION, inputs=pb.Inputs(
+                tensor=pb.Tensor(data=demo_heldout.images[:1].numpy().tobytes(), dtype=pb.FLOAT32,
+                                 shape=[1, 3, 64, 64])), occlusion=pb.OcclusionParams(patch_size=16, stride=8))
+            job = jobs.SubmitJob(pb.SubmitJobRequest(request=request), timeout=30)
+            states = [e.job.state for e in jobs.WatchJob(pb.WatchJobRequest(id=job.id), timeout=180)]
+            assert states[-1] == pb.SUCCEEDED and states[0] in (pb.QUEUED, pb.RUNNING)
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics").read().decode()
+    assert 'attribution_requests_total{code="OK",method="grad_cam",model="demo"}' in metrics
+    assert "attribution_jobs" in metrics and "attribution_audit_records_total" in metrics
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 0
+    log = (folder / "serve.log").read_text()
+    assert "attribution: stopped" in log and "Traceback" not in log
+    records = [json.loads(line) for line in (folder / "data" / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert {r["method"] for r in records} == {"grad_cam", "occlusion"}
+    assert sum(r["method"] == "grad_cam" for r in records) == 2
