@@ -1,0 +1,145 @@
+"""Audit records: the schema (one JSON line per item x map) and how a response becomes lines.
+
+service/audit.py writes these lines; service/audit_verify.py reads them back.
+The schema is documented in service/audit.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pathlib
+import tempfile
+import uuid
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from service import codec
+from service._proto import attribution_pb2 as pb
+from workers.spec import ExplainSpec
+
+SCHEMA_VERSION = 1
+LOG_NAME = "audit.jsonl"
+INPUTS_DIR = "inputs"
+
+# Every record key and its JSON types; verify refuses a record that breaks this.
+RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "schema": (int,), "ts": (str,), "received_ts": (str,), "entry_id": (str,), "request_id": (str,),
+    "items": (int,), "model": (str,), "model_version": (str,), "method": (str,), "seed": (int,),
+    "target_spec": (dict,), "params": (dict,), "output": (dict,), "item": (int,), "map_index": (int,),
+    "map_method": (str,), "target": (int,), "target_score": (float, str), "predicted_classes": (list,),
+    "predicted_scores": (list,), "input_sha256": (str,), "input_ref": (str, type(None)), "map_sha256": (str,),
+    "map_dtype": (str,), "map_shape": (list,), "native_map_sha256": (str, type(None)),
+    "completeness_error": (float, str, type(None)), "queue_ms": (float,), "compute_ms": (float,),
+    "total_ms": (float,), "batch_samples": (int,), "batch_requests": (int,),
+}
+
+
+def should_audit(spec: ExplainSpec, server_default: bool) -> bool:
+    """The request's own choice (AUDIT_ON / AUDIT_OFF) when it made one, else the server's."""
+    return server_default if spec.audit is None else bool(spec.audit)
+
+
+def rfc3339(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
+
+
+def input_ref(sha256: str) -> str:
+    """Where the store keeps an input, relative to the log's directory."""
+    return f"{INPUTS_DIR}/{sha256}.npy"
+
+
+def save_array(path: pathlib.Path, tensor: torch.Tensor) -> None:
+    """Writes `tensor` as float32 .npy once: content-addressed, so an existing file is the same bytes."""
+    if path.exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, tensor.detach().to(torch.float32).cpu().contiguous().numpy(), allow_pickle=False)
+        os.replace(tmp, path)  # readers never see a partial file
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _number(x: float) -> float | str:
+    # JSON has no NaN/Inf; a string keeps the fact without breaking parsers.
+    return float(x) if math.isfinite(x) else str(float(x))
+
+
+class _Entry(NamedTuple):
+    ts: float
+    spec: ExplainSpec
+    response: pb.ExplainResponse
+    records: int
+
+
+def map_count(response: pb.ExplainResponse) -> int:
+    """Records a response yields: one per item x attribution."""
+    return sum(len(item.attributions) for item in response.items)
+
+
+def _request_fields(entry: _Entry, baseline: dict | None) -> dict[str, Any]:
+    """The part of a record every map of the request shares."""
+    spec, resp = entry.spec, entry.response
+    params = {f.name: getattr(spec.params, f.name) for f in dataclasses.fields(spec.params)}
+    params["also"] = list(params["also"])
+    params["baseline_tensor"] = baseline
+    target_spec = {"kind": spec.target.kind, "indices": list(spec.target.indices), "k": spec.target.k}
+    return {"schema": SCHEMA_VERSION, "ts": rfc3339(entry.ts), "received_ts": rfc3339(spec.received_at),
+            "entry_id": uuid.uuid4().hex, "request_id": resp.request_id or spec.request_id,
+            "items": len(resp.items), "model": resp.model or spec.model, "model_version": resp.model_version,
+            "method": spec.method, "seed": int(spec.seed), "target_spec": target_spec, "params": params,
+            "output": dataclasses.asdict(spec.output)}
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+
+
+def record_lines(entry: _Entry, input_refs: list[str | None], baseline: dict | None) -> list[str]:
+    """The request's records as JSON lines, keys in RECORD_FIELDS order.
+
+    The shared part (parameters, mostly) is encoded once and spliced into each
+    map's line: the writer shares the GIL with the event loop, so its time counts.
+    """
+    head = _dumps(_request_fields(entry, baseline))[:-1] + ","
+    t = entry.response.timings
+    timings = {"queue_ms": float(t.queue_ms), "compute_ms": float(t.compute_ms), "total_ms": float(t.total_ms),
+               "batch_samples": int(t.batch_samples), "batch_requests": int(t.batch_requests)}
+    lines = []
+    for i, item in enumerate(entry.response.items):
+        sha = item.input_sha256 or codec.input_sha256(entry.spec.inputs[i])
+        predicted = {"predicted_classes": [int(c) for c in item.predicted_classes],
+                     "predicted_scores": [_number(s) for s in item.predicted_scores]}
+        for j, attr in enumerate(item.attributions):
+            lines.append(head + _dumps({
+                "item": i, "map_index": j, "map_method": codec.METHOD_NAMES.get(attr.method, str(attr.method)),
+                "target": int(attr.target), "target_score": _number(attr.target_score), **predicted,
+                "input_sha256": sha, "input_ref": input_refs[i], "map_sha256": attr.map_sha256,
+                "map_dtype": codec.DTYPE_NAMES.get(attr.map.dtype, str(attr.map.dtype)),
+                "map_shape": [int(d) for d in attr.map.shape],
+                "native_map_sha256": codec.map_sha256(attr.native_map.data) if attr.HasField("native_map") else None,
+                "completeness_error": (_number(attr.completeness_error) if attr.HasField("completeness_error")
+                                       else None), **timings})[1:])
+    return lines
+
+
+def _rotated_indices(directory: pathlib.Path) -> list[int]:
+    prefix = LOG_NAME + "."
+    return [int(p.name[len(prefix):]) for p in directory.glob(prefix + "*") if p.name[len(prefix):].isdigit()]
+
+
+def log_files(directory: str | os.PathLike) -> list[pathlib.Path]:
+    """Every log file in `directory`, oldest first (highest rotation index first, the live file last)."""
+    directory = pathlib.Path(directory)
+    rotated = [directory / f"{LOG_NAME}.{n}" for n in sorted(_rotated_indices(directory), reverse=True)]
+    live = directory / LOG_NAME
+    return rotated + ([live] if live.exists() else [])
