@@ -176,3 +176,8 @@ def test_batching_reconfigures_at_runtime(served, ray_session, demo_cache_dir):
         time.sleep(0.5)
     assert after["max_batch_samples"] == 128 and after["compute_slots"] == 3
     assert after["batch_wait_timeout_s"] == 0.02
+
+
+def test_attach_discovers_the_running_applications(served):
+    backend = ServeBackend.discover()
+    assert backend.default == "demo" and list(backend._handles) == ["demo"]

@@ -81,3 +81,28 @@ def test_serve_explains_runs_jobs_audits_and_stops_gracefully(serve_process, dem
     records = [json.loads(line) for line in (folder / "data" / "audit" / "audit.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"grad_cam", "occlusion"}
     assert sum(r["method"] == "grad_cam" for r in records) == 2
+
+
+def test_example_config_and_serve_yaml_are_valid(tmp_path):
+    import pathlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from service.audit import AuditConfig
+    from service.config import ServerConfig
+    from service.jobs import JobsConfig
+    from service.launcher import split_config
+    from workers.app import AppConfig, serve_yaml
+    from workers.config import load_config_file
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    app, rest = split_config(load_config_file(root / "deploy" / "config.example.yaml"))
+    assert app.default == "demo" and ServerConfig.from_dict(rest["server"]).port == 50051
+    assert AuditConfig.from_dict(rest["audit"]).enabled and JobsConfig.from_dict(rest["jobs"]).concurrency == 1
+    committed = root / "deploy" / "serve.yaml"
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(committed.read_text()))
+    assert [a.name for a in schema.applications] == ["attribution-demo", "attribution_offline"]
+    fresh = tmp_path / "serve.yaml"
+    serve_yaml(AppConfig(), fresh)  # the committed file is what the generator writes today
+    assert fresh.read_text() == committed.read_text()
