@@ -1,0 +1,216 @@
+"""Class activation maps: Grad-CAM, Grad-CAM++ and Layer-CAM from one pass to the layer.
+
+- Grad-CAM (Selvaraju et al., 2017, arXiv:1610.02391): channel weights are the
+  spatial mean of the gradient of the target logit.
+- Grad-CAM++ (Chattopadhay et al., 2018, arXiv:1710.11063): channel weights from the
+  closed-form second/third-order terms (eq. 19) obtained with an exponential score.
+- Layer-CAM (Jiang et al., 2021, IEEE TIP 30:5875): element-wise ReLU'd gradients
+  weight each activation location.
+
+All three need only (activations, gradients) at the layer, so requests for any of
+them on one layer fold into one forward and one backward that stops at the layer
+(see `hooks.LayerTap`). Maps are float32 `(N, H, W)`, ReLU'd, upsampled bilinearly
+(half-pixel centres, like Captum's `LayerAttribution.interpolate(..., "bilinear")`
+and cv2's resize in pytorch-grad-cam) and *not* normalized: normalization is a
+presentation choice made when the response is encoded.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
+from workers.errors import InvalidArgument
+from workers.kernels.hooks import LayerTap, LayerTaps
+
+CAM_VARIANTS = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
+
+# Grad-CAM++ denominator guard; the value pytorch-grad-cam uses, so maps agree.
+_GRADCAM_PP_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class CamRequest:
+    """One CAM request: `inputs` `(N, C, H, W)` in model space on the model's device."""
+
+    inputs: Tensor
+    targets: Tensor          # (N,) int64 class indices
+    layer: str
+    variants: tuple[str, ...] = ("grad_cam",)
+
+
+@dataclass
+class CamResult:
+    """Per variant: `maps` `(N, H, W)` at input size, `native` `(N, h, w)` at the layer's."""
+
+    maps: dict[str, Tensor] = field(default_factory=dict)
+    native: dict[str, Tensor] = field(default_factory=dict)
+    rows: int = 0            # batching cost: one forward+backward row per image
+
+
+# ---------------------------------------------------------------- variants
+# Each takes activations and gradients `(B, K, h, w)` (float32) and returns the
+# un-ReLU'd map `(B, h, w)`.
+
+def _grad_cam(act: Tensor, grad: Tensor) -> Tensor:
+    weights = grad.mean(dim=(2, 3), keepdim=True)                       # (B, K, 1, 1)
+    return (weights * act).sum(dim=1)
+
+
+def _grad_cam_plus_plus(act: Tensor, grad: Tensor) -> Tensor:
+    # With score S = exp(Y) the 2nd/3rd derivatives of S are exp(Y)·g², exp(Y)·g³, so
+    # alpha (eq. 19) needs only first-order gradients g; exp(Y) cancels in alpha and
+    # is a per-image scale on the weights, dropped (as pytorch-grad-cam does) since
+    # it cannot change the map's shape and overflows for large logits.
+    g2 = grad.pow(2)
+    g3 = g2 * grad
+    act_sum = act.sum(dim=(2, 3), keepdim=True)                          # (B, K, 1, 1)
+    alpha = g2 / (2 * g2 + act_sum * g3 + _GRADCAM_PP_EPS)
+    alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
+    weights = (F.relu(grad) * alpha).sum(dim=(2, 3), keepdim=True)       # (B, K, 1, 1)
+    return (weights * act).sum(dim=1)
+
+
+def _layer_cam(act: Tensor, grad: Tensor) -> Tensor:
+    return (F.relu(grad) * act).sum(dim=1)
+
+
+_VARIANT_FNS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "grad_cam": _grad_cam,
+    "grad_cam_plus_plus": _grad_cam_plus_plus,
+    "layer_cam": _layer_cam,
+}
+
+
+# ---------------------------------------------------------------- validation
+
+def check_batch(inputs: Tensor, targets: Tensor) -> None:
+    """Typed errors unless `inputs` is a finite `(N, C, H, W)` batch and `targets` `(N,)` int64."""
+    if not isinstance(inputs, Tensor) or inputs.dim() != 4 or not inputs.is_floating_point():
+        raise InvalidArgument.field("inputs", "must be a floating tensor (N, C, H, W)")
+    if inputs.shape[0] == 0:
+        raise InvalidArgument.field("inputs", "must hold at least one image")
+    if not bool(torch.isfinite(inputs).all()):
+        raise InvalidArgument.field("inputs", "must be finite (no NaN or Inf)")
+    n = inputs.shape[0]
+    if not isinstance(targets, Tensor) or targets.dtype != torch.int64 or targets.shape != (n,):
+        raise InvalidArgument.field("target", f"must be an int64 tensor of shape ({n},)")
+
+
+def check_targets(targets: Tensor, num_classes: int) -> None:
+    """Typed error unless every target indexes a class (before any gather: an
+    out-of-range index is a device-side assert on CUDA, not an exception)."""
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise InvalidArgument.field("target", f"class indices must lie in [0, {num_classes})")
+
+
+def _validate_structure(req: CamRequest, taps: LayerTaps) -> None:
+    taps[req.layer]  # raises LayerNotFound with the known layers
+    check_batch(req.inputs, req.targets)
+    if not req.variants:
+        raise InvalidArgument.field("cam.variants", "name at least one variant")
+    for v in req.variants:
+        if v not in _VARIANT_FNS:
+            raise InvalidArgument.field(
+                "cam.variants", f"unknown variant {v!r}; choose from {', '.join(CAM_VARIANTS)}")
+    if len(set(req.variants)) != len(req.variants):
+        raise InvalidArgument.field("cam.variants", "each variant may appear once")
+
+
+def validate_cam_request(req: CamRequest, taps: LayerTaps, num_classes: int) -> None:
+    """Raise `InvalidArgument` / `LayerNotFound` unless `req` can be explained."""
+    _validate_structure(req, taps)
+    check_targets(req.targets, num_classes)
+
+
+# ---------------------------------------------------------------- compute
+
+def explain_cam(model: nn.Module, taps: LayerTaps, requests: list[CamRequest],
+                budget: FoldBudget = FoldBudget()) -> list[CamResult]:
+    """CAM maps for every request, one forward + one truncated backward per row.
+
+    Requests on the same layer (and with the same image shape, dtype and device) are
+    folded: their inputs are concatenated `(sum N, C, H, W)`, chunked to `budget`,
+    and every variant any of them asked for is computed from the same activations
+    and gradients. Results come back per request, in order, identical to running
+    each request alone.
+    """
+    for req in requests:
+        _validate_structure(req, taps)
+    results = [CamResult(rows=int(r.inputs.shape[0])) for r in requests]
+    # Out of inference mode even if the caller is in it: the folded copies made here are then
+    # ordinary tensors that autograd may save (an inference tensor cannot be saved for backward).
+    with torch.inference_mode(False):
+        for members in _group_by_layer(requests).values():
+            _explain_group(model, taps[requests[members[0]].layer],
+                           [requests[i] for i in members], [results[i] for i in members], budget)
+    return results
+
+
+def _group_by_layer(requests: list[CamRequest]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, r in enumerate(requests):
+        key = (r.layer, tuple(r.inputs.shape[1:]), r.inputs.dtype, r.inputs.device)
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def _explain_group(model: nn.Module, tap: LayerTap, reqs: list[CamRequest],
+                   results: list[CamResult], budget: FoldBudget) -> None:
+    variants = tuple(v for v in CAM_VARIANTS if any(v in r.variants for r in reqs))
+    # Detached: an input that requires grad would make autograd record the forward up to
+    # the layer, which the backward never visits.
+    inputs = torch.cat([r.inputs.detach() for r in reqs])                # (sum N, C, H, W)
+    targets = torch.cat([r.targets for r in reqs]).to(inputs.device)     # (sum N,)
+    size = tuple(inputs.shape[-2:])
+    rows = rows_per_chunk(model, tuple(inputs.shape[1:]), budget, device=inputs.device,
+                          dtype=inputs.dtype, backward=True)
+    native: dict[str, list[Tensor]] = {v: [] for v in variants}
+    for chunk in iter_chunks(inputs.shape[0], rows):
+        act, grad = _activation_and_gradient(model, tap, inputs[chunk], targets[chunk])
+        for v in variants:
+            native[v].append(F.relu(_VARIANT_FNS[v](act, grad)))         # (B, h, w)
+    _split_back(reqs, results, {v: torch.cat(m) for v, m in native.items()}, size)
+
+
+def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
+                             targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Layer activation and d(target logit)/d(activation), both float32 `(B, K, h, w)`."""
+    # enable_grad: the caller may have disabled it. The graph spans only the layer to the
+    # logits: the tap's leaf is the one tensor requiring grad.
+    with torch.enable_grad():
+        with tap.capture(require_grad=True) as cap:
+            logits = model(x)                                            # (B, classes)
+        act = cap.activation
+        if act is None:
+            raise InvalidArgument.field("layer", f"layer {tap.name!r} is not run by the model's forward")
+        if logits.dim() != 2:
+            raise InvalidArgument.field("target", f"model output is {tuple(logits.shape)}, not (N, classes)")
+        check_targets(targets, logits.shape[1])
+        score = logits.gather(1, targets[:, None]).sum()  # images are independent: one backward
+        (grad,) = torch.autograd.grad(score, act, allow_unused=True)
+    if grad is None:
+        raise InvalidArgument.field("layer", f"layer {tap.name!r} does not reach the model's output")
+    return act.detach().float(), grad.float()
+
+
+def _split_back(reqs: list[CamRequest], results: list[CamResult],
+                native: dict[str, Tensor], size: tuple[int, int]) -> None:
+    start = 0
+    for req, res in zip(reqs, results):
+        stop = start + req.inputs.shape[0]
+        for v in req.variants:
+            nat = native[v][start:stop]                                  # (N, h, w)
+            res.native[v] = nat
+            res.maps[v] = upsample_map(nat, size)
+        start = stop
+
+
+def upsample_map(native: Tensor, size: tuple[int, int]) -> Tensor:
+    """`(N, h, w)` -> `(N, H, W)` bilinear with half-pixel centres (align_corners=False)."""
+    return F.interpolate(native[:, None], size=size, mode="bilinear",
+                         align_corners=False)[:, 0]                      # (N, H, W)
