@@ -1,0 +1,232 @@
+"""CAM and perturbation bench: our kernels against their floor and their peer, side by side in one run.
+
+On a random-init ResNet-18 (fixed seed, eval, frozen; `--cam-model demo` for smoke runs) at
+`--cam-size` px, layer4, it times,
+interleaved after a warm-up (`kernel_bench.measure`; ratios are medians of per-repeat ratios):
+
+    grad_cam, grad_cam_plus_plus, layer_cam   ours: explain_cam (one forward, backward stopped
+        at layer4); floor: one full forward + backward-to-input over the same batch (target
+        ratio <= 0.6); peer: pytorch-grad-cam (hooks registered per call, as its `with` use).
+    score_cam    ours: score_cam; floor: plain inference forwards over the same N*K masked
+        inputs in the same chunks (target <= 1.10); peer: pytorch-grad-cam ScoreCAM with its
+        batch_size set to our chunk size.
+    occlusion    ours: occlusion; floor: plain inference forwards over the same N*P occluded
+        inputs in the same chunks (target <= 1.10); peer: Captum Occlusion with
+        perturbations_per_eval giving the same rows per forward.
+    fold_32_batch1_grad_cam   32 batch-1 Grad-CAM requests folded into one call, against the
+        same 32 run one by one (floor) and pytorch-grad-cam one by one (peer); per request.
+
+    python -m loadtests.bench_cam --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+from typing import Callable
+
+import torch
+from torch import nn
+
+from loadtests.kernel_bench import build_model, machine_info, measure, paired_ratio
+from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
+from workers.kernels.cam import CAM_VARIANTS, CamRequest, explain_cam
+from workers.kernels.hooks import LayerTaps
+from workers.kernels.perturbation import occlusion, score_cam
+
+# The CAM layer per model: ResNet's last stage; the demo net (small, for smoke runs) its own.
+LAYERS = {"resnet18": "layer4", "demo": "block4"}
+FOLD_REQUESTS = 32
+TARGETS = {"cam": 0.6, "perturbation": 1.10}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """CAM bench options (prefixed --cam-, so they merge into kernel_bench's parser)."""
+    add = parser.add_argument
+    add("--cam-model", choices=sorted(LAYERS), default="resnet18", help="random-init model to bench")
+    add("--cam-size", type=int, default=112, help="input height and width (px)")
+    add("--cam-batch", type=int, default=8, help="images per Grad-CAM-family request")
+    add("--cam-perturbation-batch", type=int, default=1, help="images per Score-CAM / occlusion request")
+    add("--cam-patch", type=int, default=16, help="occlusion patch size (px)")
+    add("--cam-stride", type=int, default=8, help="occlusion stride (px)")
+    add("--cam-repeats", type=int, default=5, help="timed runs per contender (median)")
+    add("--cam-fold-requests", type=int, default=FOLD_REQUESTS, help="batch-1 requests in the fold row")
+    add("--cam-skip", default="", help="comma-separated rows to skip (e.g. score_cam,occlusion)")
+    shared = {"--device": dict(default=None, help="cuda when present, else cpu"),
+              "--seed": dict(type=int, default=0), "--threads": dict(type=int, default=None),
+              "--json": dict(default=None, metavar="OUT", help="write the report here"),
+              "--quiet": dict(action="store_true", help="do not print the table")}
+    for flag, kw in shared.items():  # kernel_bench may own these already
+        if flag not in parser._option_string_actions:
+            add(flag, **kw)
+
+
+def _pytorch_grad_cam(name: str):
+    import pytorch_grad_cam
+    peers = {"grad_cam": "GradCAM", "grad_cam_plus_plus": "GradCAMPlusPlus", "layer_cam": "LayerCAM",
+             "score_cam": "ScoreCAM"}
+    return getattr(pytorch_grad_cam, peers[name])
+
+
+def _peer_cam(variant: str, model: nn.Module, layer: str, x: torch.Tensor, t: torch.Tensor,
+              batch_size: int | None = None) -> Callable[[], object]:
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+    cls, targets = _pytorch_grad_cam(variant), [ClassifierOutputTarget(int(i)) for i in t]
+    module = dict(model.named_modules())[layer]
+
+    def run() -> object:
+        # Its hooks live as long as the object: built per call, as `with` use does, so they
+        # never slow down the other contenders. tqdm's bars (ScoreCAM) go to a sink.
+        with cls(model, [module]) as cam, contextlib.redirect_stderr(io.StringIO()):
+            if batch_size is not None:
+                cam.batch_size = batch_size
+            return cam(x.detach().requires_grad_(True), targets)
+    return run
+
+
+def _backward_floor(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> Callable[[], object]:
+    rows = rows_per_chunk(model, tuple(x.shape[1:]), FoldBudget(), device=x.device, dtype=x.dtype)
+
+    def run() -> None:
+        for chunk in iter_chunks(x.shape[0], rows):
+            leaf = x[chunk].detach().requires_grad_(True)
+            logits = model(leaf)
+            torch.autograd.grad(logits.gather(1, t[chunk, None]).sum(), leaf)
+    return run
+
+
+def _inference_floor(model: nn.Module, x: torch.Tensor, total_rows: int) -> tuple[Callable[[], object], int]:
+    """Plain inference forwards over `total_rows` rows, chunked as the kernels chunk them."""
+    rows = rows_per_chunk(model, tuple(x.shape[1:]), FoldBudget(), device=x.device, dtype=x.dtype,
+                          backward=False)
+    block = x[:1].expand(min(rows, total_rows), *x.shape[1:]).contiguous()  # (rows, C, H, W)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for chunk in iter_chunks(total_rows, rows):
+                model(block[:chunk.stop - chunk.start])
+    return run, rows
+
+
+def _row(method: str, times: dict[str, list[float]], target: float, **extra) -> dict:
+    row = {"method": method, "seconds": statistics.median(times["ours"]),
+           "floor_seconds": statistics.median(times["floor"]),
+           "ratio_to_floor": paired_ratio(times["ours"], times["floor"]), "target_ratio_to_floor": target,
+           "peer_seconds": statistics.median(times["peer"]),
+           "ratio_to_peer": paired_ratio(times["ours"], times["peer"]), **extra}
+    row["meets_target"] = row["ratio_to_floor"] <= target
+    return row
+
+
+def bench_cam_variant(model, taps, layer, variant, x, t, repeats) -> dict:
+    ours = lambda: explain_cam(model, taps, [CamRequest(x, t, layer, (variant,))])  # noqa: E731
+    times = measure({"ours": ours, "floor": _backward_floor(model, x, t),
+                     "peer": _peer_cam(variant, model, layer, x, t)}, repeats, x.device)
+    return _row(variant, times, TARGETS["cam"], rows=int(x.shape[0]), peer="pytorch-grad-cam")
+
+
+def bench_score_cam(model, taps, layer, x, t, repeats) -> dict:
+    with torch.inference_mode(), taps[layer].capture() as cap:
+        model(x[:1])
+    masked = x.shape[0] * cap.activation.shape[1]  # N * K
+    floor, chunk = _inference_floor(model, x, masked)
+    ours = lambda: score_cam(model, taps, x, t, layer)  # noqa: E731
+    times = measure({"ours": ours, "floor": floor, "peer": _peer_cam("score_cam", model, layer, x, t, chunk)},
+                    repeats, x.device)
+    return _row("score_cam", times, TARGETS["perturbation"], rows=masked, chunk_rows=chunk,
+                peer="pytorch-grad-cam")
+
+
+def bench_occlusion(model, x, t, patch, stride, repeats) -> dict:
+    from captum.attr import Occlusion
+    per_axis = -(-(x.shape[-1] - patch) // stride) + 1
+    occluded = x.shape[0] * per_axis ** 2  # N * P
+    floor, chunk = _inference_floor(model, x, occluded)
+    ours = lambda: occlusion(model, x, t, patch_size=patch, stride=stride)  # noqa: E731
+    window, strides = (x.shape[1], patch, patch), (x.shape[1], stride, stride)
+    per_eval = max(1, chunk // x.shape[0])  # Captum forwards per_eval * N rows at once
+
+    def peer() -> object:
+        return Occlusion(model).attribute(x, sliding_window_shapes=window, strides=strides, baselines=0.0,
+                                          target=t, perturbations_per_eval=per_eval)
+    times = measure({"ours": ours, "floor": floor, "peer": peer}, repeats, x.device)
+    return _row("occlusion", times, TARGETS["perturbation"], rows=occluded, chunk_rows=chunk,
+                peer="captum")
+
+
+def bench_fold(model, taps, layer, x, t, repeats) -> dict:
+    reqs = [CamRequest(x[i:i + 1], t[i:i + 1], layer) for i in range(x.shape[0])]
+    n = len(reqs)
+    peers = [_peer_cam("grad_cam", model, layer, r.inputs, r.targets) for r in reqs]
+    times = measure({"ours": lambda: explain_cam(model, taps, reqs),
+                     "floor": lambda: [explain_cam(model, taps, [r]) for r in reqs],
+                     "peer": lambda: [p() for p in peers]}, repeats, x.device)
+    times = {k: [s / n for s in v] for k, v in times.items()}  # seconds per request
+    row = _row(f"fold_{n}_batch1_grad_cam", times, 1.0, requests=n, peer="pytorch-grad-cam one by one")
+    row.update(one_by_one_seconds=row["floor_seconds"], ratio_folded_to_one_by_one=row["ratio_to_floor"])
+    return row
+
+
+def cam_rows(args: argparse.Namespace) -> list[dict]:
+    """The bench's result rows (keys: method, seconds, floor_seconds, ratio_to_floor, peer_seconds,
+    ratio_to_peer, plus per-row context)."""
+    device = torch.device(getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seed, repeats, skip = getattr(args, "seed", 0), args.cam_repeats, set(args.cam_skip.split(","))
+    model, classes = build_model(args.cam_model, seed, device)
+    layer = LAYERS[args.cam_model]
+    gen = torch.Generator().manual_seed(seed)
+    n = max(args.cam_batch, args.cam_perturbation_batch, args.cam_fold_requests)
+    x = torch.randn((n, 3, args.cam_size, args.cam_size), generator=gen).to(device)
+    t = torch.randint(0, classes, (n,), generator=gen).to(device)
+    xb, tb = x[:args.cam_batch], t[:args.cam_batch]
+    xp, tp = x[:args.cam_perturbation_batch], t[:args.cam_perturbation_batch]
+    rows = []
+    with LayerTaps(model, [layer], model_name=args.cam_model) as taps:
+        rows += [bench_cam_variant(model, taps, layer, v, xb, tb, repeats) for v in CAM_VARIANTS if v not in skip]
+        if "score_cam" not in skip:
+            rows.append(bench_score_cam(model, taps, layer, xp, tp, repeats))
+        if "occlusion" not in skip:
+            rows.append(bench_occlusion(model, xp, tp, args.cam_patch, args.cam_stride, repeats))
+        if "fold" not in skip:
+            rows.append(bench_fold(model, taps, layer, x[:args.cam_fold_requests],
+                                   t[:args.cam_fold_requests], repeats))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'method':<28}{'ours s':>10}{'floor s':>10}{'/floor':>8}{'target':>8}{'peer s':>10}"
+             f"{'/peer':>8}  peer"]
+    for r in rows:
+        lines.append(f"{r['method']:<28}{r['seconds']:>10.4f}{r['floor_seconds']:>10.4f}"
+                     f"{r['ratio_to_floor']:>8.3f}{r['target_ratio_to_floor']:>8.2f}{r['peer_seconds']:>10.4f}"
+                     f"{r['ratio_to_peer']:>8.3f}  {r['peer']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.bench_cam", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        machine = machine_info(device)  # inside, so it reports the threads the run used
+        rows = cam_rows(args)
+    finally:
+        torch.set_num_threads(threads)
+    config = {k: v for k, v in vars(args).items() if k.startswith("cam_") or k in ("seed", "device")}
+    report = {"machine": machine, "config": config, "results": rows}
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(report, out, indent=2)
+    if not args.quiet:
+        print(format_table(rows))
+    return report
+
+
+if __name__ == "__main__":
+    main()

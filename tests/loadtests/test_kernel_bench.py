@@ -1,0 +1,43 @@
+"""Kernel bench smoke test: the tiniest config runs and the report has its schema (no time is asserted)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from loadtests import kernel_bench
+
+ROW_KEYS = {"method", "seconds", "floor_seconds", "ratio_to_floor", "captum_seconds", "ratio_to_captum",
+            "captum_tuned_seconds", "ratio_to_captum_tuned", "rows"}
+FOLD_KEYS = {"method", "seconds", "one_by_one_seconds", "ratio_folded_to_one_by_one", "rows", "requests"}
+
+
+def test_tiny_bench_report_schema(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    kernel_bench.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--model", "resnet18", "--size", "32", "--batch", "1", "--samples", "2",
+                              "--steps", "2", "--repeats", "1", "--threads", "1", "--json", str(out)])
+    report = kernel_bench.run(args)
+
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert {"torch", "threads", "cpu"} <= set(report["machine"])
+    assert report["config"]["samples"] == 2 and report["config"]["methods"] == list(kernel_bench.DEFAULT_METHODS)
+    methods = [row["method"] for row in report["results"]]
+    assert methods == [*kernel_bench.DEFAULT_METHODS, "fold_8_batch1_vanilla", "fold_8_batch1_smoothgrad"]
+    by_method = {row["method"]: row for row in report["results"]}
+    assert by_method["smoothgrad"]["rows"] == 2 and by_method["integrated_gradients"]["rows"] == 2
+    for method in kernel_bench.DEFAULT_METHODS:
+        row = by_method[method]
+        assert ROW_KEYS <= set(row)
+        assert all(row[key] > 0 for key in ROW_KEYS - {"method", "rows"})
+    for method in ("fold_8_batch1_vanilla", "fold_8_batch1_smoothgrad"):
+        assert FOLD_KEYS <= set(by_method[method]) and by_method[method]["requests"] == 8
+    assert "ratio_to_floor" not in by_method["fold_8_batch1_vanilla"]
+    assert "fold_8_batch1_smoothgrad" in capsys.readouterr().out  # the table is printed
+
+
+def test_json_option_is_not_added_twice():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    kernel_bench.add_arguments(parser)  # a CLI that owns --json keeps it
+    assert parser.parse_args(["--json", "x.json"]).json == "x.json"
