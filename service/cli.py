@@ -15,7 +15,7 @@ _COMMANDS = {
     "loadtest": ("loadtests.cli", "drive a server with a closed- or open-loop load and report"),
 }
 _BENCHES = {
-    "kernels": ("loadtests.kernel_bench", "in-process kernel timings against floors and peers"),
+    "kernels": ("loadtests.bench", "in-process kernel timings against floors and peers"),
 }
 
 

@@ -41,3 +41,16 @@ def test_json_option_is_not_added_twice():
     parser.add_argument("--json")
     kernel_bench.add_arguments(parser)  # a CLI that owns --json keeps it
     assert parser.parse_args(["--json", "x.json"]).json == "x.json"
+
+
+def test_cli_bench_kernels_has_both_families(tmp_path):
+    from service.cli import main
+
+    out = tmp_path / "all.json"
+    assert main(["bench", "kernels", "--model", "demo", "--size", "64", "--batch", "1", "--samples", "2",
+                 "--steps", "2", "--repeats", "1", "--threads", "1", "--no-captum", "--cam-model", "demo",
+                 "--cam-size", "64", "--cam-batch", "1", "--cam-repeats", "1", "--cam-fold-requests", "2",
+                 "--cam-patch", "32", "--cam-stride", "32", "--quiet", "--json", str(out)]) == 0
+    methods = {row["method"] for row in json.loads(out.read_text())["results"]}
+    assert {"smoothgrad", "integrated_gradients", "grad_cam", "grad_cam_plus_plus", "layer_cam", "score_cam",
+            "occlusion"} <= methods
