@@ -16,7 +16,8 @@ points (IG). One forward and one `autograd.grad` to the rows per chunk, the
 chunk size taken from the memory budget, then each request's slice of the
 row gradients is reduced on its own. A request's result does not depend on
 what it was folded with: its rows and its noise (from its own seeded
-generator) are the same alone or folded.
+generator) are the same alone or folded. IG also reports its completeness
+error, from one cheap inference-mode forward over the path endpoints.
 """
 from __future__ import annotations
 
@@ -353,11 +354,12 @@ def _reduce(req: GradientRequest, grads: Tensor, endpoints: tuple[Tensor, Tensor
         mean = g.mean(dim=1)
         if req.method == "smoothgrad":
             return GradientResult(mean, None, cost)
-        mean_sq = (g * g).mean(dim=1)
         if req.method == "smoothgrad_sq":
-            return GradientResult(mean_sq, None, cost)
-        # Captum's E[g^2] - E[g]^2; clamped since rounding can dip below zero.
-        return GradientResult((mean_sq - mean * mean).clamp_min_(0.0), None, cost)
+            return GradientResult((g * g).mean(dim=1), None, cost)
+        # The population variance Captum reports, E[g^2] - E[g]^2, but taken in two
+        # passes: the one-pass form cancels catastrophically when the samples nearly
+        # agree (low noise), leaving rounding of g^2 in place of a variance near 0.
+        return GradientResult((g - mean.unsqueeze(1)).square_().mean(dim=1), None, cost)
     _, weights = integration_points(req.rule, req.steps, x.device)
     g = grads.float().view(n, req.steps, -1)  # (N, T, C*H*W)
     # Weighted sum over steps as a batched mat-vec: no (N, T, C*H*W) temporary.
