@@ -3,7 +3,9 @@
 For each method it times, interleaved and after a warm-up:
     ours          explain_gradients() with the automatic memory budget (no hand-set chunk size)
     floor         one plain forward + backward-to-input over exactly the same folded rows, chunked
-                  the same way (one chunk of all rows under the default budget): the arithmetic's cost
+                  the same way: the arithmetic's cost
+    floor_1chunk  the same in one chunk of all rows (on CPU the default budget splits big folds:
+                  smaller chunks run faster there, see workers/batching.py)
     captum        Captum with its defaults (Saliency, NoiseTunnel(Saliency), IntegratedGradients)
     captum_tuned  the same with the best of a few internal_batch_size / nt_samples_batch_size values
 and, for vanilla and smoothgrad, 8 batch-1 requests folded into one call against the same 8 run one
@@ -26,7 +28,7 @@ from torch import nn
 
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
 from workers.kernels.gradients import (NOISE_METHODS, GradientLimits, GradientRequest, explain_gradients,
-                                       fold_rows)
+                                       fold_rows, request_cost)
 
 DEFAULT_METHODS = ("smoothgrad", "integrated_gradients", "vanilla")
 ALL_METHODS = ("vanilla", *NOISE_METHODS, "integrated_gradients")
@@ -142,7 +144,8 @@ def bench_method(model: nn.Module, classes: int, method: str, x: torch.Tensor, t
     req = GradientRequest(x, t, method, samples=args.samples, steps=args.steps, seed=args.seed)
     ours = lambda: explain_gradients(model, [req], budget, LIMITS, classes)  # noqa: E731
     floor, chunks = floor_fn(model, req, budget)
-    variants = {"ours": ours, "floor": floor}
+    floor_one_chunk, _ = floor_fn(model, req, FoldBudget(max_rows=request_cost(req)))
+    variants = {"ours": ours, "floor": floor, "floor_one_chunk": floor_one_chunk}
     tuned: dict[str, Callable[[], object]] = {}
     if not args.no_captum:
         variants["captum"], tuned = captum_fns(model, req)
@@ -150,7 +153,9 @@ def bench_method(model: nn.Module, classes: int, method: str, x: torch.Tensor, t
     times = measure(variants, args.repeats, device)
     row = {"method": method, "rows": int(fold_rows([req])[0].shape[0]), "chunks": chunks,
            "seconds": statistics.median(times["ours"]), "floor_seconds": statistics.median(times["floor"]),
-           "ratio_to_floor": paired_ratio(times["ours"], times["floor"])}
+           "ratio_to_floor": paired_ratio(times["ours"], times["floor"]),
+           "floor_one_chunk_seconds": statistics.median(times["floor_one_chunk"]),
+           "ratio_to_floor_one_chunk": paired_ratio(times["ours"], times["floor_one_chunk"])}
     if not args.no_captum:
         best = min(tuned, key=lambda name: statistics.median(times[name])) if tuned else "captum"
         row.update(captum_seconds=statistics.median(times["captum"]),
@@ -225,17 +230,18 @@ def format_table(report: dict) -> str:
     def cell(value, spec: str) -> str:
         return format(value, spec) if isinstance(value, (int, float)) else "-"
 
-    header = f"{'method':<28}{'rows':>6}{'ours s':>9}{'floor s':>9}{'/floor':>8}{'captum s':>10}" \
-             f"{'/captum':>9}{'tuned s':>9}{'/tuned':>8}"
+    header = f"{'method':<28}{'rows':>6}{'chunks':>7}{'ours s':>9}{'floor s':>9}{'/floor':>8}{'/1chunk':>8}" \
+             f"{'captum s':>10}{'/captum':>9}{'tuned s':>9}{'/tuned':>8}"
     lines = [f"machine: {json.dumps(report['machine'])}", f"config: {json.dumps(report['config'])}", header]
     for r in report["results"]:
         if "one_by_one_seconds" in r:
-            lines.append(f"{r['method']:<28}{r['rows']:>6}{r['seconds']:>9.3f}  per request folded; "
+            lines.append(f"{r['method']:<28}{r['rows']:>6}{'':>7}{r['seconds']:>9.3f}  per request folded; "
                          f"{r['one_by_one_seconds']:.3f} s one by one; folded/one-by-one "
                          f"{r['ratio_folded_to_one_by_one']:.3f}")
             continue
-        lines.append(f"{r['method']:<28}{r['rows']:>6}{r['seconds']:>9.3f}{r['floor_seconds']:>9.3f}"
-                     f"{r['ratio_to_floor']:>8.3f}{cell(r.get('captum_seconds'), '10.3f'):>10}"
+        lines.append(f"{r['method']:<28}{r['rows']:>6}{r['chunks']:>7}{r['seconds']:>9.3f}{r['floor_seconds']:>9.3f}"
+                     f"{r['ratio_to_floor']:>8.3f}{r['ratio_to_floor_one_chunk']:>8.3f}"
+                     f"{cell(r.get('captum_seconds'), '10.3f'):>10}"
                      f"{cell(r.get('ratio_to_captum'), '9.3f'):>9}{cell(r.get('captum_tuned_seconds'), '9.3f'):>9}"
                      f"{cell(r.get('ratio_to_captum_tuned'), '8.3f'):>8}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import json
 from loadtests import kernel_bench
 
 ROW_KEYS = {"method", "seconds", "floor_seconds", "ratio_to_floor", "captum_seconds", "ratio_to_captum",
+            "floor_one_chunk_seconds", "ratio_to_floor_one_chunk", "chunks",
             "captum_tuned_seconds", "ratio_to_captum_tuned", "rows"}
 FOLD_KEYS = {"method", "seconds", "one_by_one_seconds", "ratio_folded_to_one_by_one", "rows", "requests"}
 
@@ -29,7 +30,7 @@ def test_tiny_bench_report_schema(tmp_path, capsys):
     for method in kernel_bench.DEFAULT_METHODS:
         row = by_method[method]
         assert ROW_KEYS <= set(row)
-        assert all(row[key] > 0 for key in ROW_KEYS - {"method", "rows"})
+        assert all(row[key] > 0 for key in ROW_KEYS - {"method", "rows", "chunks"}) and row["chunks"] == 1
     for method in ("fold_8_batch1_vanilla", "fold_8_batch1_smoothgrad"):
         assert FOLD_KEYS <= set(by_method[method]) and by_method[method]["requests"] == 8
     assert "ratio_to_floor" not in by_method["fold_8_batch1_vanilla"]

@@ -146,7 +146,14 @@ def test_invalid_budget_raises(kwargs):
 
 
 def test_iter_chunks_cover_the_range():
-    assert list(iter_chunks(10, 3)) == [slice(0, 3), slice(3, 6), slice(6, 9), slice(9, 10)]
+    assert list(iter_chunks(10, 3)) == [slice(0, 2), slice(2, 5), slice(5, 7), slice(7, 10)]
+    assert list(iter_chunks(128, 70)) == [slice(0, 64), slice(64, 128)]
+    assert list(iter_chunks(130, 64)) == [slice(0, 43), slice(43, 86), slice(86, 130)]
+    for total in range(1, 40):
+        for size in range(1, 12):
+            lengths = [s.stop - s.start for s in iter_chunks(total, size)]
+            assert sum(lengths) == total and max(lengths) <= size and len(lengths) == -(-total // size)
+            assert max(lengths) - min(lengths) <= 1
     assert list(iter_chunks(4, 10)) == [slice(0, 4)]
     assert list(iter_chunks(0, 3)) == []
     with pytest.raises(InvalidArgument):
