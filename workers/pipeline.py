@@ -4,6 +4,9 @@ Stages, each over the whole batch: predict (one inference forward over every
 request's items) -> resolve targets -> fold into the kernels (every gradient
 request into one `explain_gradients` call, every CAM request into one
 `explain_cam` call) -> reduce/normalize on the device -> assemble results.
+A CAM request that explains one class per item skips the predict stage: the
+CAM pass runs the whole model anyway, and picks the predicted class and
+reports the scores from that same forward (a third of a Grad-CAM's cost).
 A request that fails validation or a kernel fails alone: a failing folded call
 is retried request by request so the culprit is found and its neighbours
 still succeed.
@@ -76,7 +79,7 @@ def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec]) -> list[ExplainR
     for w in works:  # outside inference mode: the kernels build autograd graphs from these
         w.inputs = to_device(w.spec.inputs, ctx.model.device)
     with torch.inference_mode():
-        _predict(ctx, works, outcomes)
+        _predict(ctx, [w for w in works if not _predicts_in_kernel(w, ctx)], outcomes)
     works = [w for w in works if outcomes[w.index] is None and _guard(outcomes, w, _resolve, ctx)]
     grad_works = [w for w in works if w.spec.method in GRADIENT_METHODS]
     cam_works = [w for w in works if w.spec.method in CAM_METHODS]
@@ -141,6 +144,13 @@ def _predict(ctx: WorkerContext, works: list[_Work], outcomes) -> None:
         offset += w.spec.items
 
 
+def _predicts_in_kernel(work: _Work, ctx: WorkerContext) -> bool:
+    """A CAM request with one target per item gets its predictions from the CAM pass."""
+    target = work.spec.target
+    return work.spec.method in CAM_METHODS and (
+        target.kind != "top_k" or min(target.k, ctx.model.num_classes) == 1)
+
+
 def _raise_internal(work: _Work) -> None:
     log.exception("prediction forward failed for request %s", work.spec.request_id)
     raise InternalError("the model failed on this input")
@@ -151,7 +161,9 @@ def _resolve(work: _Work, ctx: WorkerContext) -> None:
     spec, n = work.spec, work.spec.items
     device = ctx.model.device
     target = spec.target
-    if target.kind == "top_k":
+    if work.probs is None and target.kind != "indices":  # the top-1, by the CAM pass (_predicts_in_kernel)
+        targets, k = None, 1
+    elif target.kind == "top_k":
         k = min(target.k, ctx.model.num_classes)
         targets = work.probs.topk(k, dim=1).indices.reshape(-1)  # (N*k,) best first per item
     elif target.kind == "indices":
@@ -162,11 +174,13 @@ def _resolve(work: _Work, ctx: WorkerContext) -> None:
         k = 1
     else:
         targets, k = work.probs.argmax(dim=1), 1
-    bad = (targets < 0) | (targets >= ctx.model.num_classes)
-    if bool(bad.any()):
-        raise InvalidArgument.field("target", f"class indices must be in [0, {ctx.model.num_classes})")
+    if targets is not None:
+        bad = (targets < 0) | (targets >= ctx.model.num_classes)
+        if bool(bad.any()):
+            raise InvalidArgument.field("target", f"class indices must be in [0, {ctx.model.num_classes})")
+        targets = targets.to(torch.long)
     work.item_of_row = torch.arange(n, device=device).repeat_interleave(k)
-    work.targets = targets.to(torch.long)
+    work.targets = targets
     inputs = work.inputs if k == 1 else work.inputs.repeat_interleave(k, dim=0)  # (N*k, C, H, W)
     work.kernel_request = (_gradient_request(ctx, spec, inputs, work.targets) if spec.method in GRADIENT_METHODS
                            else _cam_request(ctx, spec, inputs, work.targets))
@@ -229,6 +243,9 @@ def _run_gradients(ctx: WorkerContext, works: list[_Work]) -> None:
 def _run_cam(ctx: WorkerContext, works: list[_Work]) -> None:
     results = explain_cam(ctx.model.module, ctx.taps, [w.kernel_request for w in works], ctx.budget)
     for w, res in zip(works, results):
+        if w.probs is None:  # predicted in the pass: its scores are this request's predictions
+            w.probs = torch.softmax(res.logits, dim=1)
+            w.targets = res.targets
         norm = w.spec.output.normalization
         for variant, maps in res.maps.items():
             w.maps[variant] = finish_maps(maps, "none", norm)

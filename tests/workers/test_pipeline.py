@@ -94,6 +94,38 @@ def test_targets_topk_indices_and_variants(ctx, demo_heldout_inputs):
     assert [i.attributions[0].target for i in res.items] == [0, 1, 3]
 
 
+def test_cam_predictions_come_from_the_cam_pass(ctx, demo_heldout_inputs):
+    x = demo_heldout_inputs[:4]
+    with torch.inference_mode():
+        probs = torch.softmax(ctx.model.module(x).float(), dim=1)
+    top = probs.topk(4, dim=1)
+    specs = [_spec(x[:2]), _spec(x[2:], target=TargetSpec(kind="indices", indices=(1, 3)), request_id="given"),
+             _spec(x[:2], target=TargetSpec(kind="top_k", k=1), request_id="top-1")]
+    forwards = []
+    hook = ctx.model.module.register_forward_pre_hook(lambda m, a: forwards.append(a[0].shape[0]))
+    try:
+        results = explain_batch(ctx, specs)
+    finally:
+        hook.remove()
+    assert forwards == [6]  # no prediction forward: the one CAM pass over the 6 folded images
+    items = [item for r in results for item in r.items]
+    for i, item in zip([0, 1, 2, 3, 0, 1], items):
+        assert item.predicted_classes == top.indices[i].tolist()
+        assert item.predicted_scores == pytest.approx(top.values[i].tolist(), rel=1e-5, abs=1e-6)
+        attribution = item.attributions[0]
+        assert attribution.target_score == pytest.approx(float(probs[i, attribution.target]), rel=1e-5, abs=1e-6)
+    assert [i.attributions[0].target for i in items] == [*top.indices[:2, 0].tolist(), 1, 3,
+                                                         *top.indices[:2, 0].tolist()]
+    # top-2 needs the predictions before the pass (two rows per item): a prediction forward first.
+    forwards.clear()
+    hook = ctx.model.module.register_forward_pre_hook(lambda m, a: forwards.append(a[0].shape[0]))
+    try:
+        explain_batch(ctx, [_spec(x[:2], target=TargetSpec(kind="top_k", k=2))])
+    finally:
+        hook.remove()
+    assert forwards == [2, 4]
+
+
 def test_output_reduction_and_normalization(ctx, demo_heldout_inputs):
     x = demo_heldout_inputs[:2]
     (raw,) = explain_batch(ctx, [_spec(x, "vanilla", output=OutputSpec(reduction="none"))])

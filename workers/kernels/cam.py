@@ -38,18 +38,26 @@ class CamRequest:
     """One CAM request: `inputs` `(N, C, H, W)` in model space on the model's device."""
 
     inputs: Tensor
-    targets: Tensor          # (N,) int64 class indices
+    targets: Tensor | None   # (N,) int64 class indices; None: each image's top-1 class in this forward
     layer: str
     variants: tuple[str, ...] = ("grad_cam",)
 
 
 @dataclass
 class CamResult:
-    """Per variant: `maps` `(N, H, W)` at input size, `native` `(N, h, w)` at the layer's."""
+    """Per variant: `maps` `(N, H, W)` at input size, `native` `(N, h, w)` at the layer's.
+
+    The pass runs the whole model, so its outputs come back too: `logits`
+    `(N, classes)` float32 and the `targets` `(N,)` explained (the predicted
+    classes where the request left them to the model). A caller that needs the
+    predictions needs no forward of its own.
+    """
 
     maps: dict[str, Tensor] = field(default_factory=dict)
     native: dict[str, Tensor] = field(default_factory=dict)
     rows: int = 0            # batching cost: one forward+backward row per image
+    logits: Tensor | None = None
+    targets: Tensor | None = None
 
 
 # ---------------------------------------------------------------- variants
@@ -88,8 +96,8 @@ _VARIANT_FNS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 
 # ---------------------------------------------------------------- validation
 
-def check_batch(inputs: Tensor, targets: Tensor) -> None:
-    """Typed errors unless `inputs` is a finite `(N, C, H, W)` batch and `targets` `(N,)` int64."""
+def check_batch(inputs: Tensor, targets: Tensor | None) -> None:
+    """Typed errors unless `inputs` is a finite `(N, C, H, W)` batch and `targets` `(N,)` int64 or None."""
     if not isinstance(inputs, Tensor) or inputs.dim() != 4 or not inputs.is_floating_point():
         raise InvalidArgument.field("inputs", "must be a floating tensor (N, C, H, W)")
     if inputs.shape[0] == 0:
@@ -97,8 +105,12 @@ def check_batch(inputs: Tensor, targets: Tensor) -> None:
     if not bool(torch.isfinite(inputs).all()):
         raise InvalidArgument.field("inputs", "must be finite (no NaN or Inf)")
     n = inputs.shape[0]
+    if targets is None:
+        return
     if not isinstance(targets, Tensor) or targets.dtype != torch.int64 or targets.shape != (n,):
         raise InvalidArgument.field("target", f"must be an int64 tensor of shape ({n},)")
+    if n and int(targets.min()) < 0:  # before the pass, where -1 means "predicted"
+        raise InvalidArgument.field("target", "class indices must be >= 0")
 
 
 def check_targets(targets: Tensor, num_classes: int) -> None:
@@ -124,7 +136,8 @@ def _validate_structure(req: CamRequest, taps: LayerTaps) -> None:
 def validate_cam_request(req: CamRequest, taps: LayerTaps, num_classes: int) -> None:
     """Raise `InvalidArgument` / `LayerNotFound` unless `req` can be explained."""
     _validate_structure(req, taps)
-    check_targets(req.targets, num_classes)
+    if req.targets is not None:
+        check_targets(req.targets, num_classes)
 
 
 # ---------------------------------------------------------------- compute
@@ -165,21 +178,33 @@ def _explain_group(model: nn.Module, tap: LayerTap, reqs: list[CamRequest],
     # Detached: an input that requires grad would make autograd record the forward up to
     # the layer, which the backward never visits.
     inputs = torch.cat([r.inputs.detach() for r in reqs])                # (sum N, C, H, W)
-    targets = torch.cat([r.targets for r in reqs]).to(inputs.device)     # (sum N,)
+    targets = torch.cat([_predicted_rows(r) if r.targets is None else r.targets.to(inputs.device)
+                         for r in reqs])                                 # (sum N,)
     size = tuple(inputs.shape[-2:])
     rows = rows_per_chunk(model, tuple(inputs.shape[1:]), budget, device=inputs.device,
                           dtype=inputs.dtype, backward=True)
     native: dict[str, list[Tensor]] = {v: [] for v in variants}
+    outputs: dict[str, list[Tensor]] = {"logits": [], "targets": []}
     for chunk in iter_chunks(inputs.shape[0], rows):
-        act, grad = _activation_and_gradient(model, tap, inputs[chunk], targets[chunk])
+        act, grad, logits, explained = _activation_and_gradient(model, tap, inputs[chunk], targets[chunk])
         for v in variants:
             native[v].append(F.relu(_VARIANT_FNS[v](act, grad)))         # (B, h, w)
-    _split_back(reqs, results, {v: torch.cat(m) for v, m in native.items()}, size)
+        outputs["logits"].append(logits)
+        outputs["targets"].append(explained)
+    _split_back(reqs, results, {v: torch.cat(m) for v, m in native.items()}, size,
+                {k: torch.cat(m) for k, m in outputs.items()})
+
+
+def _predicted_rows(req: CamRequest) -> Tensor:
+    """-1 per image: its class is left to the model, the argmax of its own logits in the pass."""
+    return torch.full((req.inputs.shape[0],), -1, dtype=torch.long, device=req.inputs.device)
 
 
 def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
-                             targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Layer activation and d(target logit)/d(activation), both float32 `(B, K, h, w)`."""
+                             targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Layer activation and d(target logit)/d(activation), both float32 `(B, K, h, w)`,
+    then the logits `(B, classes)` float32 and the classes explained `(B,)`
+    (`targets`, with -1 replaced by the row's predicted class)."""
     # enable_grad: the caller may have disabled it. The graph spans only the layer to the
     # logits: the tap's leaf is the one tensor requiring grad.
     with torch.enable_grad():
@@ -190,19 +215,22 @@ def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
             raise InvalidArgument.field("layer", f"layer {tap.name!r} is not run by the model's forward")
         if logits.dim() != 2:
             raise InvalidArgument.field("target", f"model output is {tuple(logits.shape)}, not (N, classes)")
-        check_targets(targets, logits.shape[1])
+        given = targets >= 0
+        check_targets(targets[given], logits.shape[1])
+        targets = torch.where(given, targets, logits.detach().argmax(dim=1))
         score = logits.gather(1, targets[:, None]).sum()  # images are independent: one backward
         (grad,) = torch.autograd.grad(score, act, allow_unused=True)
     if grad is None:
         raise InvalidArgument.field("layer", f"layer {tap.name!r} does not reach the model's output")
-    return act.detach().float(), grad.float()
+    return act.detach().float(), grad.float(), logits.detach().float(), targets
 
 
 def _split_back(reqs: list[CamRequest], results: list[CamResult],
-                native: dict[str, Tensor], size: tuple[int, int]) -> None:
+                native: dict[str, Tensor], size: tuple[int, int], outputs: dict[str, Tensor]) -> None:
     start = 0
     for req, res in zip(reqs, results):
         stop = start + req.inputs.shape[0]
+        res.logits, res.targets = outputs["logits"][start:stop], outputs["targets"][start:stop]
         for v in req.variants:
             nat = native[v][start:stop]                                  # (N, h, w)
             res.native[v] = nat

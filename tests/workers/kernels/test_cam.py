@@ -200,6 +200,24 @@ def test_folded_equals_alone(demo_model, demo_taps, demo_heldout_inputs, demo_he
             torch.testing.assert_close(got.native[v], alone.native[v])
 
 
+def test_the_pass_returns_the_logits_and_explains_the_predicted_class(demo_model, demo_taps,
+                                                                      demo_heldout_inputs):
+    x = demo_heldout_inputs[:6]
+    with torch.inference_mode():
+        logits = demo_model(x).float()
+    predicted = logits.argmax(dim=1)
+    given = torch.tensor([3, 0, 1, 2, 3, 0])
+    # Mixed in one fold and split across chunks: rows left to the model and rows with a class.
+    reqs = [CamRequest(x[:2], None, DEMO_CAM_LAYER, CAM_VARIANTS), CamRequest(x[2:5], given[2:5], DEMO_CAM_LAYER),
+            CamRequest(x[5:], None, DEMO_CAM_LAYER, ("grad_cam",))]
+    results = explain_cam(demo_model, demo_taps, reqs, FoldBudget(max_rows=4))
+    assert [r.targets.tolist() for r in results] == [predicted[:2].tolist(), [1, 2, 3], predicted[5:].tolist()]
+    torch.testing.assert_close(torch.cat([r.logits for r in results]), logits, rtol=1e-5, atol=1e-5)
+    explicit = explain_cam(demo_model, demo_taps, [CamRequest(x[:2], predicted[:2], DEMO_CAM_LAYER, CAM_VARIANTS)])
+    for v in CAM_VARIANTS:
+        torch.testing.assert_close(results[0].maps[v], explicit[0].maps[v])
+
+
 def test_one_forward_and_one_backward_per_chunk(demo_model, demo_taps, demo_heldout_inputs,
                                                 demo_heldout, monkeypatch):
     grads = []
