@@ -265,6 +265,7 @@ def _print_ratios(payload: dict) -> None:
 async def _serve_target(args: argparse.Namespace) -> None:
     """Our service for one compare target: local Ray, the Serve apps, the front door; until SIGTERM."""
     import ray
+    import torch
 
     from service.config import ServerConfig
     from service.serve_backend import ServeBackend
@@ -278,6 +279,7 @@ async def _serve_target(args: argparse.Namespace) -> None:
     try:
         await asyncio.to_thread(deploy_all, app)
         config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0, metrics_host="127.0.0.1")
+        torch.set_num_threads(config.torch_threads)  # as `attribution serve` does: kernels run in the replicas
         running = await create_server(config, ServeBackend.from_config(app))
         pathlib.Path(args.ready_file).write_text(json.dumps({"port": running.port,
                                                              "metrics_port": running.metrics_port,

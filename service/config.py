@@ -14,6 +14,7 @@ A config file's `server:` section has this shape (every key optional)::
       grace_s: 10
       stream_max_in_flight: 8
       max_concurrent_rpcs: 0      # 0 = unbounded
+      torch_threads: 1            # front-door process only; replicas set their own
       limits: {max_items: 64, max_samples: 256, max_steps: 512, max_top_k: 10,
                max_image_pixels: 16777216, max_request_id_chars: 128}
 """
@@ -115,6 +116,10 @@ class ServerConfig:
     stream_max_in_flight: requests of one ExplainStream processed at once.
     max_concurrent_rpcs: calls served at once before new ones are refused
         with RESOURCE_EXHAUSTED; 0 = unbounded.
+    torch_threads: torch intra-op threads of the front-door process, applied by
+        `attribution serve` when the kernels run in Serve replicas. Its tensor work
+        (decode, normalize, encode maps) is per request and small, so threads do not
+        pay there, and idle OpenMP threads spin on the cores the replicas compute on.
     limits: per-request limits.
     """
 
@@ -130,6 +135,7 @@ class ServerConfig:
     grace_s: float = 10.0
     stream_max_in_flight: int = 8
     max_concurrent_rpcs: int = 0
+    torch_threads: int = 1
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -144,6 +150,7 @@ class ServerConfig:
         _check(0 <= self.grace_s <= 3600, "server.grace_s", "must be 0..3600 seconds")
         _check(1 <= self.stream_max_in_flight <= 1024, "server.stream_max_in_flight", "must be 1..1024")
         _check(0 <= self.max_concurrent_rpcs <= 1_000_000, "server.max_concurrent_rpcs", "must be 0..1e6")
+        _check(1 <= self.torch_threads <= 1024, "server.torch_threads", "must be 1..1024")
 
     @property
     def address(self) -> str:

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str, Any]) -> int:
     import ray
+    import torch
     from ray import serve
 
     from service.config import ServerConfig
@@ -69,6 +70,7 @@ async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str
     from service.server import create_server
 
     server_config = ServerConfig.from_dict(_server_section(args, rest))
+    torch.set_num_threads(server_config.torch_threads)  # the kernels run in the replicas
     owns_ray = not ray.is_initialized() and not args.address and not args.attach
     if not ray.is_initialized():
         ray.init(address=args.address or None, num_cpus=args.num_cpus if owns_ray else None,
@@ -91,7 +93,8 @@ async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str
         server = await create_server(server_config, backend, offline=ServeOfflineBackend(), data_dir=data_dir,
                                      sections=rest)
         print(f"attribution: data directory (jobs, results, audit) {data_dir}", flush=True)
-        print(f"attribution: gRPC listening on {server_config.host}:{server.port}", flush=True)
+        print(f"attribution: gRPC listening on {server_config.host}:{server.port} "
+              f"(front door on {torch.get_num_threads()} torch threads; the kernels run in the replicas)", flush=True)
         if getattr(server, "metrics_port", None):
             print(f"attribution: Prometheus metrics on http://{server_config.metrics_host}:"
                   f"{server.metrics_port}/metrics", flush=True)

@@ -78,6 +78,7 @@ def test_serve_explains_runs_jobs_audits_and_stops_gracefully(serve_process, dem
     assert proc.wait(120) == 0
     log = (folder / "serve.log").read_text()
     assert "attribution: stopped" in log and "Traceback" not in log
+    assert "front door on 1 torch threads" in log  # server.torch_threads: the replicas own the cores
     records = [json.loads(line) for line in (folder / "data" / "audit" / "audit.jsonl").read_text().splitlines()]
     assert {r["method"] for r in records} == {"grad_cam", "occlusion"}
     assert sum(r["method"] == "grad_cam" for r in records) == 2

@@ -284,6 +284,6 @@ def test_config_bounds_and_from_dict():
     assert config.limits == Limits(max_items=8) and config.max_message_bytes >= 16 * 2 * 3 * 224 * 224 * 4
     for bad in ({"port": 70000}, {"tls_cert": "a.pem"}, {"stream_max_in_flight": 0}, {"grace_s": -1},
                 {"limits": {"max_items": 0}}, {"keepalive": {"time_s": 0}}, {"bogus": 1}, {"limits": {"x": 1}},
-                {"max_message_bytes": 10}):
+                {"max_message_bytes": 10}, {"torch_threads": 0}):
         with pytest.raises(InvalidArgument):
             ServerConfig.from_dict(bad)
