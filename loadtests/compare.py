@@ -126,15 +126,24 @@ def run_compare(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) ->
     return 0
 
 
+FRONT_DOOR_KEYS = ("torch_threads", "cpu_affinity")
+
+
 def _app_config(scenario: Scenario, path: str | None) -> dict:
     raw = load_config_file(path) if path else dict(scenario.serve)
-    raw = {k: v for k, v in raw.items() if k != "server"}  # the front door's section: ours is fixed here
+    # The front door's section: host, ports and the rest are fixed here; only where
+    # it computes (torch_threads, cpu_affinity) is the scenario's to choose.
+    server = {k: v for k, v in (raw.get("server") or {}).items() if k in FRONT_DOOR_KEYS}
+    raw = {k: v for k, v in raw.items() if k != "server"} | ({"server": server} if server else {})
     if not raw.get("models"):
         raise LoadgenError("--compare needs models to start: give --config FILE or a `serve:` section "
                            "in the scenario")
     from workers.app import AppConfig
 
     AppConfig.from_dict(copy.deepcopy(raw))  # fail here, not in three subprocesses
+    from service.config import ServerConfig
+
+    ServerConfig.from_dict(server)
     return raw
 
 
@@ -270,16 +279,20 @@ async def _serve_target(args: argparse.Namespace) -> None:
     from service.config import ServerConfig
     from service.serve_backend import ServeBackend
     from service.server import create_server
+    from workers.affinity import pin_process
     from workers.app import AppConfig, deploy_all, shutdown_all
 
-    app = AppConfig.from_dict(load_config_file(args.config))
+    raw = load_config_file(args.config)
+    app = AppConfig.from_dict(raw)
+    config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0, metrics_host="127.0.0.1",
+                          **(raw.get("server") or {}))
+    torch.set_num_threads(config.torch_threads)  # as `attribution serve` does: kernels run in the replicas
+    pin_process(config.cpu_affinity, "server.cpu_affinity")  # before Ray: its daemons inherit the cores
     cpus = max(os.cpu_count() or 1, int(sum(m.num_cpus * max(1, m.replicas) for m in app.models) + 0.999))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     running = None
     try:
         await asyncio.to_thread(deploy_all, app)
-        config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0, metrics_host="127.0.0.1")
-        torch.set_num_threads(config.torch_threads)  # as `attribution serve` does: kernels run in the replicas
         running = await create_server(config, ServeBackend.from_config(app))
         pathlib.Path(args.ready_file).write_text(json.dumps({"port": running.port,
                                                              "metrics_port": running.metrics_port,

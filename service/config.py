@@ -15,6 +15,7 @@ A config file's `server:` section has this shape (every key optional)::
       stream_max_in_flight: 8
       max_concurrent_rpcs: 0      # 0 = unbounded
       torch_threads: 1            # front-door process only; replicas set their own
+      cpu_affinity: []            # cores for the front door and the Ray daemons it starts; [] = none
       limits: {max_items: 64, max_samples: 256, max_steps: 512, max_top_k: 10,
                max_image_pixels: 16777216, max_request_id_chars: 128}
 """
@@ -24,6 +25,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.affinity import check_cores
 from workers.errors import InvalidArgument
 
 MIB = 1 << 20
@@ -120,6 +122,9 @@ class ServerConfig:
         `attribution serve` when the kernels run in Serve replicas. Its tensor work
         (decode, normalize, encode maps) is per request and small, so threads do not
         pay there, and idle OpenMP threads spin on the cores the replicas compute on.
+    cpu_affinity: cores `attribution serve` pins its process to before it starts
+        Ray, so the Ray daemons it starts inherit them; give the replicas the other
+        cores (`models[].cpu_affinity`). Empty: no pinning.
     limits: per-request limits.
     """
 
@@ -136,6 +141,7 @@ class ServerConfig:
     stream_max_in_flight: int = 8
     max_concurrent_rpcs: int = 0
     torch_threads: int = 1
+    cpu_affinity: tuple[int, ...] = ()
     limits: Limits = field(default_factory=Limits)
 
     def __post_init__(self) -> None:
@@ -151,6 +157,11 @@ class ServerConfig:
         _check(1 <= self.stream_max_in_flight <= 1024, "server.stream_max_in_flight", "must be 1..1024")
         _check(0 <= self.max_concurrent_rpcs <= 1_000_000, "server.max_concurrent_rpcs", "must be 0..1e6")
         _check(1 <= self.torch_threads <= 1024, "server.torch_threads", "must be 1..1024")
+        _check(isinstance(self.cpu_affinity, (list, tuple)), "server.cpu_affinity", "must be a list of core numbers")
+        try:
+            object.__setattr__(self, "cpu_affinity", check_cores(self.cpu_affinity, "server.cpu_affinity"))
+        except ValueError as exc:
+            raise InvalidArgument.field("server.cpu_affinity", str(exc).split(": ", 1)[1]) from None
 
     @property
     def address(self) -> str:

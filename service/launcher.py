@@ -19,6 +19,7 @@ import pathlib
 import signal
 from typing import Any
 
+from workers.affinity import pin_process
 from workers.app import AppConfig, deploy_all
 from workers.config import load_config_file
 
@@ -71,6 +72,8 @@ async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str
 
     server_config = ServerConfig.from_dict(_server_section(args, rest))
     torch.set_num_threads(server_config.torch_threads)  # the kernels run in the replicas
+    # Before Ray starts: the raylet and the other daemons it spawns inherit the cores.
+    pin_process(server_config.cpu_affinity, "server.cpu_affinity")
     owns_ray = not ray.is_initialized() and not args.address and not args.attach
     if not ray.is_initialized():
         ray.init(address=args.address or None, num_cpus=args.num_cpus if owns_ray else None,

@@ -15,6 +15,8 @@ model's name and source::
         labels: /models/imagenet.txt  # one per line, or an inline list
         replicas: 1
         num_gpus: 0
+        num_cpus: 1                  # per replica; also its torch thread count
+        cpu_affinity: []             # cores the replicas pin themselves to (Linux); [] = none
     default_model: demo
     batching: {max_batch_samples: 256, batch_wait_timeout_s: 0.01, max_concurrent_batches: 2}
 """
@@ -26,6 +28,7 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.affinity import check_cores
 from workers.errors import InvalidArgument
 
 SOURCES = ("demo", "torchvision", "torchscript", "export")
@@ -69,6 +72,7 @@ class ModelConfig:
     replicas: int = 1              # online replicas (one per GPU where there are GPUs)
     num_gpus: float = 0.0          # per replica
     num_cpus: float = 1.0          # per replica; also torch's intra-op thread count
+    cpu_affinity: tuple[int, ...] = ()  # cores each replica pins itself to; () = no pinning (Linux)
     seed: int = 0                  # demo only: data and training seed
 
     def __post_init__(self):
@@ -130,6 +134,13 @@ def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
         raw["labels"] = tuple(str(v) for v in labels)
     if "cam_layers" in raw:
         raw["cam_layers"] = tuple(raw["cam_layers"])
+    if "cpu_affinity" in raw:
+        name = f"models[{raw.get('name', '?')}].cpu_affinity"
+        _check(isinstance(raw["cpu_affinity"], (list, tuple)), name, "must be a list of core numbers")
+        try:
+            raw["cpu_affinity"] = check_cores(raw["cpu_affinity"], name)
+        except ValueError as exc:
+            raise InvalidArgument.field(name, str(exc).split(": ", 1)[1]) from None
     return ModelConfig(**raw)
 
 

@@ -21,6 +21,7 @@ import torch
 from ray import serve
 
 from workers.batching import FoldBudget
+from workers.affinity import pin_process
 from workers.config import BatchingConfig, ModelConfig, model_config_from_dict
 from workers.errors import AttributionError, InternalError
 from workers.models import describe, load_model, select_device
@@ -51,6 +52,8 @@ class OnlineWorker:
     def __init__(self, model: dict, device: str = "auto", cache_dir: str | None = None,
                  is_default: bool = False, threads: int = 0):
         cfg: ModelConfig = model_config_from_dict(model)
+        # Before torch starts its thread pool, which then inherits the cores.
+        pinned = pin_process(cfg.cpu_affinity, f"models[{cfg.name}].cpu_affinity")
         # Ray sets OMP_NUM_THREADS from the actor's num_cpus; be explicit so a
         # replica never silently computes on one core.
         torch.set_num_threads(max(1, threads or int(cfg.num_cpus)))
@@ -62,8 +65,8 @@ class OnlineWorker:
         self._pool = ThreadPoolExecutor(_BATCHER_CONCURRENCY, thread_name_prefix="kernel")
         self.slots = ComputeSlots(self.config.max_concurrent_batches, self.config.max_batch_samples,
                                   _item_cost, self._run)
-        log.info("online worker for %s ready on %s (%d torch threads)", cfg.name, self.device,
-                 torch.get_num_threads())
+        log.info("online worker for %s ready on %s (%d torch threads%s)", cfg.name, self.device,
+                 torch.get_num_threads(), f", pinned to cores {list(pinned)}" if pinned else "")
 
     def reconfigure(self, user_config: dict) -> None:
         """Applies batching settings; called by Serve at start and on every config change."""

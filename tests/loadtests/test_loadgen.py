@@ -69,6 +69,15 @@ def test_shipped_scenarios_load():
     assert (entry.method, entry.items, entry.image.height, entry.model) == ("grad_cam", 1, 112, "resnet18")
     assert headline.load.headline_level == 32
     AppConfig.from_dict(headline.serve)  # what --compare would start is a valid config
+    # Pinned: the replica on core 1, the front door (and Ray's daemons) on core 0; only where the
+    # front door computes passes through from a scenario's server section.
+    started = compare._app_config(headline, None)
+    assert started["server"] == {"cpu_affinity": [0]} and started["models"][0]["cpu_affinity"] == [1]
+    unpinned = compare._app_config(load_scenario(SCENARIO_DIR / "gradcam_resnet18_unpinned.yaml"), None)
+    assert "server" not in unpinned and unpinned["models"][0]["num_cpus"] == 2
+    odd = scenario_from_dict({"mix": [{"method": "grad_cam"}], "serve": {
+        "models": [{"name": "demo", "source": "demo"}], "server": {"port": 1, "torch_threads": 2}}})
+    assert compare._app_config(odd, None)["server"] == {"torch_threads": 2}
 
 
 def test_mix_schedule_keeps_the_weights_exactly():

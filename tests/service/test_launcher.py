@@ -25,7 +25,11 @@ START_TIMEOUT_S = 240
 def serve_process(tmp_path_factory, demo_cache_dir, demo_model):
     folder = tmp_path_factory.mktemp("serve")
     config = folder / "config.json"
-    config.write_text(json.dumps({"models": [{"name": "demo", "source": "demo"}], "cache_dir": str(demo_cache_dir),
+    # Pinned as on a CPU host: the front door (and the Ray daemons it starts) on one core, the replica
+    # on the other when there is one.
+    cores = sorted(os.sched_getaffinity(0))
+    config.write_text(json.dumps({"models": [{"name": "demo", "source": "demo", "cpu_affinity": [cores[-1]]}],
+                                  "server": {"cpu_affinity": [cores[0]]}, "cache_dir": str(demo_cache_dir),
                                   "audit": {"fsync_interval_s": 0}, "jobs": {"poll_s": 0.2}}))
     log = open(folder / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--port", "0",
@@ -54,6 +58,18 @@ def _wait_for_ports(proc, log_path) -> dict[str, int]:
     pytest.fail(f"attribution serve did not start in {START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
 
 
+def _pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_serve_explains_runs_jobs_audits_and_stops_gracefully(serve_process, demo_heldout):
     proc, ports, folder = serve_process
     address = f"127.0.0.1:{ports['grpc']}"
@@ -70,6 +86,10 @@ def test_serve_explains_runs_jobs_audits_and_stops_gracefully(serve_process, dem
             job = jobs.SubmitJob(pb.SubmitJobRequest(request=request), timeout=30)
             states = [e.job.state for e in jobs.WatchJob(pb.WatchJobRequest(id=job.id), timeout=180)]
             assert states[-1] == pb.SUCCEEDED and states[0] in (pb.QUEUED, pb.RUNNING)
+    cores = sorted(os.sched_getaffinity(0))
+    assert os.sched_getaffinity(proc.pid) == {cores[0]}
+    replicas = [pid for pid in _pids() if "ServeReplica:attribution-demo" in _cmdline(pid)]
+    assert replicas and all(os.sched_getaffinity(pid) == {cores[-1]} for pid in replicas)
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports['metrics']}/metrics").read().decode()
     assert 'attribution_requests_total{code="OK",method="grad_cam",model="demo"}' in metrics
     assert "attribution_jobs" in metrics and "attribution_audit_records_total" in metrics
