@@ -22,13 +22,12 @@ A scenario file has this shape; every key but `mix` is optional::
       warmup_s: 5                 # unmeasured seconds before each level
       max_requests: 100000        # hard cap per level, warm-up included
       headline: 32                # the level `--compare` takes its top-level ratios at (default: the last)
-    serve:                        # what `--compare` starts: an AppConfig (workers/app.py), models + batching
-      models: [{name: demo, source: demo}]
+    serve:                        # what `--compare` starts: an AppConfig (workers/app.py), models + batching,
+      models: [{name: demo, source: demo}]   # and `server: {torch_threads, cpu_affinity}` for its front door
 
 Everything is validated on load and every mistake is named with its path
-(`mix[1].samples: must be 1..65536, got 0`), so a typo fails before a minute
-of load is spent. `encode_requests` turns the scenario into serialized
-ExplainRequest bytes once, against the models the server describes.
+(`mix[1].samples: must be 1..65536, got 0`), so a typo fails before a minute of load
+is spent. `encode_requests` serializes the requests once, for the models the server describes.
 """
 from __future__ import annotations
 

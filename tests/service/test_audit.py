@@ -52,7 +52,13 @@ def explain(backend: LocalBackend, request: pb.ExplainRequest) -> tuple[ExplainS
 
 
 def read_lines(directory: pathlib.Path) -> list[dict]:
-    return [json.loads(line) for path in log_files(directory) for line in path.read_text().splitlines()]
+    """The complete records, as a tailing reader sees them: a line counts once its newline is written
+    (while the writer runs, the file may end in the part of a record a buffer flush has written so far)."""
+    records = []
+    for path in log_files(directory):
+        text = path.read_text()
+        records += [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines()]
+    return records
 
 
 def metric(registry: CollectorRegistry, name: str, **labels) -> float:
