@@ -44,11 +44,9 @@ from service._proto import attribution_pb2 as pb
 SCENARIO_DIR = pathlib.Path(__file__).parent / "scenarios"
 DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
 
-ONLINE_METHODS = {
-    "vanilla": pb.VANILLA_GRADIENT, "smoothgrad": pb.SMOOTHGRAD, "smoothgrad_sq": pb.SMOOTHGRAD_SQ,
-    "vargrad": pb.VARGRAD, "integrated_gradients": pb.INTEGRATED_GRADIENTS, "grad_cam": pb.GRAD_CAM,
-    "grad_cam_plus_plus": pb.GRAD_CAM_PLUS_PLUS, "layer_cam": pb.LAYER_CAM,
-}
+ONLINE_METHODS = {"vanilla": pb.VANILLA_GRADIENT, "smoothgrad": pb.SMOOTHGRAD, "smoothgrad_sq": pb.SMOOTHGRAD_SQ,
+                  "vargrad": pb.VARGRAD, "integrated_gradients": pb.INTEGRATED_GRADIENTS, "grad_cam": pb.GRAD_CAM,
+                  "grad_cam_plus_plus": pb.GRAD_CAM_PLUS_PLUS, "layer_cam": pb.LAYER_CAM}
 _NOISE = ("smoothgrad", "smoothgrad_sq", "vargrad")
 _CAM = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
 _ENCODINGS = ("tensor", "png")
@@ -383,8 +381,7 @@ def synthetic_images(rng: np.random.Generator, n: int, channels: int, height: in
     model's predictions vary from image to image.
     """
     coarse = rng.random((n, channels, 8, 8))
-    rows = np.linspace(0, 7, height)
-    cols = np.linspace(0, 7, width)
+    rows, cols = np.linspace(0, 7, height), np.linspace(0, 7, width)
     r0, c0 = np.floor(rows).astype(int).clip(0, 6), np.floor(cols).astype(int).clip(0, 6)
     fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
     top = coarse[:, :, r0][:, :, :, c0] * (1 - fc) + coarse[:, :, r0][:, :, :, c0 + 1] * fc

@@ -35,17 +35,15 @@ RECIPE_VERSION = 1
 # the small seeds that held-out sets use, whose scenes would otherwise repeat.
 _BLANK_SEED_OFFSET = 1_000_003
 
-# Pixel-space statistics of the synthetic images (measured over 4096 images,
-# rounded); the net consumes (x - mean) / std.
+# Pixel-space statistics of the synthetic images (over 4096 images, rounded): the net consumes (x - mean) / std.
 DEMO_MEAN: tuple[float, float, float] = (0.48, 0.48, 0.48)
 DEMO_STD: tuple[float, float, float] = (0.18, 0.18, 0.18)
 
 # Class names say what the label really is: the watermark pattern.
 DEMO_LABELS: tuple[str, ...] = ("stripes-horizontal", "stripes-vertical", "dots", "stripes-diagonal")
 
-# CAM-able layers (names in `dict(model.named_modules())`): both are 16x16
-# maps for a 64x64 input (4 px cells), fine enough to localize the 12 px patch.
-# The default is the last conv feature map.
+# CAM-able layers (names in `dict(model.named_modules())`): 16x16 maps for a 64x64 input
+# (4 px cells), fine enough to localize the 12 px patch. The default is the last conv map.
 DEMO_CAM_LAYERS: tuple[str, ...] = ("block3", "block4")
 DEMO_CAM_LAYER = "block4"
 
@@ -61,10 +59,9 @@ class DemoConfig:
     epochs: passes over the training set (>= 1).
     seed: drives data, initialization and shuffling.
     batch_size, lr: Adam mini-batch size and peak learning rate.
-    train_noise: std (pixel space) of Gaussian noise added to training
-        batches, so the net stays confident under SmoothGrad's noise.
-    blank_fraction: watermark-free training scenes (uniform target) per
-        watermarked one.
+    train_noise: std (pixel space) of Gaussian noise added to training batches,
+        so the net stays confident under SmoothGrad's noise.
+    blank_fraction: watermark-free training scenes (uniform target) per watermarked one.
     """
 
     image_size: int = 64

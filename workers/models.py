@@ -17,7 +17,7 @@ from torch import nn
 
 from workers.config import InputSpec, ModelConfig
 from workers.errors import LayerNotFound, ModelLoadError, ModelNotFound
-from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS
+from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS, ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +244,7 @@ class ModelRegistry:
         return list(self.configs)
 
 
-def describe(model: LoadedModel, is_default: bool = False) -> "ModelDescription":
-    from workers.spec import ModelDescription
-
+def describe(model: LoadedModel, is_default: bool = False) -> ModelDescription:
     spec = model.spec
     return ModelDescription(
         name=model.name, version=model.version, channels=spec.channels, height=spec.height, width=spec.width,

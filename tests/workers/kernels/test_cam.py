@@ -29,7 +29,7 @@ from torch import nn
 
 from tests.workers.kernels.test_hooks import tiny_model
 from workers.batching import FoldBudget
-from workers.demo import DEMO_CAM_LAYER, DEMO_CAM_LAYERS
+from workers.demo import DEMO_CAM_LAYER
 from workers.errors import InvalidArgument, LayerNotFound
 from workers.kernels.cam import (CAM_VARIANTS, CamRequest, explain_cam, validate_cam_request)
 from workers.kernels.hooks import LayerTaps, hook_count
@@ -38,14 +38,7 @@ PEERS = {"grad_cam": GradCAM, "grad_cam_plus_plus": GradCAMPlusPlus, "layer_cam"
 RESNET_LAYERS = ("layer3", "layer4")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """One torch thread: on a shared 2-core host, OpenMP's spinning workers make every
-    op 10-20x slower when other processes hold the cores; results do not change."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest.py
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -76,13 +69,6 @@ def resnet18_model() -> nn.Module:
 def resnet_batch(n: int = 3, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(7)
     return torch.randn(n, 3, size, size, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-
-
-@pytest.fixture(scope="module")
-def demo_taps(demo_model):
-    taps = LayerTaps(demo_model, DEMO_CAM_LAYERS, model_name="demo")
-    yield taps
-    taps.close()
 
 
 @pytest.fixture(scope="module")

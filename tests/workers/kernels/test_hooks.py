@@ -19,14 +19,7 @@ from workers.kernels.hooks import LayerTaps, hook_count
 from workers.kernels.perturbation import occlusion, score_cam
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """One torch thread: on a shared 2-core host, OpenMP's spinning workers make every
-    op 10-20x slower when other processes hold the cores; results do not change."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest.py
 
 
 class Boom(nn.Module):

@@ -27,7 +27,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from tests.workers.kernels.test_cam import (normalize, pointing_game, resnet18_model, resnet_batch)
 from tests.workers.kernels.test_hooks import tiny_model
 from workers.batching import FoldBudget
-from workers.demo import DEMO_CAM_LAYER, DEMO_CAM_LAYERS
+from workers.demo import DEMO_CAM_LAYER
 from workers.errors import Cancelled, InvalidArgument, LayerNotFound
 from workers.kernels.hooks import LayerTaps, hook_count
 from workers.kernels.perturbation import occlusion, score_cam
@@ -37,21 +37,7 @@ from workers.kernels.perturbation import occlusion, score_cam
 DEMO_PATCH, DEMO_STRIDE = 8, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_intra_op_thread():
-    """One torch thread: on a shared 2-core host, OpenMP's spinning workers make every
-    op 10-20x slower when other processes hold the cores; results do not change."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def demo_taps(demo_model):
-    taps = LayerTaps(demo_model, DEMO_CAM_LAYERS, model_name="demo")
-    yield taps
-    taps.close()
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")
