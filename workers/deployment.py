@@ -20,8 +20,8 @@ from dataclasses import asdict
 import torch
 from ray import serve
 
-from workers.batching import FoldBudget
 from workers.affinity import pin_process
+from workers.batching import FoldBudget
 from workers.config import BatchingConfig, ModelConfig, model_config_from_dict
 from workers.errors import AttributionError, InternalError
 from workers.models import describe, load_model, select_device

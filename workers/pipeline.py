@@ -161,7 +161,7 @@ def _resolve(work: _Work, ctx: WorkerContext) -> None:
     spec, n = work.spec, work.spec.items
     device = ctx.model.device
     target = spec.target
-    if work.probs is None and target.kind != "indices":  # the top-1, by the CAM pass (_predicts_in_kernel)
+    if target.kind != "indices" and _predicts_in_kernel(work, ctx):  # the top-1, picked in the CAM pass
         targets, k = None, 1
     elif target.kind == "top_k":
         k = min(target.k, ctx.model.num_classes)
