@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import torchvision.io as tvio
 
 from service._proto import attribution_pb2 as pb
-from workers.errors import FieldViolation, InternalError, InvalidArgument
+from service.decoding.pool import Busy, Decoded, DecodeFailure, ImageDecoder, InlineDecoder
+from workers.errors import FieldViolation, InternalError, InvalidArgument, Overloaded
 from workers.spec import AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec
 
 # ------------------------------------------------------------ enum names --
@@ -94,14 +95,30 @@ def denormalize(inputs: torch.Tensor, model: ModelDescription) -> torch.Tensor:
 
 
 def to_model_space(raw: torch.Tensor, space: int, model: ModelDescription, field: str) -> torch.Tensor:
-    """A decoded tensor in `space` (InputSpace) -> model space float32."""
+    """A decoded tensor in `space` (InputSpace) -> model space float32.
+
+    `field` names the tensor's dtype field (e.g. "inputs.tensor.dtype"); range
+    and overflow problems are reported on the sibling `.data` field.
+    """
+    data_field = field.rsplit(".", 1)[0] + ".data" if "." in field else field
     if space == pb.MODEL:
         if raw.dtype == torch.uint8:
             raise InvalidArgument.field(field, "uint8 is pixel data; send it with space PIXELS, or send "
                                                "model-space floats")
         return raw.to(torch.float32)
-    pixels = raw.to(torch.float32) / 255.0 if raw.dtype == torch.uint8 else raw
-    return normalize(pixels, model)
+    if raw.dtype == torch.uint8:
+        pixels = raw.to(torch.float32) / 255.0
+    else:
+        lo, hi = float(raw.min()), float(raw.max())
+        if lo < 0.0 or hi > 1.0:
+            raise InvalidArgument.field(data_field, f"PIXELS floats must lie in [0, 1], found values from {lo:.6g} "
+                                                    f"to {hi:.6g}; scale 0..255 data by 1/255 (or send it as UINT8), "
+                                                    "or send normalized values with space MODEL")
+        pixels = raw
+    x = normalize(pixels, model)
+    if not bool(torch.isfinite(x).all()):  # only a degenerate std can do this to values in [0, 1]
+        raise InvalidArgument.field(data_field, "overflows float32 when normalized with the model's mean/std")
+    return x
 
 # ------------------------------------------------------------- images in --
 
@@ -109,8 +126,7 @@ def to_model_space(raw: torch.Tensor, space: int, model: ModelDescription, field
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Start-of-frame markers carry the dimensions; C4, C8 and CC are not frames.
 _JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_READ_MODES = {1: tvio.ImageReadMode.GRAY, 2: tvio.ImageReadMode.GRAY_ALPHA,
-               3: tvio.ImageReadMode.RGB, 4: tvio.ImageReadMode.RGB_ALPHA}
+INLINE_DECODER = InlineDecoder()
 
 
 def image_dimensions(data: bytes) -> tuple[str, int, int]:
@@ -149,12 +165,8 @@ def _jpeg_dimensions(data: bytes) -> tuple[int, int]:
     raise ValueError("JPEG without a frame header")
 
 
-def decode_image(data: bytes, model: ModelDescription, max_pixels: int, field: str) -> torch.Tensor:
-    """One PNG/JPEG -> pixel space `# (1, C, H, W)` at the model's size, in [0, 1].
-
-    The header's dimensions are checked against `max_pixels` before a single
-    pixel is decoded, so a tiny file claiming a huge image costs nothing.
-    """
+def _check_header(data: bytes, max_pixels: int, field: str) -> str:
+    """The file's format after the header checks (pure Python: no decoder has seen the bytes yet)."""
     try:
         fmt, width, height = image_dimensions(data)
     except ValueError as exc:
@@ -164,35 +176,84 @@ def decode_image(data: bytes, model: ModelDescription, max_pixels: int, field: s
     if width * height > max_pixels:
         raise InvalidArgument.field(field, f"{fmt} is {width}x{height} = {width * height} pixels; the cap is "
                                            f"{max_pixels} per image")
-    try:
-        image = tvio.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                  mode=_READ_MODES[model.channels])
-    except (RuntimeError, ValueError) as exc:
-        raise InvalidArgument.field(field, f"cannot decode {fmt}: {str(exc)[:200]}") from None
-    scale = float(torch.iinfo(image.dtype).max)  # 255, or 65535 for 16-bit PNG
-    x = image.unsqueeze(0)  # (1, C, h, w)
+    return fmt
+
+
+def _item_index(field: str) -> int:
+    return int(field.rsplit("[", 1)[1].rstrip("]"))
+
+
+def _pixels_tensor(decoded: Decoded, model: ModelDescription) -> torch.Tensor:
+    """A decoder's (rows, columns, C) samples -> pixel space `# (1, C, H, W)` float32 in [0, 1], model size."""
+    dtype = torch.uint8 if decoded.bytes_per_sample == 1 else torch.uint16
+    pixels = decoded.pixels if isinstance(decoded.pixels, bytearray) else bytearray(decoded.pixels)
+    x = torch.frombuffer(pixels, dtype=dtype)
+    x = x.reshape(decoded.rows, decoded.columns, model.channels).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w)
+    scale = float(torch.iinfo(dtype).max)
     if tuple(x.shape[-2:]) != (model.height, model.width):
-        # 8-bit images resize as uint8: 4x less memory and ~5x faster than float on
-        # a big photo, at most one grey level apart.
-        x = x if x.dtype == torch.uint8 else x.to(torch.float32)
+        # 8-bit images resize as uint8: 4x less memory and ~5x faster than float, at most one grey level apart.
+        x = x if dtype == torch.uint8 else x.to(torch.float32)
+        # (rows, columns, C) samples are a channels-last tensor, which the uint8 kernel takes as it is.
         x = F.interpolate(x, size=(model.height, model.width), mode="bilinear", antialias=True,
                           align_corners=False)
-    return (x.to(torch.float32) / scale).clamp_(0.0, 1.0)
+    # Bilinear weights are non-negative: the result stays within the samples' range, [0, 1] once scaled.
+    # Divided, not multiplied by 1/scale: bit-identical to a raw uint8 tensor sent as PIXELS.
+    return x.to(torch.float32).div_(scale).contiguous()
 
 
-def decode_images(images: Sequence[bytes], model: ModelDescription, max_pixels: int, field: str) -> torch.Tensor:
-    """PNG/JPEG files -> model space `# (N, C, H, W)`; every bad file is named in one error."""
-    decoded, violations = [], []
+def decode_images(images: Sequence[bytes], model: ModelDescription, max_pixels: int, field: str,
+                  decoder: ImageDecoder | None = None) -> torch.Tensor:
+    """PNG/JPEG files -> model space `# (N, C, H, W)` at the model's size; every bad file is named in one error."""
+    return normalize(decode_pixels(images, model, max_pixels, field, decoder), model)
+
+
+def decode_pixels(images: Sequence[bytes], model: ModelDescription, max_pixels: int, field: str,
+                  decoder: ImageDecoder | None = None) -> torch.Tensor:
+    """PNG/JPEG files -> pixel space `# (N, C, H, W)` float32 in [0, 1] at the model's size.
+
+    Headers are checked against `max_pixels` here, before a single pixel is
+    decoded, so a tiny file claiming a huge image costs nothing. `decoder`
+    does the rest (decode, EXIF orientation, convert, resize): the server's
+    process pool for client bytes; in-process Pillow (the default) for
+    trusted files only.
+    """
+    violations: list[FieldViolation] = []
+    formats: list[str | None] = []
     for i, data in enumerate(images):
         try:
-            decoded.append(decode_image(data, model, max_pixels, f"{field}[{i}]"))
+            formats.append(_check_header(data, max_pixels, f"{field}[{i}]"))
         except InvalidArgument as exc:
+            formats.append(None)
             violations.extend(exc.violations)
-            if len(violations) >= _MAX_ITEM_VIOLATIONS:
-                break
+    decoder = decoder or INLINE_DECODER
+    readable = [i for i, fmt in enumerate(formats) if fmt is not None]
+    try:
+        results = decoder.decode([images[i] for i in readable], model.width, model.height, model.channels,
+                                 max_pixels) if readable else []
+    except Busy as exc:
+        raise Overloaded(f"{exc}; retry shortly") from None
+    outcomes: list = [None] * len(images)
+    for i, outcome in zip(readable, results):
+        outcomes[i] = outcome
+    decoded = []
+    for i, (fmt, outcome) in enumerate(zip(formats, outcomes)):
+        if isinstance(outcome, DecodeFailure):
+            violations.append(FieldViolation(f"{field}[{i}]", f"could not decode image {i} ({fmt}): {outcome}"))
+        elif isinstance(outcome, Decoded):
+            decoded.append(_pixels_tensor(outcome, model))
     if violations:
+        violations = sorted(violations, key=lambda v: _item_index(v.field))[:_MAX_ITEM_VIOLATIONS]
         raise InvalidArgument(violation_message(violations), violations)
-    return normalize(torch.cat(decoded), model)
+    if len(decoded) != len(images):
+        raise InternalError(f"the image decoder answered {len(decoded)} files for {len(images)}")
+    return torch.cat(decoded)
+
+
+def decode_image(data: bytes, model: ModelDescription, max_pixels: int, field: str,
+                 decoder: ImageDecoder | None = None) -> torch.Tensor:
+    """One trusted PNG/JPEG -> pixel space `# (1, C, H, W)` at the model's size, in [0, 1]."""
+    return decode_pixels([data], model, max_pixels, field, decoder)
+
 
 # --------------------------------------------------------------- maps out --
 
@@ -304,8 +365,11 @@ def violation_message(violations: Sequence[FieldViolation]) -> str:
     return "; ".join(f"{v.field}: {v.description}" for v in violations)
 
 
-def model_info(model: ModelDescription, limits) -> pb.ModelInfo:
-    """A model's description and the server's limits as ModelInfo (`limits`: service.config.Limits)."""
+def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.ModelInfo:
+    """A model's description and the server's limits as ModelInfo (`limits`: service.config.Limits).
+
+    max_job_items: items per SubmitJob request; 0 when the server runs no offline jobs.
+    """
     return pb.ModelInfo(
         name=model.name, version=model.version,
         input_spec=pb.InputSpec(channels=model.channels, height=model.height, width=model.width,
@@ -316,5 +380,5 @@ def model_info(model: ModelDescription, limits) -> pb.ModelInfo:
         offline_methods=[METHOD_ENUMS[m] for m in model.offline_methods if m in METHOD_ENUMS],
         limits=pb.ServerLimits(max_items=limits.max_items, max_samples=limits.max_samples,
                                max_steps=limits.max_steps, max_top_k=min(limits.max_top_k, model.num_classes),
-                               max_image_pixels=limits.max_image_pixels),
+                               max_image_pixels=limits.max_image_pixels, max_job_items=max_job_items),
         is_default=model.is_default)

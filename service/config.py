@@ -18,6 +18,7 @@ A config file's `server:` section has this shape (every key optional)::
       cpu_affinity: []            # cores for the front door and the Ray daemons it starts; [] = none
       limits: {max_items: 64, max_samples: 256, max_steps: 512, max_top_k: 10,
                max_image_pixels: 16777216, max_request_id_chars: 128}
+      decode: {isolation: process, workers: 2, timeout_s: 5, memory_mb: 1024, max_uses: 10000, wait_s: 10}
 """
 from __future__ import annotations
 
@@ -102,6 +103,36 @@ class KeepaliveConfig:
 
 
 @dataclass(frozen=True)
+class DecodeConfig:
+    """How the front door decodes PNG/JPEG bytes from clients.
+
+    isolation: "process" (default): in a pool of worker processes, so a file
+        that crashes a native decoder costs one worker, never the server;
+        "inline": in the server's own process (Pillow; for trusted clients only).
+    workers: decode processes (files decoded at once).
+    timeout_s: the longest one file may take before its worker is killed.
+    memory_mb: each worker's address-space limit.
+    max_uses: requests a worker serves before it is replaced.
+    wait_s: how long a request waits for a free worker before RESOURCE_EXHAUSTED.
+    """
+
+    isolation: str = "process"
+    workers: int = 2
+    timeout_s: float = 5.0
+    memory_mb: int = 1024
+    max_uses: int = 10_000
+    wait_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(self.isolation in ("process", "inline"), "server.decode.isolation", "must be process or inline")
+        _check(1 <= self.workers <= 256, "server.decode.workers", "must be 1..256")
+        _check(0.1 <= self.timeout_s <= 600, "server.decode.timeout_s", "must be 0.1..600 seconds")
+        _check(128 <= self.memory_mb <= 1 << 20, "server.decode.memory_mb", "must be 128..1048576")
+        _check(1 <= self.max_uses <= 10_000_000, "server.decode.max_uses", "must be 1..10000000")
+        _check(0.01 <= self.wait_s <= 600, "server.decode.wait_s", "must be 0.01..600 seconds")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The gRPC front door.
 
@@ -126,6 +157,7 @@ class ServerConfig:
         Ray, so the Ray daemons it starts inherit them; give the replicas the other
         cores (`models[].cpu_affinity`). Empty: no pinning.
     limits: per-request limits.
+    decode: how client PNG/JPEG bytes are decoded (isolated worker processes by default).
     """
 
     host: str = "[::]"
@@ -143,6 +175,7 @@ class ServerConfig:
     torch_threads: int = 1
     cpu_affinity: tuple[int, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "server.host", "must not be empty")
@@ -184,6 +217,10 @@ class ServerConfig:
             limits = raw["limits"] or {}
             _refuse_unknown(Limits, limits, "server.limits")
             raw["limits"] = Limits(**limits)
+        if "decode" in raw:
+            decode = raw["decode"] or {}
+            _refuse_unknown(DecodeConfig, decode, "server.decode")
+            raw["decode"] = DecodeConfig(**decode)
         return cls(**raw)
 
 

@@ -48,6 +48,11 @@ class ServiceMetrics:
                                "plain items); rate() gives samples per second.", ["model", "method"], registry=reg)
         self.inflight = Gauge("attribution_inflight_requests", "Explain requests being processed now.",
                               registry=reg)
+        self.decode_events = Counter("attribution_decode_worker_events", "Image decode worker events: started, "
+                                     "crashed (a file killed it), timeout (a file took too long; killed), "
+                                     "protocol (it answered out of protocol; killed).", ["event"], registry=reg)
+        self.malformed = Counter("attribution_malformed_messages", "Request messages that could not be parsed, "
+                                 "by RPC method.", ["method"], registry=reg)
 
     @contextmanager
     def track_inflight(self) -> Iterator[None]:

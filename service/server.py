@@ -24,8 +24,9 @@ from grpc_reflection.v1alpha import reflection
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.backend import ExplainBackend
-from service.config import ServerConfig
-from service.interceptors import BearerTokenInterceptor, RequestIdInterceptor
+from service.config import MIB, DecodeConfig, ServerConfig
+from service.decoding.pool import DecodePool, ImageDecoder, InlineDecoder
+from service.interceptors import BearerTokenInterceptor, MalformedMessageInterceptor, RequestIdInterceptor
 from service.metrics import ServiceMetrics, start_metrics_server
 from service.servicer import AttributionServicer
 
@@ -64,10 +65,24 @@ class DrainingHealthServicer(health_aio.HealthServicer):
     def __init__(self) -> None:
         super().__init__()
         self._draining = asyncio.Event()
+        self._known: set[str] = {""}
 
     async def enter_graceful_shutdown(self) -> None:
         await super().enter_graceful_shutdown()
         self._draining.set()
+
+    async def set(self, service: str, status) -> None:
+        self._known.add(service)
+        await super().set(service, status)
+
+    async def Check(self, request: health_pb2.HealthCheckRequest, context) -> health_pb2.HealthCheckResponse:
+        if request.service not in self._known and request.service != "":
+            listed = ", ".join(repr(name) for name in sorted(self._known))
+            shown = request.service if len(request.service) <= 64 else request.service[:61] + "..."
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"no health status for service {shown!r}; this server reports: {listed} "
+                                "('' is the server as a whole)")
+        return await super().Check(request, context)
 
     async def Watch(self, request: health_pb2.HealthCheckRequest, context) -> None:
         recorder = _StatusRecorder(context)
@@ -99,6 +114,7 @@ class RunningServer:
     metrics_port: int | None = None
     jobs: Any = None    # service.jobs.Jobs
     audit: Any = None   # service.audit.AuditLog
+    decoder: ImageDecoder | None = None
     _stop_metrics: Callable[[], None] | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
@@ -131,9 +147,25 @@ class RunningServer:
                 await asyncio.to_thread(self.audit.close)
             if self._stop_metrics is not None:
                 await asyncio.to_thread(self._stop_metrics)
+            await asyncio.to_thread(_close_decoder, self.decoder)
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+def make_decoder(config: DecodeConfig, metrics: ServiceMetrics) -> ImageDecoder:
+    """The server's decoder for client images: an isolated, started process pool unless configured inline."""
+    if config.isolation == "inline":
+        return InlineDecoder()
+    return DecodePool(workers=config.workers, timeout_s=config.timeout_s, memory_bytes=config.memory_mb * MIB,
+                      max_uses=config.max_uses, wait_s=config.wait_s,
+                      on_event=lambda event: metrics.decode_events.labels(event).inc()).start()
+
+
+def _close_decoder(decoder: ImageDecoder | None) -> None:
+    close = getattr(decoder, "close", None)
+    if close is not None:
+        close()
 
 
 def server_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -173,36 +205,51 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
     """
     metrics = metrics or ServiceMetrics()
     sections = sections or {}
-    servicer = await AttributionServicer.create(backend, config.limits, metrics, config.stream_max_in_flight)
-    if data_dir is not None:
-        from service.audit import AuditConfig, AuditLog
-
-        audit_config = AuditConfig.from_dict(sections.get("audit"))
-        servicer.audit = AuditLog(audit_config, audit_config.directory_for(data_dir), registry=metrics.registry)
-    if offline is not None:
-        from service.jobs import Jobs, JobsConfig
-
-        servicer.jobs = Jobs.create(data_dir, offline, servicer.models, limits=config.limits,
-                                    config=JobsConfig.from_dict(sections.get("jobs")), registry=metrics.registry)
-        servicer.jobs.runner.audit = servicer.audit
-    interceptors: list[grpc.aio.ServerInterceptor] = [RequestIdInterceptor()]
-    if config.auth_token:
-        interceptors.append(BearerTokenInterceptor(config.auth_token))
-    server = grpc.aio.server(interceptors=interceptors, options=server_options(config),
-                             maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
-    pb_grpc.add_AttributionServiceServicer_to_server(servicer, server)
-    health = DrainingHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = _bind(server, config)
-    metrics_port, stop_metrics = None, None
-    if config.metrics_port is not None:
-        metrics_port, stop_metrics = start_metrics_server(config.metrics_port, metrics.registry, config.metrics_host)
+    opened: list[Callable[[], Any]] = []  # closers of what is open so far, for a failed start
     try:
+        decoder = make_decoder(config.decode, metrics)
+        opened.append(lambda: _close_decoder(decoder))
+        servicer = await AttributionServicer.create(backend, config.limits, metrics, config.stream_max_in_flight,
+                                                    decoder)
+        if data_dir is not None:
+            from service.audit import AuditConfig, AuditLog
+
+            audit_config = AuditConfig.from_dict(sections.get("audit"))
+            servicer.audit = AuditLog(audit_config, audit_config.directory_for(data_dir), registry=metrics.registry)
+            opened.append(servicer.audit.close)
+        if offline is not None:
+            from service.jobs import Jobs, JobsConfig
+
+            servicer.jobs = Jobs.create(data_dir, offline, servicer.models, limits=config.limits,
+                                        config=JobsConfig.from_dict(sections.get("jobs")),
+                                        registry=metrics.registry, decoder=decoder)
+            opened.append(servicer.jobs.close)
+            servicer.jobs.runner.audit = servicer.audit
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor(metrics), RequestIdInterceptor()]
+        if config.auth_token:
+            interceptors.append(BearerTokenInterceptor(config.auth_token))
+        server = grpc.aio.server(interceptors=interceptors, options=server_options(config),
+                                 maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+        pb_grpc.add_AttributionServiceServicer_to_server(servicer, server)
+        health = DrainingHealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
+        port = _bind(server, config)
+        opened.append(lambda: server.stop(0))
+        metrics_port, stop_metrics = None, None
+        if config.metrics_port is not None:
+            metrics_port, stop_metrics = start_metrics_server(config.metrics_port, metrics.registry,
+                                                              config.metrics_host)
+            opened.append(stop_metrics)
         await server.start()
     except BaseException:
-        if stop_metrics is not None:
-            stop_metrics()
+        for close in reversed(opened):
+            try:
+                outcome = close()
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            except Exception:  # the start's own failure is the one to report
+                log.warning("cleanup after a failed start failed", exc_info=True)
         raise
     if servicer.jobs is not None:
         await servicer.jobs.start()  # recovers what a killed process left, then runs the queue
@@ -212,5 +259,5 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
              " with TLS" if config.tls else "", metrics_port if metrics_port is not None else "no port")
     return RunningServer(server=server, config=config, port=port, backend=backend, servicer=servicer,
                          health=health, metrics=metrics, metrics_port=metrics_port, jobs=servicer.jobs,
-                         audit=servicer.audit, _stop_metrics=stop_metrics)
+                         audit=servicer.audit, decoder=decoder, _stop_metrics=stop_metrics)
 

@@ -14,12 +14,15 @@ import logging
 import uuid
 from typing import AsyncIterator, Sequence
 
+import grpc
+
 from service import codec, errors
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.backend import ExplainBackend
 from service.config import Limits
-from service.interceptors import REQUEST_ID, current_request_id
+from service.decoding.pool import ImageDecoder
+from service.interceptors import REQUEST_ID, MalformedMessage, current_request_id
 from service.metrics import UNKNOWN, ServiceMetrics, Stopwatch
 from service.validation import resolve_model, validate_explain
 from workers.errors import Cancelled, DeadlineExceeded
@@ -43,8 +46,9 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     """Serves Explain, ExplainStream, ListModels and GetModel over one backend."""
 
     def __init__(self, backend: ExplainBackend, models: Sequence[ModelDescription], limits: Limits,
-                 metrics: ServiceMetrics, stream_max_in_flight: int = 8):
+                 metrics: ServiceMetrics, stream_max_in_flight: int = 8, decoder: ImageDecoder | None = None):
         self._backend = backend
+        self._decoder = decoder
         self._models = _with_default_flag(models)
         self._limits = limits
         self._metrics = metrics
@@ -54,9 +58,9 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
 
     @classmethod
     async def create(cls, backend: ExplainBackend, limits: Limits, metrics: ServiceMetrics,
-                     stream_max_in_flight: int = 8) -> "AttributionServicer":
+                     stream_max_in_flight: int = 8, decoder: ImageDecoder | None = None) -> "AttributionServicer":
         """Fetches the model descriptions from the backend once and caches them."""
-        return cls(backend, await backend.models(), limits, metrics, stream_max_in_flight)
+        return cls(backend, await backend.models(), limits, metrics, stream_max_in_flight, decoder)
 
     @property
     def models(self) -> dict[str, ModelDescription]:
@@ -85,7 +89,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 # Off the event loop: image decoding and map encoding are real CPU work,
                 # and the loop must keep serving health checks and other streams.
                 spec = await asyncio.to_thread(validate_explain, request, model, self._limits,
-                                               request_id=request_id, time_remaining=context.time_remaining())
+                                               request_id=request_id, time_remaining=context.time_remaining(),
+                                               decoder=self._decoder)
                 result = await self._backend.explain(spec)
                 response = await asyncio.to_thread(codec.encode_result, result, spec, model)
                 self._metrics.observe_result(spec, result)
@@ -123,6 +128,11 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         async def read_all() -> None:
             async for request in request_iterator:
                 await slots.acquire()
+                if isinstance(request, MalformedMessage):  # the stream goes on, as after any failed request
+                    responses.put_nowait(pb.ExplainResponse(error=pb.ExplainError(
+                        code=errors.Status(grpc.StatusCode.INVALID_ARGUMENT, "").code_number,
+                        message=request.message)))
+                    continue
                 task = asyncio.create_task(answer(request))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -151,15 +161,21 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
 
     # ------------------------------------------------------------- models --
 
+    @property
+    def _job_items(self) -> int:
+        """Items a SubmitJob request may carry here; 0 without an offline queue."""
+        return self.jobs.runner.limits.max_items if self.jobs is not None else 0
+
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[codec.model_info(m, self._limits) for m in self._models.values()])
+        return pb.ListModelsResponse(models=[codec.model_info(m, self._limits, self._job_items)
+                                             for m in self._models.values()])
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
         try:
             model = resolve_model(request.name, self._models)
         except Exception as exc:
             await errors.abort_with(context, exc)
-        return codec.model_info(model, self._limits)
+        return codec.model_info(model, self._limits, self._job_items)
 
     # --------------------------------------------------------------- jobs --
 

@@ -18,6 +18,7 @@ import torch
 from service import codec
 from service._proto import attribution_pb2 as pb
 from service.config import Limits
+from service.decoding.pool import ImageDecoder
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
 from workers.spec import (CAM_METHODS, NOISE_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
                           ModelDescription, OutputSpec, TargetSpec)
@@ -68,18 +69,20 @@ def resolve_model(name: str, models: Mapping[str, ModelDescription]) -> ModelDes
 
 def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits: Limits, *,
                      offline: bool = False, request_id: str = "",
-                     time_remaining: float | None = None) -> ExplainSpec:
+                     time_remaining: float | None = None, decoder: ImageDecoder | None = None) -> ExplainSpec:
     """The typed spec of `request` for `model` (see `resolve_model`).
 
     offline: the request comes from a job, so offline-only methods are allowed.
     request_id: the id to use when the request carries none (a fresh uuid4 hex otherwise).
     time_remaining: the call's remaining seconds (context.time_remaining()); None = no deadline.
+    decoder: decodes `inputs.images`; the server passes its process pool (client bytes never meet a
+        native decoder in the server's process); None = in-process Pillow, for trusted files only.
     """
     v = _Violations()
     rid = _request_id(request.request_id, limits, v) or request_id or uuid.uuid4().hex
     method = _method(request.method, model, offline, v)
     declared = _declared_items(request.inputs)
-    inputs = _inputs(request.inputs, model, limits, declared, v)
+    inputs = _inputs(request.inputs, model, limits, declared, v, decoder)
     items = int(inputs.shape[0]) if inputs is not None else declared
     target = _target(request.target, model, limits, items, v)
     params = _params(request, method, model, limits, items, v) if method else _DEFAULTS
@@ -129,7 +132,7 @@ def _declared_items(inputs: pb.Inputs) -> int:
 
 
 def _inputs(inputs: pb.Inputs, model: ModelDescription, limits: Limits, declared: int,
-            v: _Violations) -> torch.Tensor | None:
+            v: _Violations, decoder: ImageDecoder | None) -> torch.Tensor | None:
     """Model-space inputs `# (N, C, H, W)`, or None with violations added."""
     source = inputs.WhichOneof("source")
     if source is None:
@@ -149,7 +152,8 @@ def _inputs(inputs: pb.Inputs, model: ModelDescription, limits: Limits, declared
             if inputs.space == pb.MODEL:
                 raise InvalidArgument.field("inputs.space", "encoded images are pixel data; leave space unset "
                                                             "or PIXELS")
-            return codec.decode_images(inputs.images.images, model, limits.max_image_pixels, "inputs.images.images")
+            return codec.decode_images(inputs.images.images, model, limits.max_image_pixels, "inputs.images.images",
+                                       decoder)
         raw = codec.decode_tensor(inputs.tensor, "inputs.tensor")
         _check_item_shape(raw, model, "inputs.tensor.shape")
         return codec.to_model_space(raw, inputs.space, model, "inputs.tensor.dtype")
@@ -212,7 +216,8 @@ def _noise_params(p: pb.NoiseParams, limits: Limits, v: _Violations) -> MethodPa
     samples = p.samples or _DEFAULTS.samples
     if not 1 <= samples <= limits.max_samples:
         v.add("noise.samples", f"must be 1..{limits.max_samples}, got {samples}")
-    fraction = p.noise_fraction or _DEFAULTS.noise_fraction
+    # Field presence: an explicit 0 means no noise, unset means the default.
+    fraction = p.noise_fraction if p.HasField("noise_fraction") else _DEFAULTS.noise_fraction
     if not 0.0 <= fraction <= 1.0:  # NaN fails too
         v.add("noise.noise_fraction", f"must be 0..1, got {fraction}")
     return MethodParams(samples=int(samples), noise_fraction=float(fraction))

@@ -121,11 +121,16 @@ def _build_torchvision(cfg: ModelConfig) -> tuple[nn.Module, str]:
     return module, sha256_file(path)
 
 
-def _build_from_file(cfg: ModelConfig) -> tuple[nn.Module, str]:
+def _build_from_file(cfg: ModelConfig, with_layers: bool) -> tuple[nn.Module, str]:
+    """A TorchScript or torch.export file. with_layers: CAM layers are configured, so an exported
+    program is unflattened back into its submodules (the flat `.module()` never calls them, so their
+    forward hooks would never fire)."""
     path = pathlib.Path(cfg.path)
     try:
         if cfg.source == "torchscript":
             module = torch.jit.load(str(path), map_location="cpu")
+        elif with_layers:
+            module = torch.export.unflatten(torch.export.load(str(path)))
         else:
             module = torch.export.load(str(path)).module()
     except (OSError, RuntimeError, ValueError) as exc:
@@ -173,9 +178,16 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         module, version, spec, cam_layers, cam_layer, demo_labels = _build_demo(cfg, cache_dir)
         labels = labels or tuple(demo_labels)
     else:
-        module, version = (_build_torchvision(cfg) if cfg.source == "torchvision" else _build_from_file(cfg))
         cam_layers = _default_cam_layers(cfg)
+        module, version = (_build_torchvision(cfg) if cfg.source == "torchvision"
+                           else _build_from_file(cfg, bool(cam_layers)))
         cam_layer = cfg.cam_layer or (cam_layers[-1] if cam_layers else "")
+    if cfg.source == "torchscript" and cam_layers:
+        raise ModelLoadError(
+            f"model {cfg.name!r}: CAM layers {', '.join(cam_layers)} were configured, but a TorchScript module "
+            "cannot carry the forward hooks CAM methods need; load it as source torchvision (a state_dict or "
+            "safetensors file) or export (torch.export), which support CAM, or remove cam_layer/cam_layers to "
+            "serve the gradient methods only")
     if cfg.source != "export":  # an exported graph has its mode baked in and refuses eval()
         module.eval()
     for param in module.parameters():
@@ -187,7 +199,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         raise ModelLoadError(f"model {cfg.name!r}: CAM layers not found: {', '.join(missing)}")
     if cam_layer and cam_layer not in cam_layers:
         cam_layers = tuple(cam_layers) + (cam_layer,)
-    num_classes = _probe_num_classes(module, spec, device, cfg)
+    num_classes = _probe_num_classes(module, spec, device, cfg, {n: modules[n] for n in cam_layers})
     if labels and len(labels) != num_classes:
         raise ModelLoadError(f"model {cfg.name!r}: {len(labels)} labels for {num_classes} classes")
     return LoadedModel(name=cfg.name, module=module, spec=spec, num_classes=num_classes, version=version,
@@ -195,13 +207,25 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
                        labels=tuple(labels), _modules={n: modules[n] for n in cam_layers})
 
 
-def _probe_num_classes(module: nn.Module, spec: InputSpec, device: torch.device, cfg: ModelConfig) -> int:
-    """One tiny forward: checks the model runs on its input spec and reads the class count."""
+def _probe_num_classes(module: nn.Module, spec: InputSpec, device: torch.device, cfg: ModelConfig,
+                       layers: dict[str, nn.Module]) -> int:
+    """One tiny forward: checks the model runs on its input spec, reads the class count, and checks
+    that every CAM layer is really called (its forward hook fires) in the model's forward."""
+    fired: set[str] = set()
+    handles = [layer.register_forward_hook(lambda *_, name=name: fired.add(name)) for name, layer in layers.items()]
     try:
         with torch.inference_mode():
             out = module(torch.zeros((1,) + spec.shape, device=device))
     except Exception as exc:  # any failure here means the config and the model disagree
         raise ModelLoadError(f"model {cfg.name!r} fails on a {spec.shape} input: {exc}") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    silent = [name for name in layers if name not in fired]
+    if silent:
+        raise ModelLoadError(f"model {cfg.name!r}: CAM layers {', '.join(silent)} are never called as modules in "
+                             f"the {cfg.source} model's forward, so CAM methods cannot observe them; choose "
+                             "layers the forward calls, or remove them from cam_layers")
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ModelLoadError(f"model {cfg.name!r} must return logits (N, classes), got {getattr(out, 'shape', out)}")
     if cfg.num_classes and out.shape[1] != cfg.num_classes:

@@ -36,7 +36,7 @@ from workers.config import ModelConfig, model_config_from_dict
 from workers.errors import AttributionError, Cancelled, InternalError, InvalidArgument
 from workers.kernels.perturbation import occlusion, score_cam
 from workers.models import ModelRegistry, describe, select_device
-from workers.pipeline import TOP_PREDICTIONS, WorkerContext, explain_batch, to_device
+from workers.pipeline import TOP_PREDICTIONS, WorkerContext, check_finite, explain_batch, to_device
 from workers.postprocess import finish_maps
 from workers.spec import (OFFLINE_ONLY_METHODS, AttributionMap, ExplainResult, ExplainSpec, ItemExplanation,
                           ModelDescription, TargetSpec)
@@ -139,6 +139,7 @@ def _perturbation_chunk(ctx: WorkerContext, spec: ExplainSpec, progress: Progres
     x = to_device(spec.inputs, model.device)                             # (n, C, H, W)
     with torch.inference_mode():
         probs = torch.softmax(model.module(x).float(), dim=1)           # (n, classes)
+    check_finite(probs, {}, 1)                                          # before any costly pass
     targets, k = _targets(spec.target, probs, model.num_classes)        # (n*k,)
     rows = x if k == 1 else x.repeat_interleave(k, dim=0)               # (n*k, C, H, W)
     p = spec.params
@@ -151,6 +152,7 @@ def _perturbation_chunk(ctx: WorkerContext, spec: ExplainSpec, progress: Progres
                          baseline_value=p.baseline_value, budget=ctx.budget, progress=progress,
                          cancelled=cancelled)                            # (n*k, H, W)
     maps = finish_maps(maps, "none", spec.output.normalization)         # single plane: nothing to reduce
+    check_finite(probs, {spec.method: maps}, k)
     return _items(spec.method, probs, targets, k, maps)
 
 

@@ -253,10 +253,33 @@ def _run_cam(ctx: WorkerContext, works: list[_Work]) -> None:
                 w.native[variant] = finish_maps(res.native[variant], "none", norm)
 
 
+def check_finite(probs: torch.Tensor, maps: dict[str, torch.Tensor], rows_per_item: int) -> None:
+    """Refuses items whose model output or maps are NaN/Inf: finite inputs the model cannot take.
+
+    probs: `# (N, classes)`; maps: method -> `# (N*k, ...)`, k = rows_per_item.
+    """
+    bad_out = (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
+    if bad_out:
+        raise InvalidArgument.field("inputs", f"the model's output is NaN or Inf for items {bad_out[:8]}: the values "
+                                              "are finite but too large for the model in float32; MODEL-space "
+                                              "inputs must be normalized as ModelInfo.input_spec says (typically "
+                                              "a few units), or send pixels with space PIXELS")
+    bad_maps: set[int] = set()
+    for values in maps.values():
+        rows = (~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)).nonzero().flatten()
+        bad_maps.update((rows // rows_per_item).tolist())
+    if bad_maps:
+        raise InvalidArgument.field("inputs", f"the attribution maps of items {sorted(bad_maps)[:8]} overflow float32 "
+                                              "(NaN or Inf gradients): the inputs drive the model far outside its "
+                                              "normal range; MODEL-space inputs must be normalized as "
+                                              "ModelInfo.input_spec says")
+
+
 def _assemble(work: _Work, ctx: WorkerContext, compute_ms: float, samples: int, requests: int) -> ExplainResult:
     spec, model = work.spec, ctx.model
     k = spec.target.per_item if spec.target.kind == "top_k" else 1
     k = min(k, model.num_classes)
+    check_finite(work.probs, work.maps, k)
     top = work.probs.topk(min(TOP_PREDICTIONS, model.num_classes), dim=1)
     top_classes, top_scores = top.indices.cpu().tolist(), top.values.cpu().tolist()
     targets = work.targets.cpu().tolist()

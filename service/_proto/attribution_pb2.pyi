@@ -376,18 +376,20 @@ class InputSpec(_message.Message):
     def __init__(self, channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_items", "max_samples", "max_steps", "max_top_k", "max_image_pixels")
+    __slots__ = ("max_items", "max_samples", "max_steps", "max_top_k", "max_image_pixels", "max_job_items")
     MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOB_ITEMS_FIELD_NUMBER: _ClassVar[int]
     max_items: int
     max_samples: int
     max_steps: int
     max_top_k: int
     max_image_pixels: int
-    def __init__(self, max_items: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_image_pixels: _Optional[int] = ...) -> None: ...
+    max_job_items: int
+    def __init__(self, max_items: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_steps: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_image_pixels: _Optional[int] = ..., max_job_items: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "version", "input_spec", "num_classes", "class_labels", "cam_layers", "default_cam_layer", "online_methods", "offline_methods", "limits", "is_default")

@@ -19,6 +19,7 @@ from typing import Mapping
 from prometheus_client import CollectorRegistry
 
 from service.config import Limits
+from service.decoding.pool import ImageDecoder
 from service.jobs.config import JobsConfig
 from service.jobs.metrics import JobMetrics
 from service.jobs.offline_backend import OfflineBackend
@@ -42,15 +43,21 @@ class Jobs:
     @classmethod
     def create(cls, data_dir: str | os.PathLike | None, backend: OfflineBackend,
                models: Mapping[str, ModelDescription], *, limits: Limits, config: JobsConfig = JobsConfig(),
-               registry: CollectorRegistry | None = None) -> "Jobs":
+               registry: CollectorRegistry | None = None, decoder: ImageDecoder | None = None) -> "Jobs":
         """Opens `<data_dir>/jobs.sqlite3` (None: the user's data directory) and wires the parts."""
         store = open_store(data_dir, max_attempts=config.max_attempts)
         metrics = JobMetrics(registry, store.counts) if registry is not None else None
-        runner = JobRunner(store, backend, models, limits=limits, config=config, metrics=metrics)
+        runner = JobRunner(store, backend, models, limits=limits, config=config, metrics=metrics, decoder=decoder)
         return cls(store=store, runner=runner, service=JobService(store, runner), metrics=metrics)
 
     async def start(self) -> None:
         await self.runner.start()
+
+    def close(self) -> None:
+        """Closes the metrics and the store of a queue that never started (a failed server start)."""
+        if self.metrics is not None:
+            self.metrics.close()
+        self.store.close()
 
     async def stop(self) -> None:
         """Stops the runner (running jobs are requeued) and closes the backend, then the store."""

@@ -29,6 +29,7 @@ from service.jobs.events import JobEvents
 from service.jobs.metrics import JobMetrics
 from service.jobs.offline_backend import OfflineBackend
 from service.jobs.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore, StaleAttempt
+from service.decoding.pool import ImageDecoder
 from service.validation import resolve_model, validate_explain
 from workers.errors import Cancelled, InternalError, Unavailable
 from workers.spec import ExplainResult, ExplainSpec, ModelDescription
@@ -51,14 +52,16 @@ class JobRunner:
 
     models: the servicer's model descriptions by name (one flagged default).
     limits: the front door's per-request limits (a job may carry `config.max_items` items).
+    decoder: decodes the jobs' encoded images (the server's isolated pool).
     """
 
     def __init__(self, store: JobStore, backend: OfflineBackend, models: Mapping[str, ModelDescription], *,
                  limits: Limits, config: JobsConfig = JobsConfig(), events: JobEvents | None = None,
-                 metrics: JobMetrics | None = None):
+                 metrics: JobMetrics | None = None, decoder: ImageDecoder | None = None):
         self.store, self.backend, self.config, self.metrics = store, backend, config, metrics
         self.models = dict(models)
         self.limits = config.request_limits(limits)
+        self.decoder = decoder  # the server's image decoder (None: in-process, trusted inputs only)
         self.events = events or JobEvents()
         self._wake = asyncio.Event()
         self._cancels: dict[str, asyncio.Event] = {}
@@ -176,7 +179,7 @@ class JobRunner:
         request = pb.ExplainRequest.FromString(raw)
         model = resolve_model(request.model, self.models)
         spec = await asyncio.to_thread(validate_explain, request, model, self.limits, offline=True,
-                                       request_id=job.id)
+                                       request_id=job.id, decoder=self.decoder)
         return spec, model
 
     async def _execute(self, job: JobRecord, spec: ExplainSpec, cancel: asyncio.Event) -> ExplainResult:

@@ -62,6 +62,7 @@ class JobService:
         job_id = uuid.uuid4().hex
         # Validated now so a bad request fails the call, not the job; off the loop: images decode here.
         spec = await asyncio.to_thread(validate_explain, request.request, model, self.runner.limits, offline=True,
+                                       decoder=self.runner.decoder,
                                        request_id=job_id)
         stored = pb.ExplainRequest()
         stored.CopyFrom(request.request)

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from workers.config import InputSpec, ModelConfig, model_config_from_dict
 from workers.errors import InvalidArgument, LayerNotFound, ModelLoadError, ModelNotFound
+from workers.demo import DEMO_CAM_LAYER
 from workers.models import ModelRegistry, describe, load_model, select_device
 
 SMALL = InputSpec(height=32, width=32)
@@ -149,3 +150,35 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(ModelLoadError, match="no CUDA device"):
             select_device("cuda")
+
+
+def test_torchscript_with_cam_layers_is_refused_at_load(demo_model, tmp_path):
+    from workers.errors import ModelLoadError
+
+    torch.jit.script(demo_model).save(str(tmp_path / "demo.ts"))
+    spec = InputSpec(height=64, width=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    with pytest.raises(ModelLoadError, match="TorchScript module cannot carry the forward hooks") as info:
+        load_model(ModelConfig(name="ts", source="torchscript", path=str(tmp_path / "demo.ts"), input=spec,
+                               cam_layers=("features.6",)))
+    assert "torchvision" in str(info.value) and "export" in str(info.value)
+
+
+def test_exported_model_serves_cam_on_its_layers(demo_model, tmp_path):
+    from workers.kernels.cam import CamRequest, explain_cam
+    from workers.kernels.hooks import LayerTaps
+
+    exported = torch.export.export(demo_model, (torch.zeros(2, 3, 64, 64),),
+                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
+    torch.export.save(exported, str(tmp_path / "demo.pt2"))
+    spec = InputSpec(height=64, width=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    layer = DEMO_CAM_LAYER
+    ex = load_model(ModelConfig(name="ex", source="export", path=str(tmp_path / "demo.pt2"), input=spec,
+                                cam_layers=(layer,)))
+    assert ex.cam_layers == (layer,) and "grad_cam" in ex.online_methods
+    x = torch.randn(2, 3, 64, 64)
+    targets = torch.tensor([0, 1])
+    request = lambda: CamRequest(inputs=x, targets=targets, layer=layer, variants=("grad_cam",))
+    with LayerTaps(ex.module, (layer,)) as taps, LayerTaps(demo_model, (layer,)) as reference:
+        got = explain_cam(ex.module, taps, [request()])[0].maps["grad_cam"]
+        want = explain_cam(demo_model, reference, [request()])[0].maps["grad_cam"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
