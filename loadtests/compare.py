@@ -289,7 +289,8 @@ async def _serve_target(args: argparse.Namespace) -> None:
     torch.set_num_threads(config.torch_threads)  # as `attribution serve` does: kernels run in the replicas
     pin_process(config.cpu_affinity, "server.cpu_affinity")  # before Ray: its daemons inherit the cores
     cpus = max(os.cpu_count() or 1, int(sum(m.num_cpus * max(1, m.replicas) for m in app.models) + 0.999))
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
     running = None
     try:
         await asyncio.to_thread(deploy_all, app)

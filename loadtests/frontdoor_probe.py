@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> dict:
     cache_dir = args.cache_dir or str(default_cache_dir())
     started = time.time()
     one = build_request(np.zeros((1, 3, 64, 64), np.uint8), method="grad_cam", model=MODEL)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
         attempts = [probe_proxy(fn, cache_dir, one) for fn in (STOCK_SERVICER, GENERIC_SERVICER)]
         proxy_port = start_serve(SHIM_SERVICER)

@@ -76,8 +76,10 @@ async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str
     pin_process(server_config.cpu_affinity, "server.cpu_affinity")
     owns_ray = not ray.is_initialized() and not args.address and not args.attach
     if not ray.is_initialized():
+        # A Ray of our own is local to this machine: its daemons listen on loopback only.
         ray.init(address=args.address or None, num_cpus=args.num_cpus if owns_ray else None,
-                 include_dashboard=False, log_to_driver=False)
+                 include_dashboard=False, log_to_driver=False,
+                 **({"_node_ip_address": "127.0.0.1"} if owns_ray else {}))
     from service.jobs import JobsConfig
     from service.jobs.offline_backend import ServeOfflineBackend
     from service.jobs.store import default_data_dir
