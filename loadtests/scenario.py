@@ -366,7 +366,9 @@ def _request(entry: MixEntry, info: pb.ModelInfo, rng: np.random.Generator, requ
     else:
         request.inputs.images.images.extend(_png(item) for item in pixels)
     if entry.method in _NOISE:
-        request.noise.CopyFrom(pb.NoiseParams(samples=entry.samples, noise_fraction=entry.noise_fraction))
+        request.noise.CopyFrom(pb.NoiseParams(samples=entry.samples))
+        if entry.noise_fraction:  # 0 in a scenario = the server's default; the field is optional on the wire
+            request.noise.noise_fraction = entry.noise_fraction
     elif entry.method == "integrated_gradients":
         request.integrated_gradients.CopyFrom(pb.IntegratedGradientsParams(steps=entry.steps))
     elif entry.method in _CAM:
