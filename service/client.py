@@ -20,7 +20,7 @@ from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from service._proto import attribution_pb2 as pb
@@ -73,16 +73,48 @@ class ServiceError(grpc.RpcError):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Retries of one call: attempt k waits a random time in [b/2, b], b = min(max, initial * 2**(k-1))."""
+    """Retries of one call: attempt k waits a random time in [b/2, b], b = min(max, initial * 2**(k-1)).
+
+    A refusal that carries google.rpc.RetryInfo waits at least the delay the server suggests (plus up to
+    20 % jitter). Retries stay within the call's overall timeout: a pause that would end past it ends
+    the call with the last error instead. Retrying is safe here because explanations are deterministic
+    (seeded): a retried Explain computes the same maps. `RetryPolicy.off()` (or `retry=False`) disables it.
+    """
 
     max_attempts: int = 5
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
-    codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+    codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    honour_retry_info: bool = True
 
-    def pause(self, attempt: int) -> float:
+    @classmethod
+    def off(cls) -> "RetryPolicy":
+        return cls(max_attempts=1)
+
+    def pause(self, attempt: int, suggested: float = 0.0) -> float:
         ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
-        return random.uniform(ceiling / 2, ceiling)  # jitter: retrying clients must not march in step
+        backoff = random.uniform(ceiling / 2, ceiling)  # jitter: retrying clients must not march in step
+        if self.honour_retry_info and suggested > 0:
+            return max(backoff, suggested * random.uniform(1.0, 1.2))
+        return backoff
+
+
+def retry_delay(exc: grpc.RpcError) -> float:
+    """The delay a refusal's google.rpc.RetryInfo suggests, in seconds; 0 without one."""
+    try:
+        trailers = exc.trailing_metadata() or ()
+    except Exception:  # not a call error (e.g. a channel failure): no details
+        return 0.0
+    for key, value in trailers:
+        if key != "grpc-status-details-bin":
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return info.retry_delay.ToNanoseconds() / 1e9
+    return 0.0
 
 
 class _Attempts:
@@ -100,7 +132,7 @@ class _Attempts:
         self.attempt += 1
         if exc.code() not in self.policy.codes or self.attempt >= self.policy.max_attempts:
             return None
-        pause = self.policy.pause(self.attempt)
+        pause = self.policy.pause(self.attempt, retry_delay(exc))
         left = self.remaining()
         return None if left is not None and pause >= left else pause
 
@@ -283,6 +315,12 @@ class _ClientBase:
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
+    def _policy(self, retry: RetryPolicy | bool | None) -> RetryPolicy:
+        """A call's retry policy: the client's (None, True), none (False), or the one given."""
+        if retry is None or retry is True:
+            return self.retry
+        return RetryPolicy.off() if retry is False else retry
+
 
 class AttributionClient(_ClientBase):
     """Blocking client. `root_certificates` (PEM bytes or path) turns TLS on."""
@@ -296,8 +334,8 @@ class AttributionClient(_ClientBase):
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
 
-    def _call(self, rpc, request, timeout: float | None):
-        attempts = _Attempts(self.retry, self._timeout(timeout))
+    def _call(self, rpc, request, timeout: float | None, retry: RetryPolicy | bool | None = None):
+        attempts = _Attempts(self._policy(retry), self._timeout(timeout))
         while True:
             try:
                 return rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
@@ -313,12 +351,14 @@ class AttributionClient(_ClientBase):
     def model(self, name: str = "", timeout: float | None = None) -> pb.ModelInfo:
         return self._call(self.stub.GetModel, pb.GetModelRequest(name=name), timeout)
 
-    def explain(self, inputs: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Explanation:
-        """Explains `inputs` (or `images=`); keywords as `build_request`."""
-        return self.explain_request(build_request(inputs, **kwargs), timeout)
+    def explain(self, inputs: Any = None, *, timeout: float | None = None, retry: RetryPolicy | bool | None = None,
+                **kwargs: Any) -> Explanation:
+        """Explains `inputs` (or `images=`); keywords as `build_request`; `retry` overrides the client's policy."""
+        return self.explain_request(build_request(inputs, **kwargs), timeout, retry)
 
-    def explain_request(self, request: pb.ExplainRequest, timeout: float | None = None) -> Explanation:
-        return Explanation.from_response(self._call(self.stub.Explain, request, timeout))
+    def explain_request(self, request: pb.ExplainRequest, timeout: float | None = None,
+                        retry: RetryPolicy | bool | None = None) -> Explanation:
+        return Explanation.from_response(self._call(self.stub.Explain, request, timeout, retry))
 
     def explain_stream(self, requests: Iterable[pb.ExplainRequest],
                        timeout: float | None = None) -> Iterator[Explanation]:
@@ -352,8 +392,8 @@ class AsyncAttributionClient(_ClientBase):
                         else grpc.aio.insecure_channel(target, options))
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
 
-    async def _call(self, rpc, request, timeout: float | None):
-        attempts = _Attempts(self.retry, self._timeout(timeout))
+    async def _call(self, rpc, request, timeout: float | None, retry: RetryPolicy | bool | None = None):
+        attempts = _Attempts(self._policy(retry), self._timeout(timeout))
         while True:
             try:
                 return await rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
@@ -369,11 +409,13 @@ class AsyncAttributionClient(_ClientBase):
     async def model(self, name: str = "", timeout: float | None = None) -> pb.ModelInfo:
         return await self._call(self.stub.GetModel, pb.GetModelRequest(name=name), timeout)
 
-    async def explain(self, inputs: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Explanation:
-        return await self.explain_request(build_request(inputs, **kwargs), timeout)
+    async def explain(self, inputs: Any = None, *, timeout: float | None = None,
+                      retry: RetryPolicy | bool | None = None, **kwargs: Any) -> Explanation:
+        return await self.explain_request(build_request(inputs, **kwargs), timeout, retry)
 
-    async def explain_request(self, request: pb.ExplainRequest, timeout: float | None = None) -> Explanation:
-        return Explanation.from_response(await self._call(self.stub.Explain, request, timeout))
+    async def explain_request(self, request: pb.ExplainRequest, timeout: float | None = None,
+                              retry: RetryPolicy | bool | None = None) -> Explanation:
+        return Explanation.from_response(await self._call(self.stub.Explain, request, timeout, retry))
 
     async def explain_stream(self, requests: Iterable[pb.ExplainRequest],
                              timeout: float | None = None) -> AsyncIterator[Explanation]:

@@ -18,6 +18,8 @@ A config file's `server:` section has this shape (every key optional)::
       cpu_affinity: []            # cores for the front door and the Ray daemons it starts; [] = none
       limits: {max_items: 64, max_samples: 256, max_steps: 512, max_top_k: 10,
                max_image_pixels: 16777216, max_request_id_chars: 128}
+      admission: {enabled: true, target_queue_delay_s: 2, default_deadline_s: 30, deadline_fraction: 0.8,
+                  min_queued_cost: 64, smoothing: 0.3, max_retry_after_s: 5}
       decode: {isolation: process, workers: 2, timeout_s: 5, memory_mb: 1024, max_uses: 10000, wait_s: 10}
 """
 from __future__ import annotations
@@ -147,8 +149,9 @@ class ServerConfig:
     tls_cert, tls_key: PEM file paths; both set = TLS, neither = plaintext.
     grace_s: on stop, how long in-flight calls may run before they are cancelled.
     stream_max_in_flight: requests of one ExplainStream processed at once.
-    max_concurrent_rpcs: calls served at once before new ones are refused
-        with RESOURCE_EXHAUSTED; 0 = unbounded.
+    max_concurrent_rpcs: Explain calls (and ExplainStream requests) served at once
+        before new ones are refused with RESOURCE_EXHAUSTED; 0 = unbounded. Health,
+        reflection, ListModels and jobs are never refused by it.
     torch_threads: torch intra-op threads of the front-door process, applied by
         `attribution serve` when the kernels run in Serve replicas. Its tensor work
         (decode, normalize, encode maps) is per request and small, so threads do not
@@ -158,6 +161,7 @@ class ServerConfig:
         cores (`models[].cpu_affinity`). Empty: no pinning.
     limits: per-request limits.
     decode: how client PNG/JPEG bytes are decoded (isolated worker processes by default).
+    admission: refusing by cost and deadline (service/admission.py).
     """
 
     host: str = "[::]"
@@ -176,6 +180,7 @@ class ServerConfig:
     cpu_affinity: tuple[int, ...] = ()
     limits: Limits = field(default_factory=Limits)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    admission: "AdmissionConfig" = field(default_factory=lambda: _admission_config())
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "server.host", "must not be empty")
@@ -217,11 +222,23 @@ class ServerConfig:
             limits = raw["limits"] or {}
             _refuse_unknown(Limits, limits, "server.limits")
             raw["limits"] = Limits(**limits)
+        if "admission" in raw:
+            from service.admission import AdmissionConfig
+
+            admission = raw["admission"] or {}
+            _refuse_unknown(AdmissionConfig, admission, "server.admission")
+            raw["admission"] = AdmissionConfig(**admission)
         if "decode" in raw:
             decode = raw["decode"] or {}
             _refuse_unknown(DecodeConfig, decode, "server.decode")
             raw["decode"] = DecodeConfig(**decode)
         return cls(**raw)
+
+
+def _admission_config():
+    from service.admission import AdmissionConfig
+
+    return AdmissionConfig()
 
 
 def _refuse_unknown(kind: type, raw: Any, where: str) -> None:

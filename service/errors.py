@@ -63,6 +63,8 @@ class Status:
     code: grpc.StatusCode
     message: str
     violations: tuple[werr.FieldViolation, ...] = field(default=())
+    retry_after_s: float = 0.0  # > 0: a google.rpc.RetryInfo detail suggests this delay
+    reason: str = ""            # RESOURCE_EXHAUSTED: why (metrics)
 
     @property
     def code_number(self) -> int:
@@ -82,6 +84,10 @@ class Status:
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
                 for v in self.violations])
             rich.details.add().Pack(bad)
+        if self.retry_after_s > 0:
+            info = error_details_pb2.RetryInfo()
+            info.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
+            rich.details.add().Pack(info)
         return rich
 
 
@@ -106,7 +112,8 @@ def classify(exc: BaseException) -> Status:
                 for v in getattr(exc, "violations", ())[:MAX_VIOLATIONS])
             if not exc.client_error:
                 log.warning("request failed with %s: %s", code.name, message)
-            return Status(code, message, violations)
+            return Status(code, message, violations, retry_after_s=float(getattr(exc, "retry_after_s", 0.0)),
+                          reason=str(getattr(exc, "reason", "")))
     error_id = uuid.uuid4().hex[:16]
     log.error("internal error %s", error_id, exc_info=(type(exc), exc, exc.__traceback__))
     return Status(grpc.StatusCode.INTERNAL,
@@ -127,9 +134,24 @@ def code_from_number(number: int) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+class _StatusWithPushback(grpc.Status):
+    def __init__(self, code, details, trailing_metadata):
+        self.code, self.details, self.trailing_metadata = code, details, trailing_metadata
+
+
+def grpc_status(status: Status) -> grpc.Status:
+    """The grpc.Status to abort with: google.rpc.Status details, plus `grpc-retry-pushback-ms` when a
+    retry delay is suggested (gRPC's own retry policies honour it; our client reads RetryInfo)."""
+    plain = rpc_status.to_status(status.to_rpc_status())
+    if status.retry_after_s <= 0:
+        return plain
+    pushback = (("grpc-retry-pushback-ms", str(max(1, int(status.retry_after_s * 1000)))),)
+    return _StatusWithPushback(plain.code, plain.details, tuple(plain.trailing_metadata) + pushback)
+
+
 async def abort(context: grpc.aio.ServicerContext, status: Status) -> NoReturn:
     """Ends the call with `status`; the rich status rides in the trailers."""
-    await context.abort_with_status(rpc_status.to_status(status.to_rpc_status()))
+    await context.abort_with_status(grpc_status(status))
     raise RuntimeError("abort_with_status returned")  # unreachable: it always raises
 
 

@@ -51,6 +51,12 @@ class ServiceMetrics:
         self.decode_events = Counter("attribution_decode_worker_events", "Image decode worker events: started, "
                                      "crashed (a file killed it), timeout (a file took too long; killed), "
                                      "protocol (it answered out of protocol; killed).", ["event"], registry=reg)
+        self.rejected = Counter("attribution_rejected", "Explain calls refused before any work, by model and reason: "
+                                "queue_full, deadline_too_short (admission), concurrency (max_concurrent_rpcs), "
+                                "backpressure (a replica's queue), no_replica.", ["model", "reason"], registry=reg)
+        self.dropped = Counter("attribution_dropped_expired", "Requests dropped because their deadline passed or "
+                               "their caller cancelled, by the stage that dropped them (front door here; "
+                               "replicas count theirs in the worker metrics).", ["stage"], registry=reg)
         self.malformed = Counter("attribution_malformed_messages", "Request messages that could not be parsed, "
                                  "by RPC method.", ["method"], registry=reg)
 
@@ -76,6 +82,30 @@ class ServiceMetrics:
             self.batch_samples.labels(model).observe(result.batch_samples)
             self.batch_requests.labels(model).observe(result.batch_requests)
         self.samples.labels(model, method).inc(spec.cost)
+
+
+class AdmissionCollector:
+    """The admission controllers' state per model, read at scrape time."""
+
+    def __init__(self, admission) -> None:
+        self._admission = admission  # service.admission.Admission
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        rate = GaugeMetricFamily("attribution_admission_service_rate", "Estimated cost units (samples) per "
+                                 "second the model's workers complete; 0 before the first measurement.",
+                                 labels=["model"])
+        queued = GaugeMetricFamily("attribution_admission_queued_cost", "Cost admitted by this front door and not "
+                                   "finished yet.", labels=["model"])
+        bound = GaugeMetricFamily("attribution_admission_queue_bound", "Queued cost beyond which calls are "
+                                  "refused (rate x target_queue_delay_s); -1 before the first measurement.",
+                                  labels=["model"])
+        for name, model in sorted(self._admission.models().items()):
+            rate.add_metric([name], model.rate or 0.0)
+            queued.add_metric([name], model.queued)
+            bound.add_metric([name], -1.0 if model.rate is None else model.bound)
+        yield from (rate, queued, bound)
 
 
 class Stopwatch:

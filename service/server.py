@@ -27,7 +27,8 @@ from service.backend import ExplainBackend
 from service.config import MIB, DecodeConfig, ServerConfig
 from service.decoding.pool import DecodePool, ImageDecoder, InlineDecoder
 from service.interceptors import BearerTokenInterceptor, MalformedMessageInterceptor, RequestIdInterceptor
-from service.metrics import ServiceMetrics, start_metrics_server
+from service.admission import Admission
+from service.metrics import AdmissionCollector, ServiceMetrics, start_metrics_server
 from service.servicer import AttributionServicer
 
 log = logging.getLogger(__name__)
@@ -209,8 +210,10 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
     try:
         decoder = make_decoder(config.decode, metrics)
         opened.append(lambda: _close_decoder(decoder))
+        admission = Admission(config.admission)
         servicer = await AttributionServicer.create(backend, config.limits, metrics, config.stream_max_in_flight,
-                                                    decoder)
+                                                    decoder, admission, config.max_concurrent_rpcs)
+        metrics.registry.register(AdmissionCollector(admission))
         if data_dir is not None:
             from service.audit import AuditConfig, AuditLog
 
@@ -228,8 +231,9 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor(metrics), RequestIdInterceptor()]
         if config.auth_token:
             interceptors.append(BearerTokenInterceptor(config.auth_token))
-        server = grpc.aio.server(interceptors=interceptors, options=server_options(config),
-                                 maximum_concurrent_rpcs=config.max_concurrent_rpcs or None)
+        # No maximum_concurrent_rpcs here: it would refuse health checks too. The servicer applies
+        # max_concurrent_rpcs to explain calls only, and counts its refusals.
+        server = grpc.aio.server(interceptors=interceptors, options=server_options(config))
         pb_grpc.add_AttributionServiceServicer_to_server(servicer, server)
         health = DrainingHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)

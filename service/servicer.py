@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from typing import AsyncIterator, Sequence
 
@@ -24,8 +25,9 @@ from service.config import Limits
 from service.decoding.pool import ImageDecoder
 from service.interceptors import REQUEST_ID, MalformedMessage, current_request_id
 from service.metrics import UNKNOWN, ServiceMetrics, Stopwatch
-from service.validation import resolve_model, validate_explain
-from workers.errors import Cancelled, DeadlineExceeded
+from service.admission import Admission
+from service.validation import estimate_cost, resolve_model, validate_explain
+from workers.errors import Cancelled, DeadlineExceeded, Overloaded
 from workers.spec import ModelDescription
 
 log = logging.getLogger(__name__)
@@ -46,21 +48,27 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     """Serves Explain, ExplainStream, ListModels and GetModel over one backend."""
 
     def __init__(self, backend: ExplainBackend, models: Sequence[ModelDescription], limits: Limits,
-                 metrics: ServiceMetrics, stream_max_in_flight: int = 8, decoder: ImageDecoder | None = None):
+                 metrics: ServiceMetrics, stream_max_in_flight: int = 8, decoder: ImageDecoder | None = None,
+                 admission: Admission | None = None, max_explains: int = 0):
         self._backend = backend
         self._decoder = decoder
         self._models = _with_default_flag(models)
         self._limits = limits
         self._metrics = metrics
         self._stream_max_in_flight = stream_max_in_flight
+        self.admission = admission or Admission()
+        self._max_explains = max_explains  # concurrent explain calls; 0 = no limit (health is never limited)
+        self._explaining = 0
         self.jobs = None    # service.jobs.Jobs, when the server runs an offline queue
         self.audit = None   # service.audit.AuditLog, when the server keeps an audit log
 
     @classmethod
     async def create(cls, backend: ExplainBackend, limits: Limits, metrics: ServiceMetrics,
-                     stream_max_in_flight: int = 8, decoder: ImageDecoder | None = None) -> "AttributionServicer":
+                     stream_max_in_flight: int = 8, decoder: ImageDecoder | None = None,
+                     admission: Admission | None = None, max_explains: int = 0) -> "AttributionServicer":
         """Fetches the model descriptions from the backend once and caches them."""
-        return cls(backend, await backend.models(), limits, metrics, stream_max_in_flight, decoder)
+        return cls(backend, await backend.models(), limits, metrics, stream_max_in_flight, decoder, admission,
+                   max_explains)
 
     @property
     def models(self) -> dict[str, ModelDescription]:
@@ -82,16 +90,33 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         request_id = request_id or uuid.uuid4().hex
         REQUEST_ID.set(request_id)
         model_label, method_label, status = UNKNOWN, codec.METHOD_NAMES.get(request.method, UNKNOWN), errors.OK
+        ticket, counted = None, False
         with self._metrics.track_inflight():
             try:
                 model = resolve_model(request.model, self._models)
                 model_label = model.name
+                if self._max_explains and self._explaining >= self._max_explains:
+                    raise Overloaded(f"this server is answering {self._explaining} explain calls, its limit "
+                                     "(server.max_concurrent_rpcs); retry after the suggested delay",
+                                     retry_after_s=0.1, reason="concurrency")
+                self._explaining += 1
+                counted = True
+                # Before any decoding: a refusal costs microseconds, not a validation.
+                ticket = self.admission.model(model.name).admit(estimate_cost(request, self._limits),
+                                                                context.time_remaining())
                 # Off the event loop: image decoding and map encoding are real CPU work,
                 # and the loop must keep serving health checks and other streams.
                 spec = await asyncio.to_thread(validate_explain, request, model, self._limits,
                                                request_id=request_id, time_remaining=context.time_remaining(),
                                                decoder=self._decoder)
+                ticket.resize(spec.cost)
+                if spec.deadline is not None and time.time() >= spec.deadline:
+                    self._metrics.dropped.labels("front_door").inc()
+                    raise DeadlineExceeded("the deadline passed before the request reached a worker; it was "
+                                           "not computed")
                 result = await self._backend.explain(spec)
+                self.admission.model(model.name).observe_batch(result.batch_samples, result.compute_ms)
+                ticket.release(completed=True)
                 response = await asyncio.to_thread(codec.encode_result, result, spec, model)
                 self._metrics.observe_result(spec, result)
                 response.timings.total_ms = watch.seconds * 1e3
@@ -106,8 +131,14 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 raise
             except Exception as exc:  # every failure is classified here, once; no traceback leaves the server
                 status = errors.classify(exc)
+                if status.reason:
+                    self._metrics.rejected.labels(model_label, status.reason).inc()
                 return status
             finally:
+                if ticket is not None:
+                    ticket.release(completed=False)  # a no-op when the result already released it
+                if counted:
+                    self._explaining -= 1
                 self._metrics.observe_request(model_label, method_label, status.code_name, watch.seconds)
 
     async def ExplainStream(self, request_iterator: AsyncIterator[pb.ExplainRequest],

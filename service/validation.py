@@ -96,6 +96,25 @@ def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits
                        deadline=deadline)
 
 
+def estimate_cost(request: pb.ExplainRequest, limits: Limits) -> int:
+    """The request's batching cost (ExplainSpec.cost) from its declared fields, without decoding anything.
+
+    Used for admission before validation; out-of-range values are clamped to the
+    limits (validation refuses them afterwards anyway).
+    """
+    items = min(max(1, _declared_items(request.inputs)), limits.max_items)
+    name = codec.METHOD_NAMES.get(request.method, "")
+    per_item = 1
+    if name in NOISE_METHODS:
+        per_item = min(request.noise.samples or _DEFAULTS.samples, limits.max_samples)
+    elif name == "integrated_gradients":
+        per_item = min(request.integrated_gradients.steps or _DEFAULTS.steps, limits.max_steps)
+    targets = 1
+    if request.target.WhichOneof("kind") == "top_k":
+        targets = min(max(1, request.target.top_k), limits.max_top_k)
+    return items * targets * per_item
+
+
 def _request_id(rid: str, limits: Limits, v: _Violations) -> str:
     if len(rid) > limits.max_request_id_chars:
         v.add("request_id", f"has {len(rid)} characters; at most {limits.max_request_id_chars}")

@@ -84,9 +84,18 @@ class FailedPrecondition(AttributionError):
 
 
 class Overloaded(AttributionError):
-    """A queue is full: the caller should back off and retry."""
+    """The service cannot take the request now: the caller should back off and retry.
+
+    retry_after_s: the suggested delay (sent as google.rpc.RetryInfo); 0 = none given.
+    reason: why, for metrics: "queue_full", "deadline_too_short", "concurrency", "backpressure".
+    """
 
     client_error = True
+
+    def __init__(self, message: str, retry_after_s: float = 0.0, reason: str = "queue_full"):
+        super().__init__(message)
+        self.retry_after_s = float(retry_after_s)
+        self.reason = reason
 
 
 class DeadlineExceeded(AttributionError):
@@ -98,7 +107,14 @@ class Cancelled(AttributionError):
 
 
 class Unavailable(AttributionError):
-    """A worker or dependency is down or shutting down; retrying may succeed."""
+    """A worker or dependency is down or shutting down; retrying may succeed.
+
+    retry_after_s: the suggested delay (sent as google.rpc.RetryInfo); 0 = none given.
+    """
+
+    def __init__(self, message: str, retry_after_s: float = 0.0):
+        super().__init__(message)
+        self.retry_after_s = float(retry_after_s)
 
 
 class ModelLoadError(AttributionError):

@@ -123,8 +123,9 @@ def test_stream(client, images):
 
 def test_deadline(client, images):
     with pytest.raises(ServiceError) as info:
-        client.explain(images, method="smoothgrad", samples=64, timeout=0.001)
-    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        client.explain(images, method="smoothgrad", samples=64, timeout=0.001, retry=False)
+    # Either the deadline fires first, or admission answers first that the work cannot finish in time.
+    assert info.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert client.models()  # the server is fine
 
 

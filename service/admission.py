@@ -1,0 +1,182 @@
+"""Admission control by cost and deadline: refuse at once what cannot finish in time.
+
+Each model has a `ModelAdmission` in the front door. It knows
+
+- its **service rate**: cost units (samples) per second the model's workers
+  complete, an exponentially weighted estimate over one-second windows in which
+  work was queued the whole time (so idle time does not read as slowness),
+  seeded from the first batches' own kernel rate;
+- its **queued cost**: cost admitted here and not finished yet.
+
+A request is refused with RESOURCE_EXHAUSTED (and a RetryInfo delay) when the
+work ahead of it plus its own cost would take longer than its remaining
+deadline (`deadline_too_short`), or would push the queued cost past
+`rate x target_queue_delay_s` (`queue_full`). Calls without a deadline are
+judged against `default_deadline_s`. The check needs only the request's
+declared cost (validation.estimate_cost), so it runs before any decoding:
+a refusal costs microseconds. Replicas check again with their own view
+(workers/admission.py), because several front doors can share them.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from workers.errors import Overloaded
+
+_WINDOW_S = 1.0
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """The `server.admission` section.
+
+    enabled: refuse by cost and deadline (off: every request queues, as before).
+    target_queue_delay_s: the queued cost may reach rate x this (the latency a call without a
+        deadline may meet in the queue).
+    default_deadline_s: the deadline assumed, for admission only, for calls that carry none.
+    deadline_fraction: a call is admitted only if its predicted finish is within this fraction of its
+        remaining deadline (the estimate is an average; the margin keeps admitted calls in time).
+    min_queued_cost: the queue bound's floor, so a cold or low estimate never refuses everything.
+    smoothing: weight of each new one-second rate measurement in the estimate, 0..1.
+    max_retry_after_s: the longest RetryInfo delay suggested.
+    """
+
+    enabled: bool = True
+    target_queue_delay_s: float = 2.0
+    default_deadline_s: float = 30.0
+    deadline_fraction: float = 0.8
+    min_queued_cost: int = 64
+    smoothing: float = 0.3
+    max_retry_after_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        from service.config import _check
+
+        _check(0.01 <= self.target_queue_delay_s <= 600, "server.admission.target_queue_delay_s",
+               "must be 0.01..600 seconds")
+        _check(0.1 <= self.default_deadline_s <= 86400, "server.admission.default_deadline_s",
+               "must be 0.1..86400 seconds")
+        _check(1 <= self.min_queued_cost <= 1 << 30, "server.admission.min_queued_cost", "must be 1..2**30")
+        _check(0.1 <= self.deadline_fraction <= 1, "server.admission.deadline_fraction", "must be 0.1..1")
+        _check(0 < self.smoothing <= 1, "server.admission.smoothing", "must be in (0, 1]")
+        _check(0.01 <= self.max_retry_after_s <= 600, "server.admission.max_retry_after_s",
+               "must be 0.01..600 seconds")
+
+
+class Ticket:
+    """One admitted request's share of the queue; `release` it exactly once."""
+
+    __slots__ = ("cost", "_owner", "_released")
+
+    def __init__(self, owner: "ModelAdmission", cost: float):
+        self.cost, self._owner, self._released = cost, owner, False
+
+    def resize(self, cost: float) -> None:
+        """The exact cost, once validation knows it."""
+        if not self._released:
+            self._owner._adjust(cost - self.cost)
+            self.cost = cost
+
+    def release(self, completed: bool) -> None:
+        if not self._released:
+            self._released = True
+            self._owner._finish(self.cost, completed)
+
+
+class ModelAdmission:
+    """The admission state of one model in one front door (thread-safe)."""
+
+    def __init__(self, model: str, config: AdmissionConfig = AdmissionConfig()):
+        self.model, self.config = model, config
+        self.rate: float | None = None      # cost units per second
+        self.queued = 0.0                   # admitted, unfinished cost
+        self._lock = threading.Lock()
+        self._window_start = time.monotonic()
+        self._window_cost = 0.0
+        self._window_idle = True  # the queue was empty at some point of this window
+
+    @property
+    def bound(self) -> float:
+        """The queued cost allowed now."""
+        if self.rate is None:
+            return float("inf")
+        return max(float(self.config.min_queued_cost), self.rate * self.config.target_queue_delay_s)
+
+    def predicted_wait(self, cost: float) -> float | None:
+        """Seconds until a request of `cost` admitted now would finish; None before any measurement."""
+        return None if self.rate is None else (self.queued + cost) / self.rate
+
+    def _retry_after(self, excess: float) -> float:
+        delay = excess / self.rate if self.rate else 0.1
+        return min(self.config.max_retry_after_s, max(0.05, delay))
+
+    def admit(self, cost: float, remaining_s: float | None) -> Ticket:
+        """A ticket for `cost`, or `Overloaded` saying why not."""
+        with self._lock:
+            if self.config.enabled and self.rate is not None:
+                remaining = self.config.default_deadline_s if remaining_s is None else remaining_s
+                wait = (self.queued + cost) / self.rate
+                if self.queued + cost > self.bound and self.queued > 0:
+                    raise Overloaded(
+                        f"model {self.model!r} is at capacity: {self.queued:.0f} cost units are queued (bound "
+                        f"{self.bound:.0f}, about {self.config.target_queue_delay_s:g} s of work at "
+                        f"{self.rate:.0f}/s); retry after the suggested delay", self._retry_after(
+                            self.queued + cost - self.bound), reason="queue_full")
+                if wait > remaining * self.config.deadline_fraction:
+                    raise Overloaded(
+                        f"the deadline is too short for the current queue of model {self.model!r}: about "
+                        f"{wait:.2f} s of work would be ahead of or part of this call, which has {remaining:.2f} "
+                        "s left; retry after the suggested delay or with a longer deadline",
+                        self._retry_after(self.queued + cost - remaining * self.config.deadline_fraction * self.rate),
+                        reason="deadline_too_short")
+            self.queued += cost
+            return Ticket(self, cost)
+
+    def observe_batch(self, batch_samples: int, compute_ms: float) -> None:
+        """Seeds the rate from a batch's own kernel rate until a busy window has been measured."""
+        if self.rate is None and batch_samples > 0 and compute_ms > 0:
+            with self._lock:
+                if self.rate is None:
+                    self.rate = batch_samples / (compute_ms / 1e3)
+
+    def _adjust(self, delta: float) -> None:
+        with self._lock:
+            self.queued = max(0.0, self.queued + delta)
+
+    def _finish(self, cost: float, completed: bool) -> None:
+        with self._lock:
+            self.queued = max(0.0, self.queued - cost)
+            if completed:
+                self._window_cost += cost
+            now = time.monotonic()
+            elapsed = now - self._window_start
+            if elapsed >= _WINDOW_S:
+                if not self._window_idle and self._window_cost > 0:
+                    measured = self._window_cost / elapsed
+                    a = self.config.smoothing
+                    self.rate = measured if self.rate is None else (1 - a) * self.rate + a * measured
+                self._window_start, self._window_cost = now, 0.0
+                self._window_idle = self.queued <= 0
+            elif self.queued <= 0:
+                self._window_idle = True  # idle time would read as slowness: this window measures nothing
+
+
+class Admission:
+    """`ModelAdmission` per model name, made on first use."""
+
+    def __init__(self, config: AdmissionConfig = AdmissionConfig()):
+        self.config = config
+        self._models: dict[str, ModelAdmission] = {}
+        self._lock = threading.Lock()
+
+    def model(self, name: str) -> ModelAdmission:
+        with self._lock:
+            if name not in self._models:
+                self._models[name] = ModelAdmission(name, self.config)
+            return self._models[name]
+
+    def models(self) -> dict[str, ModelAdmission]:
+        with self._lock:
+            return dict(self._models)
