@@ -161,7 +161,7 @@ class ServerConfig:
         cores (`models[].cpu_affinity`). Empty: no pinning.
     limits: per-request limits.
     decode: how client PNG/JPEG bytes are decoded (isolated worker processes by default).
-    admission: refusing by cost and deadline (service/admission.py).
+    admission: refusing by cost and deadline (workers/admission.py).
     """
 
     host: str = "[::]"
@@ -223,7 +223,7 @@ class ServerConfig:
             _refuse_unknown(Limits, limits, "server.limits")
             raw["limits"] = Limits(**limits)
         if "admission" in raw:
-            from service.admission import AdmissionConfig
+            from workers.admission import AdmissionConfig
 
             admission = raw["admission"] or {}
             _refuse_unknown(AdmissionConfig, admission, "server.admission")
@@ -236,7 +236,7 @@ class ServerConfig:
 
 
 def _admission_config():
-    from service.admission import AdmissionConfig
+    from workers.admission import AdmissionConfig
 
     return AdmissionConfig()
 

@@ -88,7 +88,7 @@ class AdmissionCollector:
     """The admission controllers' state per model, read at scrape time."""
 
     def __init__(self, admission) -> None:
-        self._admission = admission  # service.admission.Admission
+        self._admission = admission  # workers.admission.Admission
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily

@@ -27,7 +27,7 @@ from service.backend import ExplainBackend
 from service.config import MIB, DecodeConfig, ServerConfig
 from service.decoding.pool import DecodePool, ImageDecoder, InlineDecoder
 from service.interceptors import BearerTokenInterceptor, MalformedMessageInterceptor, RequestIdInterceptor
-from service.admission import Admission
+from workers.admission import Admission
 from service.metrics import AdmissionCollector, ServiceMetrics, start_metrics_server
 from service.servicer import AttributionServicer
 
@@ -117,6 +117,7 @@ class RunningServer:
     audit: Any = None   # service.audit.AuditLog
     decoder: ImageDecoder | None = None
     _stop_metrics: Callable[[], None] | None = field(default=None, repr=False)
+    _watcher: asyncio.Task | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -137,6 +138,10 @@ class RunningServer:
             return
         self._stopped = True
         grace = self.config.grace_s if grace is None else grace
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         try:
@@ -152,6 +157,41 @@ class RunningServer:
 
     async def wait_for_termination(self) -> None:
         await self.server.wait_for_termination()
+
+
+def model_health_name(model: str) -> str:
+    """The grpc.health.v1 service name that reports one model: NOT_SERVING while no replica of it runs."""
+    return f"{SERVICE_NAME}/{model}"
+
+
+REPLICA_POLL_S = 1.0
+
+
+async def _watch_replicas(health: "DrainingHealthServicer", backend, models: list[str]) -> None:
+    """Keeps per-model health true to the replicas Serve runs; the server stays SERVING while any model can."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    shown: dict[str, int] = {}
+    while True:
+        try:
+            live = await backend.refresh_replicas()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Ray's controller busy or restarting: keep the last view, say so once
+            log.warning("cannot read replica status (%s); health keeps its last state", type(exc).__name__)
+        else:
+            for model in models:
+                state = serving if live.get(model, 0) > 0 else not_serving
+                if shown.get(model) != state:
+                    if state == not_serving:
+                        log.warning("model %s has no running replica: NOT_SERVING until Serve starts one", model)
+                    await health.set(model_health_name(model), state)
+                    shown[model] = state
+            overall = serving if any(live.get(m, 0) > 0 for m in models) else not_serving
+            for service in ("", SERVICE_NAME):
+                if shown.get(service) != overall:
+                    await health.set(service, overall)
+                    shown[service] = overall
+        await asyncio.sleep(REPLICA_POLL_S)
 
 
 def make_decoder(config: DecodeConfig, metrics: ServiceMetrics) -> ImageDecoder:
@@ -257,11 +297,15 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
         raise
     if servicer.jobs is not None:
         await servicer.jobs.start()  # recovers what a killed process left, then runs the queue
-    for service in ("", SERVICE_NAME):
+    for service in ("", SERVICE_NAME) + tuple(model_health_name(m) for m in servicer.models):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    watcher = None
+    if hasattr(backend, "refresh_replicas"):
+        watcher = asyncio.create_task(_watch_replicas(health, backend, list(servicer.models)),
+                                      name="replica-health")
     log.info("serving %s on %s (port %d)%s; metrics on %s", SERVICE_NAME, config.host, port,
              " with TLS" if config.tls else "", metrics_port if metrics_port is not None else "no port")
     return RunningServer(server=server, config=config, port=port, backend=backend, servicer=servicer,
                          health=health, metrics=metrics, metrics_port=metrics_port, jobs=servicer.jobs,
-                         audit=servicer.audit, decoder=decoder, _stop_metrics=stop_metrics)
+                         audit=servicer.audit, decoder=decoder, _stop_metrics=stop_metrics, _watcher=watcher)
 

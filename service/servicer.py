@@ -25,7 +25,7 @@ from service.config import Limits
 from service.decoding.pool import ImageDecoder
 from service.interceptors import REQUEST_ID, MalformedMessage, current_request_id
 from service.metrics import UNKNOWN, ServiceMetrics, Stopwatch
-from service.admission import Admission
+from workers.admission import Admission
 from service.validation import estimate_cost, resolve_model, validate_explain
 from workers.errors import Cancelled, DeadlineExceeded, Overloaded
 from workers.spec import ModelDescription

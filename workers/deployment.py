@@ -23,7 +23,8 @@ from ray import serve
 from workers.affinity import pin_process
 from workers.batching import FoldBudget
 from workers.config import BatchingConfig, ModelConfig, model_config_from_dict
-from workers.errors import AttributionError, InternalError
+from workers.admission import ModelAdmission
+from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, Overloaded
 from workers.models import describe, load_model, select_device
 from workers.pipeline import WorkerContext, explain_batch
 from workers.slots import ComputeSlots
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 # changeable at runtime) and merge the batches that wait (workers/slots.py).
 _BATCHER_CONCURRENCY = 16
 _INITIAL_MAX_BATCH = BatchingConfig().max_batch_samples
+_ABANDONED_KEEP_S = 300.0
 
 
 def _item_cost(item: tuple[ExplainSpec, float]) -> int:
@@ -64,7 +66,15 @@ class OnlineWorker:
         self.ctx = WorkerContext.create(self.model, FoldBudget())
         self._pool = ThreadPoolExecutor(_BATCHER_CONCURRENCY, thread_name_prefix="kernel")
         self.slots = ComputeSlots(self.config.max_concurrent_batches, self.config.max_batch_samples,
-                                  _item_cost, self._run)
+                                  _item_cost, self._run, dead=self._dead)
+        # Deadline checks of its own: several front doors may share this replica, and each knows
+        # only the work it sent (the queue bound stays the front doors' job).
+        self.admission = ModelAdmission(cfg.name)
+        # Specs whose caller cancelled, by id(); the entry holds the spec, so its id cannot be reused
+        # while it is listed, and is forgotten once the spec is answered or after _ABANDONED_KEEP_S.
+        self._abandoned: dict[int, tuple[ExplainSpec, float]] = {}
+        self.refused = 0
+        self.computed = 0
         log.info("online worker for %s ready on %s (%d torch threads%s)", cfg.name, self.device,
                  torch.get_num_threads(), f", pinned to cores {list(pinned)}" if pinned else "")
 
@@ -87,11 +97,43 @@ class OnlineWorker:
     async def explain(self, spec: ExplainSpec) -> ExplainResult | AttributionError:
         """One request; answers the result or the request's typed error (never raises it)."""
         arrived = time.time()
-        if spec.cost > self.config.max_batch_samples:
-            # Bigger than a whole batch: it runs as a batch of its own.
-            (outcome,) = await self.slots.run([(spec, arrived)])
-            return outcome
-        return await self.explain_batched((spec, arrived))
+        remaining = None if spec.deadline is None else spec.deadline - arrived
+        try:
+            ticket = self.admission.admit(spec.cost, remaining, queue_bound=False)
+        except Overloaded as exc:
+            self.refused += 1
+            return exc
+        try:
+            if spec.cost > self.config.max_batch_samples:
+                # Bigger than a whole batch: it runs as a batch of its own.
+                (outcome,) = await self.slots.run([(spec, arrived)])
+            else:
+                outcome = await self.explain_batched((spec, arrived))
+        except asyncio.CancelledError:  # the front door cancelled: drop the work wherever it waits
+            now = time.monotonic()
+            for key in [k for k, (_, when) in self._abandoned.items() if now - when > _ABANDONED_KEEP_S]:
+                del self._abandoned[key]
+            self._abandoned[id(spec)] = (spec, now)
+            ticket.release(completed=False)
+            raise
+        if isinstance(outcome, ExplainResult):
+            self.admission.observe_batch(outcome.batch_samples, outcome.compute_ms)
+        ticket.release(completed=isinstance(outcome, ExplainResult))
+        return outcome
+
+    def _dead(self, item: tuple[ExplainSpec, float]) -> AttributionError | None:
+        spec = item[0]
+        if self._abandoned.pop(id(spec), None) is not None:
+            return Cancelled("the caller cancelled the request; it was dropped before it was computed")
+        if spec.deadline is not None and time.time() > spec.deadline:
+            return DeadlineExceeded("the request's deadline passed while it waited; it was dropped")
+        return None
+
+    def overload_stats(self) -> dict:
+        """Counters for operators and tests: what was refused, dropped (and where), computed."""
+        return {"refused": self.refused, "dropped_waiting": self.slots.dropped,
+                "dropped_in_batch": self.ctx.dropped, "computed": self.computed,
+                "service_rate": self.admission.rate, "queued_cost": self.admission.queued}
 
     @serve.batch(max_batch_size=_INITIAL_MAX_BATCH, batch_wait_timeout_s=0.01,
                  max_concurrent_batches=_BATCHER_CONCURRENCY, batch_size_fn=_batch_cost)
@@ -105,14 +147,16 @@ class OnlineWorker:
         except Exception as exc:  # the batch machinery itself broke: fail each request, typed
             log.exception("batch of %d failed", len(items))
             return [InternalError(f"worker failure: {type(exc).__name__}")] * len(items)
-        for (_, arrived), outcome in zip(items, outcomes):
+        for (spec, arrived), outcome in zip(items, outcomes):
+            self._abandoned.pop(id(spec), None)
             if isinstance(outcome, ExplainResult):
                 outcome.queue_ms = max(0.0, (started - arrived) * 1e3)
+                self.computed += 1
         return outcomes
 
     def _compute(self, specs: list[ExplainSpec]) -> tuple[float, list]:
         started = time.time()
-        return started, explain_batch(self.ctx, specs)
+        return started, explain_batch(self.ctx, specs, abandoned=lambda spec: id(spec) in self._abandoned)
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises: a tiny real forward."""

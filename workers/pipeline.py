@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from workers.batching import FoldBudget
-from workers.errors import AttributionError, DeadlineExceeded, InternalError, InvalidArgument
+from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, InvalidArgument
 from workers.kernels.baselines import make_baseline
 from workers.kernels.cam import CamRequest, explain_cam, validate_cam_request
 from workers.kernels.gradients import GradientLimits, GradientRequest, explain_gradients, validate_gradient_request
@@ -43,6 +44,7 @@ class WorkerContext:
     taps: LayerTaps
     budget: FoldBudget = field(default_factory=FoldBudget)
     limits: GradientLimits = field(default_factory=GradientLimits)
+    dropped: int = 0  # requests dropped after the batch started (deadline passed, caller gone)
 
     @classmethod
     def create(cls, model: LoadedModel, budget: FoldBudget | None = None,
@@ -67,20 +69,28 @@ class _Work:
     completeness: torch.Tensor | None = None
 
 
-def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec]) -> list[ExplainResult | AttributionError]:
-    """Runs a batch; each entry of the answer is a result or the typed error of that request."""
+def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
+                  abandoned: Callable[[ExplainSpec], bool] | None = None) -> list[ExplainResult | AttributionError]:
+    """Runs a batch; each entry of the answer is a result or the typed error of that request.
+
+    abandoned(spec): the caller has gone (cancelled); such a request, like one whose deadline
+    passed, is dropped at each stage boundary (before the prediction forward, before the kernels)
+    and counted in `ctx.dropped`.
+    """
     started = time.perf_counter()
+    gone = abandoned or (lambda spec: False)
     outcomes: list[ExplainResult | AttributionError | None] = [None] * len(specs)
     works = []
     for index, spec in enumerate(specs):
         work = _Work(index, spec)
-        if _guard(outcomes, work, _check_online):
+        if _guard(outcomes, work, _check_online, gone, ctx):
             works.append(work)
     for w in works:  # outside inference mode: the kernels build autograd graphs from these
         w.inputs = to_device(w.spec.inputs, ctx.model.device)
     with torch.inference_mode():
         _predict(ctx, [w for w in works if not _predicts_in_kernel(w, ctx)], outcomes)
     works = [w for w in works if outcomes[w.index] is None and _guard(outcomes, w, _resolve, ctx)]
+    works = [w for w in works if _guard(outcomes, w, _check_alive, gone, ctx)]  # before the costly part
     grad_works = [w for w in works if w.spec.method in GRADIENT_METHODS]
     cam_works = [w for w in works if w.spec.method in CAM_METHODS]
     _run_folded(grad_works, outcomes, lambda batch: _run_gradients(ctx, batch))
@@ -116,12 +126,20 @@ def _guard(outcomes, work: _Work, stage, *args) -> bool:
     return True
 
 
-def _check_online(work: _Work) -> None:
+def _check_online(work: _Work, gone: Callable[[ExplainSpec], bool], ctx: "WorkerContext") -> None:
     if work.spec.method not in GRADIENT_METHODS + CAM_METHODS:
         raise InvalidArgument.field("method", f"{work.spec.method} runs only as an offline job (SubmitJob)")
+    _check_alive(work, gone, ctx)
+
+
+def _check_alive(work: _Work, gone: Callable[[ExplainSpec], bool], ctx: "WorkerContext") -> None:
+    """Drops a request nobody waits for any more: its deadline passed or its caller cancelled."""
     deadline = work.spec.deadline
-    if deadline is not None and time.time() > deadline:
-        raise DeadlineExceeded("the request's deadline passed before its batch started; it was dropped")
+    late = deadline is not None and time.time() > deadline
+    if late or gone(work.spec):
+        ctx.dropped += 1
+        raise (DeadlineExceeded("the request's deadline passed before it was computed; it was dropped") if late
+               else Cancelled("the caller cancelled the request; it was dropped"))
 
 
 def _predict(ctx: WorkerContext, works: list[_Work], outcomes) -> None:

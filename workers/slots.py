@@ -23,13 +23,19 @@ class ComputeSlots(Generic[T, R]):
     """`slots` batches run at once; a waiting batch merges with the others waiting."""
 
     def __init__(self, slots: int, max_cost: int, cost: Callable[[T], int],
-                 compute: Callable[[list[T]], Awaitable[list[R]]]):
+                 compute: Callable[[list[T]], Awaitable[list[R]]],
+                 dead: Callable[[T], R | None] | None = None):
+        """dead(item): the outcome for an item nobody waits for any more (deadline passed, caller
+        cancelled), or None for a live one; dead items are answered without being computed."""
         self.slots = slots
         self.max_cost = max_cost
         self._cost = cost
         self._compute = compute
+        self._dead = dead or (lambda item: None)
         self._busy = 0
         self._backlog: deque[tuple[list[T], asyncio.Future]] = deque()
+        self._tasks: set[asyncio.Task] = set()  # running groups: a reference, so none vanishes mid-run
+        self.dropped = 0  # items answered without compute
 
     def resize(self, slots: int, max_cost: int) -> None:
         """Takes effect for the next batches; running ones finish as they are."""
@@ -54,12 +60,22 @@ class ComputeSlots(Generic[T, R]):
                 total += extra
                 group.append(self._backlog.popleft())
             self._busy += 1
-            asyncio.ensure_future(self._execute(group))
+            task = asyncio.get_running_loop().create_task(self._execute(group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _execute(self, group: list[tuple[list[T], asyncio.Future]]) -> None:
+        self.dropped += sum(len(items) for items, future in group if future.cancelled())
+        group = [(items, future) for items, future in group if not future.cancelled()]
         merged = [item for items, _ in group for item in items]
         try:
-            outcomes = await self._compute(merged)
+            outcomes: list = [self._dead(item) for item in merged]
+            live = [i for i, outcome in enumerate(outcomes) if outcome is None]
+            self.dropped += len(merged) - len(live)
+            if live:
+                computed = await self._compute([merged[i] for i in live])
+                for i, outcome in zip(live, computed):
+                    outcomes[i] = outcome
         except BaseException as exc:  # every waiter learns of it; nobody hangs
             for _, future in group:
                 if not future.done():

@@ -1,6 +1,6 @@
 """Admission control by cost and deadline: refuse at once what cannot finish in time.
 
-Each model has a `ModelAdmission` in the front door. It knows
+Each model has a `ModelAdmission` in the front door (service/servicer.py). It knows
 
 - its **service rate**: cost units (samples) per second the model's workers
   complete, an exponentially weighted estimate over one-second windows in which
@@ -15,7 +15,8 @@ deadline (`deadline_too_short`), or would push the queued cost past
 judged against `default_deadline_s`. The check needs only the request's
 declared cost (validation.estimate_cost), so it runs before any decoding:
 a refusal costs microseconds. Replicas check again with their own view
-(workers/admission.py), because several front doors can share them.
+(an instance per replica in workers/deployment.py, deadlines only), because
+several front doors can share them.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from workers.errors import Overloaded
+from workers.errors import InvalidArgument, Overloaded
 
 _WINDOW_S = 1.0
 
@@ -52,8 +53,6 @@ class AdmissionConfig:
     max_retry_after_s: float = 5.0
 
     def __post_init__(self) -> None:
-        from service.config import _check
-
         _check(0.01 <= self.target_queue_delay_s <= 600, "server.admission.target_queue_delay_s",
                "must be 0.01..600 seconds")
         _check(0.1 <= self.default_deadline_s <= 86400, "server.admission.default_deadline_s",
@@ -63,6 +62,11 @@ class AdmissionConfig:
         _check(0 < self.smoothing <= 1, "server.admission.smoothing", "must be in (0, 1]")
         _check(0.01 <= self.max_retry_after_s <= 600, "server.admission.max_retry_after_s",
                "must be 0.01..600 seconds")
+
+
+def _check(ok: bool, field: str, description: str) -> None:
+    if not ok:
+        raise InvalidArgument.field(field, description)
 
 
 class Ticket:
@@ -112,13 +116,13 @@ class ModelAdmission:
         delay = excess / self.rate if self.rate else 0.1
         return min(self.config.max_retry_after_s, max(0.05, delay))
 
-    def admit(self, cost: float, remaining_s: float | None) -> Ticket:
-        """A ticket for `cost`, or `Overloaded` saying why not."""
+    def admit(self, cost: float, remaining_s: float | None, queue_bound: bool = True) -> Ticket:
+        """A ticket for `cost`, or `Overloaded` saying why not (queue_bound=False: deadlines only)."""
         with self._lock:
             if self.config.enabled and self.rate is not None:
                 remaining = self.config.default_deadline_s if remaining_s is None else remaining_s
                 wait = (self.queued + cost) / self.rate
-                if self.queued + cost > self.bound and self.queued > 0:
+                if queue_bound and self.queued + cost > self.bound and self.queued > 0:
                     raise Overloaded(
                         f"model {self.model!r} is at capacity: {self.queued:.0f} cost units are queued (bound "
                         f"{self.bound:.0f}, about {self.config.target_queue_delay_s:g} s of work at "
