@@ -44,6 +44,13 @@ def _with_default_flag(models: Sequence[ModelDescription]) -> dict[str, ModelDes
     return {m.name: m for m in models}
 
 
+def _call_ended(context) -> bool:
+    """The call is over (cancelled, or its deadline passed): nothing sent now reaches the client,
+    and aborting it would only log an error for a normal outcome."""
+    remaining = context.time_remaining()
+    return context.cancelled() or context.done() or (remaining is not None and remaining <= 0)
+
+
 class AttributionServicer(pb_grpc.AttributionServiceServicer):
     """Serves Explain, ExplainStream, ListModels and GetModel over one backend."""
 
@@ -80,6 +87,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         outcome = await self._explain(request, context, request.request_id or current_request_id())
         if isinstance(outcome, errors.Status):
+            if _call_ended(context):  # a deadline race: gRPC has answered DEADLINE_EXCEEDED already
+                return pb.ExplainResponse()
             await errors.abort(context, outcome)
         return outcome
 

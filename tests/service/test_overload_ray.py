@@ -1,0 +1,103 @@
+"""Overload control on the real Serve deployment: dead work never reaches a kernel.
+
+Counts come from the replica itself (`OnlineWorker.overload_stats`), so the
+assertions say what was computed, not how long anything took.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service._proto import attribution_pb2 as pb
+from service._proto import attribution_pb2_grpc as pb_grpc
+from service.config import Limits
+from service.serve_backend import ServeBackend
+from service.server import model_health_name
+from service.validation import validate_explain
+from tests.service.conftest import explain_request
+from tests.support import LoopThread, start_front_door
+from workers.app import AppConfig, app_name, deploy_all, shutdown_all
+from workers.config import BatchingConfig, ModelConfig
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def deployed(ray_session, demo_cache_dir):
+    from ray import serve
+
+    app = AppConfig(models=(ModelConfig(name="demo", source="demo"),), cache_dir=str(demo_cache_dir),
+                    batching=BatchingConfig(max_concurrent_batches=1, batch_wait_timeout_s=0.005))
+    deploy_all(app)
+    backend = ServeBackend.from_config(app)
+    loop = LoopThread()
+    running = start_front_door(loop, backend)
+    yield serve.get_app_handle(app_name("demo")), running
+    loop.call(running.stop(0.0))
+    loop.close()
+    shutdown_all(app)
+
+
+def _spec(images, samples: int, deadline: float | None = None):
+    from tests.hostile.fuzz import DEMO
+
+    spec = validate_explain(explain_request(images, pb.SMOOTHGRAD, noise={"samples": samples}), DEMO, Limits())
+    return dataclasses.replace(spec, deadline=deadline)
+
+
+def _stats(handle) -> dict:
+    return handle.overload_stats.remote().result(timeout_s=60)
+
+
+def test_a_flood_of_expired_requests_never_reaches_a_kernel(deployed, demo_batch):
+    handle, _ = deployed
+    before = _stats(handle)
+    responses = [handle.explain.remote(_spec(demo_batch.images[:1], 8, deadline=time.time() - 1))
+                 for _ in range(40)]
+    outcomes = [r.result(timeout_s=60) for r in responses]
+    after = _stats(handle)
+    assert {type(o).__name__ for o in outcomes} <= {"DeadlineExceeded", "Overloaded"}
+    assert after["computed"] == before["computed"]
+    dropped = lambda s: s["refused"] + s["dropped_waiting"] + s["dropped_in_batch"]
+    assert dropped(after) - dropped(before) == 40
+
+
+def test_cancelled_requests_are_removed_from_the_backlog(deployed, demo_batch):
+    handle, _ = deployed
+    before = _stats(handle)
+    busy = handle.explain.remote(_spec(demo_batch.images, 128))   # holds the only compute slot
+    time.sleep(0.2)
+    queued = [handle.explain.remote(_spec(demo_batch.images[:1], 32)) for _ in range(6)]
+    time.sleep(0.2)
+    for response in queued:
+        response.cancel()
+    assert type(busy.result(timeout_s=120)).__name__ == "ExplainResult"
+    time.sleep(0.5)
+    after = _stats(handle)
+    assert after["computed"] - before["computed"] == 1, (before, after)
+
+
+def test_clients_that_cancel_leave_no_work_behind(deployed, demo_batch):
+    handle, running = deployed
+    before = _stats(handle)
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.AttributionServiceStub(channel)
+        busy = stub.Explain.future(explain_request(demo_batch.images, pb.SMOOTHGRAD, noise={"samples": 128}),
+                                   timeout=120)
+        time.sleep(0.2)
+        small = explain_request(demo_batch.images[:1], pb.SMOOTHGRAD, noise={"samples": 32})
+        cancelled = [stub.Explain.future(small, timeout=120) for _ in range(6)]
+        time.sleep(0.3)
+        for future in cancelled:
+            future.cancel()
+        busy.result()
+        time.sleep(0.5)
+        health = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=model_health_name("demo")), timeout=10)
+    after = _stats(handle)
+    assert after["computed"] - before["computed"] == 1, (before, after)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
