@@ -21,8 +21,11 @@ from typing import Any, Callable
 
 from loadtests import report
 from loadtests.loadgen import LevelResult, LoadGenerator, LoadgenError, fetch_models, run_levels
-from loadtests.scenario import DEFAULT_SCENARIO, LoadSpec, Scenario, ScenarioError, check_load, encode_requests, \
-    load_scenario
+from loadtests.scenario import (DEFAULT_SCENARIO, SCENARIO_DIR, LoadSpec, Scenario, ScenarioError, check_load,
+                                encode_requests, load_scenario)
+
+
+OVERLOAD_SCENARIO = SCENARIO_DIR / "overload.yaml"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,13 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--compare", action="store_true",
                         help="start and load, one after another: our service, our service with batching off, "
                              "and the peer baseline; then measure the in-process kernel and print the ratios")
+    target.add_argument("--overload", action="store_true",
+                        help="measure saturation S, then offer 2x, 4x and 8x S open loop with the scenario's "
+                             "deadlines (default scenario: loadtests/scenarios/overload.yaml); starts the service "
+                             "itself unless --server is given")
     target.add_argument("--config", metavar="FILE",
                         help="--compare: the service config (models, batching) to start; default: the "
                              "scenario's `serve` section")
     target.add_argument("--targets", default="batched,unbatched,peer",
                         help="--compare: which targets to run (default: all three)")
     load = parser.add_argument_group("load (overrides the scenario's `load` section)")
-    load.add_argument("--scenario", metavar="FILE", default=str(DEFAULT_SCENARIO), help="scenario YAML")
+    load.add_argument("--scenario", metavar="FILE", help=f"scenario YAML (default: {DEFAULT_SCENARIO.name}; "
+                                                          "with --overload, overload.yaml)")
     mode = load.add_mutually_exclusive_group()
     mode.add_argument("--closed", metavar="C1,C2,...", help="closed loop: concurrency sweep, e.g. 1,4,16,32,64")
     mode.add_argument("--open", metavar="R1,R2,...", help="open loop: arrival rates in requests/s, e.g. 5,10")
@@ -115,10 +123,17 @@ async def measure(name: str, address: str, scenario: Scenario, load: LoadSpec, m
 def run(args: argparse.Namespace) -> int:
     """The `loadtest` subcommand; returns the exit status."""
     try:
-        scenario = load_scenario(args.scenario)
+        default = OVERLOAD_SCENARIO if args.overload else DEFAULT_SCENARIO
+        scenario = load_scenario(args.scenario or str(default))
         load = effective_load(scenario.load, args)
         if args.metrics_url:
             report.check_metrics_url(args.metrics_url)
+        if args.overload:
+            if args.compare:
+                raise LoadgenError("--overload and --compare are separate runs; give one")
+            from loadtests.overload import run as run_overload
+
+            return run_overload(scenario, load, args)
         if args.compare:
             from loadtests.compare import run_compare
 

@@ -64,6 +64,7 @@ class LevelRecorder:
 
     entries: int
     latencies_ms: list[float] = field(default_factory=list)           # OK requests only
+    refused_ms: list[float] = field(default_factory=list)             # RESOURCE_EXHAUSTED answers
     by_entry_ms: list[list[float]] = field(default_factory=list)
     codes: Counter = field(default_factory=Counter)
     timed: int = 0                 # OK answers that reported their batch
@@ -79,6 +80,8 @@ class LevelRecorder:
     def record(self, entry: int, latency_s: float, code: str, raw: bytes | None, done: float) -> None:
         self.codes[code] += 1
         self.last_done = max(self.last_done, done)
+        if code == "RESOURCE_EXHAUSTED":
+            self.refused_ms.append(latency_s * 1e3)
         if code != "OK":
             return
         ms = latency_s * 1e3

@@ -45,10 +45,9 @@ def _with_default_flag(models: Sequence[ModelDescription]) -> dict[str, ModelDes
 
 
 def _call_ended(context) -> bool:
-    """The call is over (cancelled, or its deadline passed): nothing sent now reaches the client,
-    and aborting it would only log an error for a normal outcome."""
-    remaining = context.time_remaining()
-    return context.cancelled() or context.done() or (remaining is not None and remaining <= 0)
+    """The call is over (cancelled by the client or by its deadline): nothing sent now reaches the
+    client, and aborting it would only log an error for a normal outcome."""
+    return context.cancelled() or context.done()
 
 
 class AttributionServicer(pb_grpc.AttributionServiceServicer):
@@ -87,9 +86,16 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     async def Explain(self, request: pb.ExplainRequest, context) -> pb.ExplainResponse:
         outcome = await self._explain(request, context, request.request_id or current_request_id())
         if isinstance(outcome, errors.Status):
-            if _call_ended(context):  # a deadline race: gRPC has answered DEADLINE_EXCEEDED already
+            if _call_ended(context):  # a deadline race: gRPC has ended the call already; nobody to tell
                 return pb.ExplainResponse()
-            await errors.abort(context, outcome)
+            try:
+                await errors.abort(context, outcome)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:  # the call ended between the check and the abort: the same race, not a fault
+                if _call_ended(context):
+                    return pb.ExplainResponse()
+                raise
         return outcome
 
     async def _explain(self, request: pb.ExplainRequest, context,
