@@ -126,7 +126,7 @@ def run_compare(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) ->
     return 0
 
 
-FRONT_DOOR_KEYS = ("torch_threads", "cpu_affinity")
+FRONT_DOOR_KEYS = ("torch_threads", "cpu_affinity", "admission")
 
 
 def _app_config(scenario: Scenario, path: str | None) -> dict:
@@ -284,8 +284,8 @@ async def _serve_target(args: argparse.Namespace) -> None:
 
     raw = load_config_file(args.config)
     app = AppConfig.from_dict(raw)
-    config = ServerConfig(host="127.0.0.1", port=args.port, metrics_port=0, metrics_host="127.0.0.1",
-                          **(raw.get("server") or {}))
+    config = ServerConfig.from_dict(dict(raw.get("server") or {}, host="127.0.0.1", port=args.port, metrics_port=0,
+                                         metrics_host="127.0.0.1"))
     torch.set_num_threads(config.torch_threads)  # as `attribution serve` does: kernels run in the replicas
     pin_process(config.cpu_affinity, "server.cpu_affinity")  # before Ray: its daemons inherit the cores
     cpus = max(os.cpu_count() or 1, int(sum(m.num_cpus * max(1, m.replicas) for m in app.models) + 0.999))

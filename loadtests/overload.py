@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtests import report
-from loadtests.loadgen import LevelResult, LoadGenerator, fetch_models
+from loadtests.loadgen import LevelResult, LoadGenerator, LoadgenError, fetch_models
 from loadtests.scenario import LoadSpec, Scenario, encode_requests
 
 MULTIPLES = (2.0, 4.0, 8.0)
@@ -101,6 +101,9 @@ async def run_overload(address: str, scenario: Scenario, load: LoadSpec, echo=pr
         normal_ms = await _lone_latency(gen)
         closed = await gen.run_closed(concurrency, load.duration_s, load.warmup_s, load.max_requests)
         saturation = closed.recorder.codes.get("OK", 0) / closed.window_s
+        if saturation <= 0:
+            raise LoadgenError(f"no call succeeded in the saturation run ({dict(closed.recorder.codes)}); "
+                               "check the target's configuration and log")
         echo(f"saturation S = {saturation:.1f} req/s ({concurrency} closed-loop clients); lone p50 "
              f"{normal_ms:.1f} ms")
         levels = []

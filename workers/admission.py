@@ -45,9 +45,9 @@ class AdmissionConfig:
     """
 
     enabled: bool = True
-    target_queue_delay_s: float = 2.0
+    target_queue_delay_s: float = 1.0
     default_deadline_s: float = 30.0
-    deadline_fraction: float = 0.8
+    deadline_fraction: float = 0.5
     min_queued_cost: int = 64
     smoothing: float = 0.3
     max_retry_after_s: float = 5.0

@@ -17,6 +17,9 @@ model's name and source::
         num_gpus: 0
         num_cpus: 1                  # per replica; also its torch thread count
         cpu_affinity: []             # cores the replicas pin themselves to (Linux); [] = none
+        # instead of a fixed `replicas`: Ray Serve autoscaling on ongoing requests per replica
+        autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8,
+                      upscale_delay_s: 5, downscale_delay_s: 60}
     default_model: demo
     batching: {max_batch_samples: 256, batch_wait_timeout_s: 0.01, max_concurrent_batches: 2}
 """
@@ -32,6 +35,10 @@ from workers.affinity import check_cores
 from workers.errors import InvalidArgument
 
 SOURCES = ("demo", "torchvision", "torchscript", "export")
+# The Ray Serve autoscaling settings a model may set (ray.serve.config.AutoscalingConfig).
+AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
+                    "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s",
+                    "upscaling_factor", "downscaling_factor")
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class ModelConfig:
     num_cpus: float = 1.0          # per replica; also torch's intra-op thread count
     cpu_affinity: tuple[int, ...] = ()  # cores each replica pins itself to; () = no pinning (Linux)
     seed: int = 0                  # demo only: data and training seed
+    # Ray Serve autoscaling of the online replicas instead of a fixed `replicas`; keys as AUTOSCALING_KEYS.
+    autoscaling: dict | None = None
 
     def __post_init__(self):
         _check(bool(self.name) and len(self.name) <= 64 and self.name.replace("-", "").replace("_", "").isalnum(),
@@ -85,6 +94,18 @@ class ModelConfig:
                "torchscript and export models need a file path")
         _check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
                "replicas and num_gpus must be >= 0, num_cpus > 0")
+        if self.autoscaling is not None:
+            where = f"models[{self.name}].autoscaling"
+            _check(isinstance(self.autoscaling, dict), where, "must be a mapping")
+            unknown = set(self.autoscaling) - set(AUTOSCALING_KEYS)
+            _check(not unknown, where, f"unknown keys: {', '.join(sorted(unknown))}; known: "
+                                       f"{', '.join(AUTOSCALING_KEYS)}")
+            low, high = self.autoscaling.get("min_replicas", 1), self.autoscaling.get("max_replicas", 1)
+            _check(isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1,
+                   where, "needs 0 <= min_replicas <= max_replicas, max_replicas >= 1")
+            target = self.autoscaling.get("target_ongoing_requests", 2)
+            _check(isinstance(target, (int, float)) and target > 0, f"{where}.target_ongoing_requests",
+                   "must be > 0")
 
 
 @dataclass(frozen=True)

@@ -175,10 +175,12 @@ class OnlineWorker:
 
 def online_deployment(cfg: ModelConfig, batching: BatchingConfig):
     """The Serve deployment object for one model's online worker."""
+    replicas = ({"autoscaling_config": dict(cfg.autoscaling)} if cfg.autoscaling
+                else {"num_replicas": max(1, cfg.replicas)})
     return serve.deployment(
         OnlineWorker,
         name="OnlineWorker",
-        num_replicas=max(1, cfg.replicas),
+        **replicas,
         ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
         max_ongoing_requests=batching.max_ongoing_requests,
         max_queued_requests=batching.max_queued_requests,
