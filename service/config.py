@@ -214,24 +214,15 @@ class ServerConfig:
         """Builds a config from a plain dict (a parsed YAML/JSON `server:` section)."""
         raw = dict(raw or {})
         _refuse_unknown(cls, raw, "server")
-        if "keepalive" in raw:
-            keepalive = raw["keepalive"] or {}
-            _refuse_unknown(KeepaliveConfig, keepalive, "server.keepalive")
-            raw["keepalive"] = KeepaliveConfig(**keepalive)
-        if "limits" in raw:
-            limits = raw["limits"] or {}
-            _refuse_unknown(Limits, limits, "server.limits")
-            raw["limits"] = Limits(**limits)
-        if "admission" in raw:
-            from workers.admission import AdmissionConfig
+        from workers.admission import AdmissionConfig
 
-            admission = raw["admission"] or {}
-            _refuse_unknown(AdmissionConfig, admission, "server.admission")
-            raw["admission"] = AdmissionConfig(**admission)
-        if "decode" in raw:
-            decode = raw["decode"] or {}
-            _refuse_unknown(DecodeConfig, decode, "server.decode")
-            raw["decode"] = DecodeConfig(**decode)
+        sections = {"keepalive": KeepaliveConfig, "limits": Limits, "admission": AdmissionConfig,
+                    "decode": DecodeConfig}
+        for key, kind in sections.items():
+            if key in raw:
+                section = raw[key] or {}
+                _refuse_unknown(kind, section, f"server.{key}")
+                raw[key] = kind(**section)
         return cls(**raw)
 
 

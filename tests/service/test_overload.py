@@ -75,6 +75,18 @@ def _status_of(exc: grpc.RpcError):
     return rpc_status.from_call(exc)
 
 
+def _outcomes(futures) -> list[tuple[str, grpc.RpcError | None]]:
+    """(status name, error) of each finished call future, in order."""
+    out = []
+    for future in futures:
+        try:
+            future.result()
+            out.append(("OK", None))
+        except grpc.RpcError as exc:
+            out.append((exc.code().name, exc))
+    return out
+
+
 def test_overload_refuses_fast_admits_what_fits_and_health_stays_serving(start_server, demo_batch):
     harness = start_server(metrics_port=None)
     images = demo_batch.images[:1]
@@ -101,17 +113,12 @@ def test_overload_refuses_fast_admits_what_fits_and_health_stays_serving(start_s
             prober = threading.Thread(target=probe, args=(channel,), daemon=True)
             prober.start()
             futures = [stub.Explain.future(request, timeout=2.0) for _ in range(120)]
-            codes, retry_infos = [], 0
-            for future in futures:
-                try:
-                    future.result()
-                    codes.append("OK")
-                except grpc.RpcError as exc:
-                    codes.append(exc.code().name)
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        status = _status_of(exc)
-                        info = error_details_pb2.RetryInfo()
-                        retry_infos += any(d.Unpack(info) for d in status.details if d.Is(info.DESCRIPTOR))
+            outcomes = _outcomes(futures)
+            codes, retry_infos = [code for code, _ in outcomes], 0
+            for code, exc in outcomes:
+                if code == "RESOURCE_EXHAUSTED":
+                    info = error_details_pb2.RetryInfo()
+                    retry_infos += any(d.Unpack(info) for d in _status_of(exc).details if d.Is(info.DESCRIPTOR))
             stop.set()
             prober.join(timeout=10)
             refused, ok = codes.count("RESOURCE_EXHAUSTED"), codes.count("OK")
@@ -136,13 +143,7 @@ def test_max_concurrent_rpcs_limits_explain_only(start_server, demo_batch):
                       for _ in range(20)]
             assert all(c.status == health_pb2.HealthCheckResponse.SERVING for c in checks)
             assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
-            codes = []
-            for future in futures:
-                try:
-                    future.result()
-                    codes.append("OK")
-                except grpc.RpcError as exc:
-                    codes.append(exc.code().name)
+            codes = [code for code, _ in _outcomes(futures)]
             assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
         text = harness.running.metrics.registry.get_sample_value(
             "attribution_requests_total", {"model": "demo", "method": "smoothgrad", "code": "RESOURCE_EXHAUSTED"})
@@ -270,13 +271,7 @@ def test_deadline_races_log_no_errors(server, stub, demo_batch, caplog):
     request = explain_request(demo_batch.images[:2], pb.SMOOTHGRAD, noise={"samples": 32})
     caplog.set_level(logging.INFO)
     futures = [stub.Explain.future(request, timeout=t) for t in (0.005, 0.02, 0.05, 0.1, 0.2) * 8]
-    codes = set()
-    for future in futures:
-        try:
-            future.result()
-            codes.add("OK")
-        except grpc.RpcError as exc:
-            codes.add(exc.code().name)
+    codes = {code for code, _ in _outcomes(futures)}
     time.sleep(0.5)  # let the server finish what it had started
     assert codes <= {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
