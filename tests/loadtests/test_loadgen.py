@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import pathlib
 
 import pytest
 import torch
@@ -231,3 +232,30 @@ def test_compare_starts_the_peer_and_times_the_kernel(tmp_path, cache_dir):
 
     kernel = compare.measure_kernel(serve, load_scenario(scenario), batch_requests=2.4, duration_s=0.3)
     assert kernel["batch_requests"] == 2 and kernel["rps"] > 0 and kernel["rps_batch_1"] > 0
+
+
+@pytest.mark.slow
+def test_overload_benchmark_runs_and_reports_every_figure(local_server, tmp_path):
+    """`--overload` end to end in a tiny mode (figures here mean nothing; the shape of the report does)."""
+    out = tmp_path / "overload.json"
+    args = loadtest_args("--overload", "--server", f"127.0.0.1:{local_server.port}", "--closed", "4",
+                         "--duration", "1", "--warmup", "0.2", "--json", str(out))
+    assert cli.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["saturation_rps"] > 0 and set(report["goodput_ratio"]) == {"2x", "4x", "8x"}
+    for level in report["levels"]:
+        assert level["health_failures"] == 0 and level["health_checks"] > 0
+        assert {"ok_p50_ms", "ok_p99_ms", "refused_p99_ms", "recovery_s", "shares"} <= set(level)
+    assert report["flood"]["alone_rps"] > 0
+
+
+@pytest.mark.process
+def test_refusal_cost_script_runs(cache_dir):
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "loadtests.refusal_cost", "--calls", "160", "--clients", "4",
+                          "--cache-dir", str(cache_dir or "")], capture_output=True, text=True, timeout=300,
+                         cwd=pathlib.Path(__file__).resolve().parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ms per refused call" in run.stdout
