@@ -62,3 +62,11 @@ def ray_session():
     if started:
         serve.shutdown()
         ray.shutdown()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that needs the local Ray (directly or through a fixture) carries the `ray` marker,
+    so `-m "not ray"` leaves them all out without each module having to say so."""
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

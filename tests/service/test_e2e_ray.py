@@ -106,8 +106,8 @@ def test_deadline_drop_and_isolation_inside_a_batch(client, demo_heldout):
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         outcomes = list(pool.map(one, range(8)))
     for i, outcome in enumerate(outcomes):
-        if i % 4 == 0:
-            assert outcome == grpc.StatusCode.DEADLINE_EXCEEDED
+        if i % 4 == 0:  # out of time, or refused at once by admission because it cannot finish in time
+            assert outcome in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
         else:
             assert not isinstance(outcome, grpc.StatusCode), outcome
     assert client.explain(_pixels(demo_heldout, 9), method="grad_cam").items  # still healthy
