@@ -21,8 +21,9 @@ from typing import Any, Callable
 
 from loadtests import report
 from loadtests.loadgen import LevelResult, LoadGenerator, LoadgenError, fetch_models, run_levels
+from loadtests.requests import encode_requests
 from loadtests.scenario import (DEFAULT_SCENARIO, SCENARIO_DIR, LoadSpec, Scenario, ScenarioError, check_load,
-                                encode_requests, load_scenario)
+                                load_scenario)
 
 
 OVERLOAD_SCENARIO = SCENARIO_DIR / "overload.yaml"

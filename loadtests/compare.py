@@ -40,7 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from loadtests import report
 from loadtests.cli import TargetRun, _now, _write_outputs, measure
 from loadtests.loadgen import LoadgenError
-from loadtests.scenario import LoadSpec, Scenario, mix_schedule
+from loadtests.requests import mix_schedule
+from loadtests.scenario import LoadSpec, Scenario
 from workers.config import load_config_file
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ def measure_kernel(app_raw: dict, scenario: Scenario, batch_requests: float, dur
     from workers.batching import FoldBudget
     from workers.models import describe, load_model, select_device
     from workers.pipeline import WorkerContext
-    from loadtests.scenario import encode_requests
+    from loadtests.requests import encode_requests
 
     app = AppConfig.from_dict(copy.deepcopy(app_raw))
     weights: dict[str, float] = {}

@@ -12,7 +12,7 @@ a request that would exceed it is counted as dropped, never delayed.
 
 Every level is bounded in requests (`max_requests`) and in time (the window,
 then at most `drain_s` for stragglers, which are cancelled). Requests are
-bytes serialized once (scenario.encode_requests) and sent through a raw
+bytes serialized once (requests.encode_requests) and sent through a raw
 unary-unary callable, so the client does no protobuf work per request beyond
 reading the response's timings. Only loopback targets are accepted.
 """
@@ -26,7 +26,7 @@ from typing import Awaitable, Callable
 
 import grpc
 
-from loadtests.scenario import PreparedScenario
+from loadtests.requests import PreparedScenario
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 

@@ -13,7 +13,7 @@ Then, against a running server (loopback only, like the built-in tool)::
 What maps to what:
 - The scenario's `mix`, `defaults`, `variants` and `seed` decide what is sent,
   exactly as in `attribution loadtest`: requests are encoded once at test start
-  (scenario.encode_requests, against the models the server lists) and every
+  (requests.encode_requests, against the models the server lists) and every
   user picks the next one from the same weighted, shuffled schedule.
 - The scenario's `load` section is ignored: Locust's own `--users`, `--spawn-rate`
   and `--run-time` set the load. Each user sends back to back (wait_time 0),
@@ -37,7 +37,8 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User, events, task
 
 from loadtests.loadgen import CHANNEL_OPTIONS, EXPLAIN_PATH, check_loopback
-from loadtests.scenario import DEFAULT_SCENARIO, PreparedScenario, encode_requests, load_scenario
+from loadtests.requests import PreparedScenario, encode_requests
+from loadtests.scenario import DEFAULT_SCENARIO, load_scenario
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 

@@ -26,7 +26,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtests import report
 from loadtests.loadgen import LevelResult, LoadGenerator, LoadgenError, fetch_models
-from loadtests.scenario import LoadSpec, Scenario, encode_requests
+from loadtests.requests import encode_requests
+from loadtests.scenario import LoadSpec, Scenario
 
 MULTIPLES = (2.0, 4.0, 8.0)
 FLOOD_DEADLINE_MS = 50.0

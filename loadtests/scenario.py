@@ -27,13 +27,13 @@ A scenario file has this shape; every key but `mix` is optional::
 
 Everything is validated on load and every mistake is named with its path
 (`mix[1].samples: must be 1..65536, got 0`), so a typo fails before a minute of load
-is spent. `encode_requests` serializes the requests once, for the models the server describes.
+is spent. `loadtests.requests.encode_requests` serializes the requests once, for the models the
+server describes.
 """
 from __future__ import annotations
 
 import dataclasses
 import pathlib
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,21 +47,20 @@ DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
 ONLINE_METHODS = {"vanilla": pb.VANILLA_GRADIENT, "smoothgrad": pb.SMOOTHGRAD, "smoothgrad_sq": pb.SMOOTHGRAD_SQ,
                   "vargrad": pb.VARGRAD, "integrated_gradients": pb.INTEGRATED_GRADIENTS, "grad_cam": pb.GRAD_CAM,
                   "grad_cam_plus_plus": pb.GRAD_CAM_PLUS_PLUS, "layer_cam": pb.LAYER_CAM}
-_NOISE = ("smoothgrad", "smoothgrad_sq", "vargrad")
-_CAM = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
+NOISE_METHODS = ("smoothgrad", "smoothgrad_sq", "vargrad")
+CAM_METHODS = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
 _ENCODINGS = ("tensor", "png")
-_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "uint8": pb.UINT8}
-_REDUCTIONS = {"abs_max": pb.ABS_MAX, "sum": pb.SUM, "none": pb.NONE}
-_NORMALIZATIONS = {"none": pb.NO_NORMALIZATION, "max_abs": pb.MAX_ABS, "min_max": pb.MIN_MAX}
+DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "uint8": pb.UINT8}
+REDUCTIONS = {"abs_max": pb.ABS_MAX, "sum": pb.SUM, "none": pb.NONE}
+NORMALIZATIONS = {"none": pb.NO_NORMALIZATION, "max_abs": pb.MAX_ABS, "min_max": pb.MIN_MAX}
 # Mix order: a shuffled cycle this long keeps the proportions exact over any long run.
-_SCHEDULE_LENGTH = 1000
 
 
 class ScenarioError(ValueError):
     """A scenario file or value is wrong; the message names the field."""
 
 
-def _check(ok: bool, path: str, description: str) -> None:
+def check(ok: bool, path: str, description: str) -> None:
     if not ok:
         raise ScenarioError(f"{path}: {description}")
 
@@ -101,7 +100,7 @@ class MixEntry:
     @property
     def label(self) -> str:
         """Short name for tables: grad_cam, smoothgrad-32, integrated_gradients-32."""
-        if self.method in _NOISE and self.samples:
+        if self.method in NOISE_METHODS and self.samples:
             return f"{self.method}-{self.samples}"
         if self.method == "integrated_gradients" and self.steps:
             return f"{self.method}-{self.steps}"
@@ -110,7 +109,7 @@ class MixEntry:
     @property
     def cost(self) -> int:
         """Samples per request as the service counts them (defaults assumed 32)."""
-        per_item = (self.samples or 32) if self.method in _NOISE else \
+        per_item = (self.samples or 32) if self.method in NOISE_METHODS else \
             (self.steps or 32) if self.method == "integrated_gradients" else 1
         return self.items * per_item
 
@@ -173,32 +172,32 @@ def load_scenario(path: str | pathlib.Path | None = None) -> Scenario:
 
 
 def scenario_from_dict(raw: Any, default_name: str = "scenario") -> Scenario:
-    _check(isinstance(raw, dict), "(top level)", "must be a mapping with at least `mix`")
+    check(isinstance(raw, dict), "(top level)", "must be a mapping with at least `mix`")
     _known(raw, ("name", "description", "seed", "variants", "defaults", "mix", "load", "serve"), "(top level)")
     defaults = raw.get("defaults") or {}
-    _check(isinstance(defaults, dict), "defaults", "must be a mapping")
+    check(isinstance(defaults, dict), "defaults", "must be a mapping")
     mix = raw.get("mix")
-    _check(isinstance(mix, list) and bool(mix), "mix", "must be a non-empty list of requests")
+    check(isinstance(mix, list) and bool(mix), "mix", "must be a non-empty list of requests")
     entries = tuple(_mix_entry({**defaults, **_mapping(e, f"mix[{i}]")}, f"mix[{i}]") for i, e in enumerate(mix))
-    _check(sum(e.weight for e in entries) > 0, "mix", "at least one weight must be positive")
+    check(sum(e.weight for e in entries) > 0, "mix", "at least one weight must be positive")
     seed, variants = raw.get("seed", 0), raw.get("variants", 8)
-    _check(_is_int(seed) and 0 <= seed < 2**63, "seed", f"must be an integer >= 0, got {seed!r}")
-    _check(_is_int(variants) and 1 <= variants <= 256, "variants", f"must be 1..256, got {variants!r}")
+    check(_is_int(seed) and 0 <= seed < 2**63, "seed", f"must be an integer >= 0, got {seed!r}")
+    check(_is_int(variants) and 1 <= variants <= 256, "variants", f"must be 1..256, got {variants!r}")
     serve = raw.get("serve") or {}
-    _check(isinstance(serve, dict), "serve", "must be a mapping (an AppConfig: models, batching, ...)")
+    check(isinstance(serve, dict), "serve", "must be a mapping (an AppConfig: models, batching, ...)")
     return Scenario(name=str(raw.get("name") or default_name), description=str(raw.get("description", "")),
                     mix=entries, load=_load_spec(raw.get("load") or {}), seed=seed, variants=variants,
                     serve=serve)
 
 
 def _mapping(value: Any, path: str) -> dict:
-    _check(isinstance(value, dict), path, "must be a mapping such as {method: grad_cam, weight: 70}")
+    check(isinstance(value, dict), path, "must be a mapping such as {method: grad_cam, weight: 70}")
     return value
 
 
 def _known(raw: dict, keys: tuple[str, ...], path: str) -> None:
     unknown = sorted(set(raw) - set(keys))
-    _check(not unknown, path, f"unknown keys {unknown}; known: {', '.join(keys)}")
+    check(not unknown, path, f"unknown keys {unknown}; known: {', '.join(keys)}")
 
 
 def _is_int(value: Any) -> bool:
@@ -213,20 +212,20 @@ def _mix_entry(raw: dict, path: str) -> MixEntry:
     keys = tuple(f.name for f in dataclasses.fields(MixEntry))
     _known(raw, keys, path)
     method = str(raw.get("method", "")).lower()
-    _check(method in ONLINE_METHODS, f"{path}.method",
+    check(method in ONLINE_METHODS, f"{path}.method",
            f"{raw.get('method')!r} is not an online method; one of: {', '.join(ONLINE_METHODS)}")
     entry = dict(raw, method=method)
     for name, lo, hi in (("items", 1, 4096), ("samples", 0, 65536), ("steps", 0, 65536)):
         value = entry.get(name, 0 if name != "items" else 1)
-        _check(_is_int(value) and lo <= value <= hi, f"{path}.{name}", f"must be {lo}..{hi}, got {value!r}")
+        check(_is_int(value) and lo <= value <= hi, f"{path}.{name}", f"must be {lo}..{hi}, got {value!r}")
     for name, lo, hi in (("weight", 0, 1e9), ("noise_fraction", 0, 1), ("deadline_ms", 0, 3.6e6)):
         value = entry.get(name, 0)
-        _check(_is_number(value) and lo <= value <= hi, f"{path}.{name}", f"must be {lo:g}..{hi:g}, got {value!r}")
-    _check(entry.get("samples", 0) == 0 or method in _NOISE, f"{path}.samples",
-           f"applies to {', '.join(_NOISE)} only, not {method}")
-    _check(entry.get("steps", 0) == 0 or method == "integrated_gradients", f"{path}.steps",
+        check(_is_number(value) and lo <= value <= hi, f"{path}.{name}", f"must be {lo:g}..{hi:g}, got {value!r}")
+    check(entry.get("samples", 0) == 0 or method in NOISE_METHODS, f"{path}.samples",
+           f"applies to {', '.join(NOISE_METHODS)} only, not {method}")
+    check(entry.get("steps", 0) == 0 or method == "integrated_gradients", f"{path}.steps",
            f"applies to integrated_gradients only, not {method}")
-    _check(not entry.get("layer") or method in _CAM, f"{path}.layer", f"applies to CAM methods only, not {method}")
+    check(not entry.get("layer") or method in CAM_METHODS, f"{path}.layer", f"applies to CAM methods only, not {method}")
     entry["image"] = _image(entry.get("image") or {}, f"{path}.image")
     entry["output"] = _output(entry.get("output") or {}, f"{path}.output")
     entry["model"] = str(entry.get("model") or "")
@@ -239,18 +238,18 @@ def _image(raw: Any, path: str) -> ImageSpec:
     _known(raw, ("height", "width", "encoding"), path)
     for name in ("height", "width"):
         value = raw.get(name, 0)
-        _check(_is_int(value) and (value == 0 or 8 <= value <= 4096), f"{path}.{name}",
+        check(_is_int(value) and (value == 0 or 8 <= value <= 4096), f"{path}.{name}",
                f"must be 0 (the model's size) or 8..4096, got {value!r}")
-    _check(raw.get("encoding", "tensor") in _ENCODINGS, f"{path}.encoding", f"must be one of {_ENCODINGS}")
-    _check((raw.get("height", 0) == 0) == (raw.get("width", 0) == 0), path, "give both height and width, or neither")
+    check(raw.get("encoding", "tensor") in _ENCODINGS, f"{path}.encoding", f"must be one of {_ENCODINGS}")
+    check((raw.get("height", 0) == 0) == (raw.get("width", 0) == 0), path, "give both height and width, or neither")
     return ImageSpec(**raw)
 
 
 def _output(raw: Any, path: str) -> OutputSpec:
     raw = _mapping(raw, path)
     _known(raw, ("dtype", "reduction", "normalization"), path)
-    for name, choices in (("dtype", _DTYPES), ("reduction", _REDUCTIONS), ("normalization", _NORMALIZATIONS)):
-        _check(raw.get(name, next(iter(choices))) in choices, f"{path}.{name}", f"must be one of {list(choices)}")
+    for name, choices in (("dtype", DTYPES), ("reduction", REDUCTIONS), ("normalization", NORMALIZATIONS)):
+        check(raw.get(name, next(iter(choices))) in choices, f"{path}.{name}", f"must be one of {list(choices)}")
     return OutputSpec(**raw)
 
 
@@ -260,14 +259,14 @@ def _load_spec(raw: Any) -> LoadSpec:
     closed, rates = raw.get("closed"), raw.get("open")
     if rates is not None:
         rates = rates if isinstance(rates, list) else [rates]
-        _check(bool(rates) and all(_is_number(r) and 0 < r <= 100_000 for r in rates), "load.open",
+        check(bool(rates) and all(_is_number(r) and 0 < r <= 100_000 for r in rates), "load.open",
                "must be arrival rates in requests per second, each in (0, 100000]")
         closed = closed or []
-        _check(not closed, "load", "give `closed` or `open`, not both")
+        check(not closed, "load", "give `closed` or `open`, not both")
     closed = closed if closed is not None else list(LoadSpec.closed)
     closed = closed if isinstance(closed, list) else [closed]
-    _check(all(_is_int(c) and 1 <= c <= 4096 for c in closed), "load.closed", "must be client counts, each 1..4096")
-    _check(bool(closed) or bool(rates), "load", "give a `closed` sweep or `open` rates")
+    check(all(_is_int(c) and 1 <= c <= 4096 for c in closed), "load.closed", "must be client counts, each 1..4096")
+    check(bool(closed) or bool(rates), "load", "give a `closed` sweep or `open` rates")
     spec = LoadSpec(closed=tuple(closed), open=tuple(float(r) for r in rates or ()),
                     **{k: raw[k] for k in ("duration_s", "warmup_s", "max_requests", "headline") if k in raw})
     check_load(spec)
@@ -276,127 +275,9 @@ def _load_spec(raw: Any) -> LoadSpec:
 
 def check_load(spec: LoadSpec) -> None:
     """Bounds every run: a level is finite in time and in requests."""
-    _check(_is_number(spec.duration_s) and 0 < spec.duration_s <= 3600, "load.duration_s", "must be in (0, 3600]")
-    _check(_is_number(spec.warmup_s) and 0 <= spec.warmup_s <= 600, "load.warmup_s", "must be in [0, 600]")
-    _check(_is_int(spec.max_requests) and 1 <= spec.max_requests <= 10_000_000, "load.max_requests",
+    check(_is_number(spec.duration_s) and 0 < spec.duration_s <= 3600, "load.duration_s", "must be in (0, 3600]")
+    check(_is_number(spec.warmup_s) and 0 <= spec.warmup_s <= 600, "load.warmup_s", "must be in [0, 600]")
+    check(_is_int(spec.max_requests) and 1 <= spec.max_requests <= 10_000_000, "load.max_requests",
            "must be 1..1e7")
-    _check(_is_number(spec.headline) and (spec.headline == 0 or spec.headline in spec.levels), "load.headline",
+    check(_is_number(spec.headline) and (spec.headline == 0 or spec.headline in spec.levels), "load.headline",
            f"must be 0 or one of the levels {list(spec.levels)}")
-
-
-# ----------------------------------------------------------------- encoding --
-
-@dataclass
-class PreparedEntry:
-    """One mix entry, ready to send: serialized requests and their gRPC timeout."""
-
-    entry: MixEntry
-    payloads: list[bytes]
-    timeout_s: float | None
-
-
-@dataclass
-class PreparedScenario:
-    """Everything the loader sends, encoded once; `next()` is a list lookup."""
-
-    scenario: Scenario
-    entries: list[PreparedEntry]
-    schedule: list[int]            # entry index per slot, shuffled, weights exact
-    _cursor: int = 0
-
-    def next(self) -> tuple[int, bytes, float | None]:
-        """(entry index, request bytes, timeout) of the next request in the mix."""
-        slot = self._cursor
-        self._cursor += 1
-        index = self.schedule[slot % len(self.schedule)]
-        prepared = self.entries[index]
-        # Variants cycle independently of the mix, so every (entry, variant) pair recurs.
-        return index, prepared.payloads[slot % len(prepared.payloads)], prepared.timeout_s
-
-    @property
-    def max_timeout_s(self) -> float | None:
-        timeouts = [e.timeout_s for e in self.entries]
-        return None if None in timeouts else max(timeouts)  # type: ignore[type-var]
-
-
-def encode_requests(scenario: Scenario, models: dict[str, pb.ModelInfo]) -> PreparedScenario:
-    """Serializes `variants` requests per entry against the server's models (by name; "" = default)."""
-    rng = np.random.default_rng(scenario.seed)
-    entries = []
-    for i, entry in enumerate(scenario.mix):
-        info = models.get(entry.model) if entry.model else next((m for m in models.values() if m.is_default), None)
-        _check(info is not None, f"mix[{i}].model",
-               f"the server has no model {entry.model or '(default)'!r}; it has {sorted(models)}")
-        payloads = [_request(entry, info, rng, f"lt-{scenario.name}-{i}-{v}",  # type: ignore[arg-type]
-                             scenario.seed + v, f"mix[{i}]").SerializeToString() for v in range(scenario.variants)]
-        timeout = entry.deadline_ms / 1e3 if entry.deadline_ms else None
-        entries.append(PreparedEntry(entry, payloads, timeout))
-    return PreparedScenario(scenario, entries, mix_schedule(scenario))
-
-
-def mix_schedule(scenario: Scenario) -> list[int]:
-    """Entry indices in proportion to the weights (largest remainder), shuffled with the seed."""
-    weights = np.array([e.weight for e in scenario.mix], dtype=float)
-    share = weights / weights.sum() * _SCHEDULE_LENGTH
-    counts = np.floor(share).astype(int)
-    for j in np.argsort(-(share - counts))[:_SCHEDULE_LENGTH - counts.sum()]:
-        counts[j] += 1
-    schedule = [i for i, c in enumerate(counts) for _ in range(c)]
-    random.Random(scenario.seed).shuffle(schedule)
-    return schedule
-
-
-def _request(entry: MixEntry, info: pb.ModelInfo, rng: np.random.Generator, request_id: str, seed: int,
-             path: str) -> pb.ExplainRequest:
-    spec = info.input_spec
-    height, width = entry.image.height or spec.height, entry.image.width or spec.width
-    if entry.image.encoding == "tensor":
-        _check((height, width) == (spec.height, spec.width), f"{path}.image",
-               f"{height}x{width} tensors do not fit model {info.name!r} ({spec.height}x{spec.width}); "
-               "use encoding: png to have the server resize, or leave the size at 0")
-    pixels = synthetic_images(rng, entry.items, spec.channels, height, width)  # (N, C, H, W) uint8
-    request = pb.ExplainRequest(request_id=request_id, model=info.name, method=ONLINE_METHODS[entry.method],
-                                seed=seed, output=pb.OutputOptions(dtype=_DTYPES[entry.output.dtype],
-                                reduction=_REDUCTIONS[entry.output.reduction],
-                                normalization=_NORMALIZATIONS[entry.output.normalization]))
-    if entry.image.encoding == "tensor":
-        request.inputs.tensor.CopyFrom(pb.Tensor(data=pixels.tobytes(), dtype=pb.UINT8, shape=list(pixels.shape),
-                                                 layout=pb.NCHW))
-        request.inputs.space = pb.PIXELS
-    else:
-        request.inputs.images.images.extend(_png(item) for item in pixels)
-    if entry.method in _NOISE:
-        request.noise.CopyFrom(pb.NoiseParams(samples=entry.samples))
-        if entry.noise_fraction:  # 0 in a scenario = the server's default; the field is optional on the wire
-            request.noise.noise_fraction = entry.noise_fraction
-    elif entry.method == "integrated_gradients":
-        request.integrated_gradients.CopyFrom(pb.IntegratedGradientsParams(steps=entry.steps))
-    elif entry.method in _CAM:
-        request.cam.CopyFrom(pb.CamParams(layer=entry.layer))
-    return request
-
-
-def synthetic_images(rng: np.random.Generator, n: int, channels: int, height: int, width: int) -> np.ndarray:
-    """Smooth random images `# (N, C, H, W)` uint8: coarse noise upsampled plus fine grain.
-
-    Smooth rather than white noise so PNGs compress like photos do and the
-    model's predictions vary from image to image.
-    """
-    coarse = rng.random((n, channels, 8, 8))
-    rows, cols = np.linspace(0, 7, height), np.linspace(0, 7, width)
-    r0, c0 = np.floor(rows).astype(int).clip(0, 6), np.floor(cols).astype(int).clip(0, 6)
-    fr, fc = (rows - r0)[:, None], (cols - c0)[None, :]
-    top = coarse[:, :, r0][:, :, :, c0] * (1 - fc) + coarse[:, :, r0][:, :, :, c0 + 1] * fc
-    bottom = coarse[:, :, r0 + 1][:, :, :, c0] * (1 - fc) + coarse[:, :, r0 + 1][:, :, :, c0 + 1] * fc
-    smooth = top * (1 - fr) + bottom * fr  # (N, C, H, W) in [0, 1]
-    grain = rng.normal(0.0, 0.03, smooth.shape)
-    return np.clip((smooth + grain) * 255.0, 0, 255).astype(np.uint8)
-
-
-def _png(item: np.ndarray) -> bytes:
-    """One `# (C, H, W)` uint8 item as PNG bytes."""
-    import torch
-    import torchvision.io as tvio
-
-    return bytes(tvio.encode_png(torch.from_numpy(np.ascontiguousarray(item))).numpy().tobytes())
-

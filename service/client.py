@@ -5,26 +5,30 @@
         heatmaps = result.maps            # (N, maps per item, H, W) float32
 
 `AttributionClient` is blocking, `AsyncAttributionClient` is its asyncio twin.
-Calls retry on UNAVAILABLE with capped exponential backoff and jitter, within
-the call's timeout; failures raise `ServiceError`, a `grpc.RpcError` that also
+Calls retry on UNAVAILABLE and RESOURCE_EXHAUSTED with capped exponential
+backoff and jitter, honouring the server's RetryInfo, within the call's timeout
+(service/retry.py); failures raise `ServiceError`, a `grpc.RpcError` that also
 carries the message and any field violations. Needs only numpy and grpc.
 """
 from __future__ import annotations
 
 import asyncio
 import pathlib
-import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
+from service.retry import Attempts, RetryPolicy, retry_delay
+
+__all__ = ["AsyncAttributionClient", "AttributionClient", "Explanation", "RetryPolicy", "ServiceError",
+           "build_request", "retry_delay", "tensor_from_array"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 _NUMPY_DTYPES = {np.dtype(np.float32): pb.FLOAT32, np.dtype(np.float16): pb.FLOAT16, np.dtype(np.uint8): pb.UINT8}
@@ -69,72 +73,6 @@ class ServiceError(grpc.RpcError):
                 detail.Unpack(bad)
                 violations += [(v.field, v.description) for v in bad.field_violations]
         return cls(exc.code(), exc.details() or "", violations)
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries of one call: attempt k waits a random time in [b/2, b], b = min(max, initial * 2**(k-1)).
-
-    A refusal that carries google.rpc.RetryInfo waits at least the delay the server suggests (plus up to
-    20 % jitter). Retries stay within the call's overall timeout: a pause that would end past it ends
-    the call with the last error instead. Retrying is safe here because explanations are deterministic
-    (seeded): a retried Explain computes the same maps. `RetryPolicy.off()` (or `retry=False`) disables it.
-    """
-
-    max_attempts: int = 5
-    initial_backoff_s: float = 0.1
-    max_backoff_s: float = 2.0
-    codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-    honour_retry_info: bool = True
-
-    @classmethod
-    def off(cls) -> "RetryPolicy":
-        return cls(max_attempts=1)
-
-    def pause(self, attempt: int, suggested: float = 0.0) -> float:
-        ceiling = min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1))
-        backoff = random.uniform(ceiling / 2, ceiling)  # jitter: retrying clients must not march in step
-        if self.honour_retry_info and suggested > 0:
-            return max(backoff, suggested * random.uniform(1.0, 1.2))
-        return backoff
-
-
-def retry_delay(exc: grpc.RpcError) -> float:
-    """The delay a refusal's google.rpc.RetryInfo suggests, in seconds; 0 without one."""
-    try:
-        trailers = exc.trailing_metadata() or ()
-    except Exception:  # not a call error (e.g. a channel failure): no details
-        return 0.0
-    for key, value in trailers:
-        if key != "grpc-status-details-bin":
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                return info.retry_delay.ToNanoseconds() / 1e9
-    return 0.0
-
-
-class _Attempts:
-    """The retry schedule of one call within its overall timeout."""
-
-    def __init__(self, policy: RetryPolicy, timeout: float | None):
-        self.policy, self.attempt = policy, 0
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-
-    def remaining(self) -> float | None:
-        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
-
-    def next_pause(self, exc: grpc.RpcError) -> float | None:
-        """Seconds to wait before the next attempt, or None: give up and raise."""
-        self.attempt += 1
-        if exc.code() not in self.policy.codes or self.attempt >= self.policy.max_attempts:
-            return None
-        pause = self.policy.pause(self.attempt, retry_delay(exc))
-        left = self.remaining()
-        return None if left is not None and pause >= left else pause
 
 
 # ------------------------------------------------------------- requests --
@@ -335,7 +273,7 @@ class AttributionClient(_ClientBase):
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
 
     def _call(self, rpc, request, timeout: float | None, retry: RetryPolicy | bool | None = None):
-        attempts = _Attempts(self._policy(retry), self._timeout(timeout))
+        attempts = Attempts(self._policy(retry), self._timeout(timeout))
         while True:
             try:
                 return rpc(request, timeout=attempts.remaining(), metadata=self._metadata)
@@ -393,7 +331,7 @@ class AsyncAttributionClient(_ClientBase):
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
 
     async def _call(self, rpc, request, timeout: float | None, retry: RetryPolicy | bool | None = None):
-        attempts = _Attempts(self._policy(retry), self._timeout(timeout))
+        attempts = Attempts(self._policy(retry), self._timeout(timeout))
         while True:
             try:
                 return await rpc(request, timeout=attempts.remaining(), metadata=self._metadata)

@@ -117,20 +117,25 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
                 self._explaining += 1
                 counted = True
                 # Before any decoding: a refusal costs microseconds, not a validation.
-                ticket = self.admission.model(model.name).admit(estimate_cost(request, self._limits),
-                                                                context.time_remaining())
+                admission = self.admission.model(model.name)
+                estimate = estimate_cost(request, self._limits)
+                if estimate is not None:
+                    ticket = admission.admit(estimate, context.time_remaining())
                 # Off the event loop: image decoding and map encoding are real CPU work,
                 # and the loop must keep serving health checks and other streams.
                 spec = await asyncio.to_thread(validate_explain, request, model, self._limits,
                                                request_id=request_id, time_remaining=context.time_remaining(),
                                                decoder=self._decoder)
-                ticket.resize(spec.cost)
+                if ticket is None:  # its declared sizes were out of bounds: admitted on the validated cost
+                    ticket = admission.admit(spec.cost, context.time_remaining())
+                else:
+                    ticket.resize(spec.cost)
                 if spec.deadline is not None and time.time() >= spec.deadline:
                     self._metrics.dropped.labels("front_door").inc()
                     raise DeadlineExceeded("the deadline passed before the request reached a worker; it was "
                                            "not computed")
                 result = await self._backend.explain(spec)
-                self.admission.model(model.name).observe_batch(result.batch_samples, result.compute_ms)
+                admission.observe_batch(result.batch_samples, result.compute_ms)
                 ticket.release(completed=True)
                 response = await asyncio.to_thread(codec.encode_result, result, spec, model)
                 self._metrics.observe_result(spec, result)

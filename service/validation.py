@@ -21,7 +21,7 @@ from service.config import Limits
 from service.decoding.pool import ImageDecoder
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
 from workers.spec import (CAM_METHODS, NOISE_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
-                          ModelDescription, OutputSpec, TargetSpec)
+                          ModelDescription, OutputSpec, TargetSpec, request_cost)
 
 _DEFAULTS = MethodParams()
 _MAX_BLUR_SIGMA = 64.0
@@ -96,23 +96,21 @@ def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits
                        deadline=deadline)
 
 
-def estimate_cost(request: pb.ExplainRequest, limits: Limits) -> int:
+def estimate_cost(request: pb.ExplainRequest, limits: Limits) -> int | None:
     """The request's batching cost (ExplainSpec.cost) from its declared fields, without decoding anything.
 
-    Used for admission before validation; out-of-range values are clamped to the
-    limits (validation refuses them afterwards anyway).
+    Used for admission before validation. None when a declared size is outside the
+    limits: such a request is refused by validation with INVALID_ARGUMENT, never
+    as overload, so it is admitted (or not) on its validated cost instead.
     """
-    items = min(max(1, _declared_items(request.inputs)), limits.max_items)
-    name = codec.METHOD_NAMES.get(request.method, "")
-    per_item = 1
-    if name in NOISE_METHODS:
-        per_item = min(request.noise.samples or _DEFAULTS.samples, limits.max_samples)
-    elif name == "integrated_gradients":
-        per_item = min(request.integrated_gradients.steps or _DEFAULTS.steps, limits.max_steps)
-    targets = 1
-    if request.target.WhichOneof("kind") == "top_k":
-        targets = min(max(1, request.target.top_k), limits.max_top_k)
-    return items * targets * per_item
+    items = max(1, _declared_items(request.inputs))
+    targets = max(1, request.target.top_k) if request.target.WhichOneof("kind") == "top_k" else 1
+    samples = request.noise.samples or _DEFAULTS.samples
+    steps = request.integrated_gradients.steps or _DEFAULTS.steps
+    if (items > limits.max_items or targets > limits.max_top_k or samples > limits.max_samples
+            or steps > limits.max_steps):
+        return None
+    return request_cost(codec.METHOD_NAMES.get(request.method, ""), items, targets, samples, steps)
 
 
 def _request_id(rid: str, limits: Limits, v: _Violations) -> str:

@@ -67,6 +67,13 @@ class OutputSpec:
     native_resolution: bool = False
 
 
+def request_cost(method: str, items: int, targets_per_item: int, samples: int, steps: int) -> int:
+    """Batching cost in samples: folded rows per item (noisy copies, interpolation steps, else 1),
+    times items and targets. The one definition: `ExplainSpec.cost` and admission's estimate use it."""
+    per_item = samples if method in NOISE_METHODS else steps if method == "integrated_gradients" else 1
+    return items * targets_per_item * per_item
+
+
 @dataclass
 class ExplainSpec:
     """One validated request. `inputs` is model space, float32, CPU, (N, C, H, W)."""
@@ -93,12 +100,7 @@ class ExplainSpec:
 
         A SmoothGrad-50 item costs 50, an IG-32 item 32, a vanilla or CAM item 1.
         """
-        per_item = 1
-        if self.method in NOISE_METHODS:
-            per_item = self.params.samples
-        elif self.method == "integrated_gradients":
-            per_item = self.params.steps
-        return self.items * self.target.per_item * per_item
+        return request_cost(self.method, self.items, self.target.per_item, self.params.samples, self.params.steps)
 
 
 @dataclass

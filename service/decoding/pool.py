@@ -33,6 +33,7 @@ from service.decoding.pillow import DecodeFailure
 
 log = logging.getLogger(__name__)
 
+_START_TIMEOUT_S = 60.0
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 _PIPE_BYTES = 1 << 20
 _ROOT = pathlib.Path(__file__).resolve().parents[2]  # the folder that holds the `service` package
@@ -103,6 +104,17 @@ class _Worker:
                 fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, _PIPE_BYTES)
             except OSError:  # capped by /proc/sys/fs/pipe-max-size; the default size still works
                 pass
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Waits for the worker's READY byte; `_WorkerDied` if it does not come."""
+        try:
+            ready = self._read_exact(len(protocol.READY), time.monotonic() + timeout_s)
+        except _WorkerDied:
+            self.kill()
+            raise
+        if bytes(ready) != protocol.READY:
+            self.kill()
+            raise _WorkerDied("protocol")
 
     @property
     def pid(self) -> int:
@@ -229,6 +241,10 @@ class DecodePool:
 
     def _spawn(self) -> _Worker:
         worker = _Worker(self.memory_bytes)
+        try:
+            worker.wait_ready(_START_TIMEOUT_S)
+        except _WorkerDied as exc:
+            raise Busy(f"a decode worker did not start ({exc.reason})") from None
         with self._lock:
             if self._closed:
                 worker.kill()

@@ -4,6 +4,8 @@ Deliberately not pickle: a worker that a hostile file has compromised must not
 be able to make the server run anything, so the server reads only fixed
 headers and raw bytes from a worker and checks every length it is told.
 
+Worker -> server, once at start: READY.
+
 Server -> worker, one request::
 
     REQUEST  = ">4sIIIQI"  magic, width, height, channels, max_pixels, count
@@ -19,6 +21,7 @@ from __future__ import annotations
 import struct
 
 MAGIC = b"DEC1"
+READY = b"R"  # the worker's first byte, once it has started (start-up never counts against a file)
 REQUEST = struct.Struct(">4sIIIQI")
 LENGTH = struct.Struct(">I")
 ANSWER = struct.Struct(">BBIII")

@@ -63,6 +63,8 @@ def main(argv: list[str]) -> int:
     # Nothing may write to stdout but the protocol: native libraries' chatter goes to stderr.
     out = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
     os.dup2(2, 1)
+    out.write(protocol.READY)  # started and imported: the server times files from here on
+    out.flush()
     serve(sys.stdin.buffer, out)
     return 0
 

@@ -19,8 +19,8 @@ from prometheus_client import generate_latest
 
 from loadtests import cli, compare, report
 from loadtests.loadgen import LoadgenError, check_loopback
-from loadtests.scenario import (DEFAULT_SCENARIO, SCENARIO_DIR, ScenarioError, encode_requests, load_scenario,
-                                mix_schedule, scenario_from_dict)
+from loadtests.requests import encode_requests, mix_schedule
+from loadtests.scenario import DEFAULT_SCENARIO, SCENARIO_DIR, ScenarioError, load_scenario, scenario_from_dict
 from service._proto import attribution_pb2 as pb
 from service.metrics import ServiceMetrics
 from workers.app import AppConfig

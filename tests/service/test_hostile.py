@@ -41,27 +41,14 @@ def _assert_serves(channel: grpc.Channel) -> None:
     assert len(response.items) == 1 and response.items[0].attributions
 
 
-@pytest.fixture(scope="module")
-def hostile_server(start_server):
-    harness = start_server(metrics_port=None)
-    yield harness
-    harness.stop()
-
-
-@pytest.fixture(scope="module")
-def hostile_channel(hostile_server):
-    with grpc.insecure_channel(hostile_server.address) as channel:
-        yield channel
-
-
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c.name)
-def test_each_hostile_case_is_refused_and_the_server_goes_on(case, hostile_channel, caplog):
+def test_each_hostile_case_is_refused_and_the_server_goes_on(case, channel, caplog):
     if case.code == "OK":  # malformed but decodable (see corpus.DECODABLE)
-        assert _raw_explain(hostile_channel)(case.payload, timeout=60).items
-        _assert_serves(hostile_channel)
+        assert _raw_explain(channel)(case.payload, timeout=60).items
+        _assert_serves(channel)
         return
     with pytest.raises(grpc.RpcError) as info:
-        _raw_explain(hostile_channel)(case.payload, timeout=60)
+        _raw_explain(channel)(case.payload, timeout=60)
     error = info.value
     assert error.code().name == case.code, error.details()
     details = error.details() or ""
@@ -69,13 +56,13 @@ def test_each_hostile_case_is_refused_and_the_server_goes_on(case, hostile_chann
     for leak in ("/__w/", ".cpp", "Traceback", "<class", "DecodeError"):
         assert leak not in details, details
     assert "Traceback" not in caplog.text
-    _assert_serves(hostile_channel)
+    _assert_serves(channel)
 
 
-def test_image_violations_name_the_image_and_say_could_not_decode(hostile_channel):
+def test_image_violations_name_the_image_and_say_could_not_decode(channel):
     payload = [c for c in cases() if c.name == "image:bad_among_good"][0].payload
     with pytest.raises(grpc.RpcError) as info:
-        _raw_explain(hostile_channel)(payload, timeout=60)
+        _raw_explain(channel)(payload, timeout=60)
     status = rpc_status.from_call(info.value)
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad)
@@ -83,11 +70,11 @@ def test_image_violations_name_the_image_and_say_could_not_decode(hostile_channe
     assert "could not decode image 1" in bad.field_violations[0].description
 
 
-def test_garbage_mid_stream_answers_in_stream_and_the_stream_goes_on(hostile_channel):
+def test_garbage_mid_stream_answers_in_stream_and_the_stream_goes_on(channel):
     good = pb.ExplainRequest(request_id="good", method=pb.GRAD_CAM,
                              inputs=pb.Inputs(images=pb.EncodedImages(images=[valid_png()])))
     messages = [good.SerializeToString(), garbage_messages()["invalid_utf8_request_id"], good.SerializeToString()]
-    call = hostile_channel.stream_stream(STREAM, request_serializer=lambda b: b,
+    call = channel.stream_stream(STREAM, request_serializer=lambda b: b,
                                          response_deserializer=pb.ExplainResponse.FromString)
     responses = list(call(iter(messages), timeout=60))
     assert len(responses) == 3
@@ -97,25 +84,25 @@ def test_garbage_mid_stream_answers_in_stream_and_the_stream_goes_on(hostile_cha
     assert sum(1 for r in responses if r.request_id == "good" and r.items) == 2
 
 
-def test_garbage_to_health_and_reflection_is_invalid_argument(hostile_channel):
+def test_garbage_to_health_and_reflection_is_invalid_argument(channel):
     for method in ("/grpc.health.v1.Health/Check", "/attribution.v1.AttributionService/GetModel"):
-        call = hostile_channel.unary_unary(method, request_serializer=lambda b: b,
+        call = channel.unary_unary(method, request_serializer=lambda b: b,
                                            response_deserializer=lambda b: b)
         with pytest.raises(grpc.RpcError) as info:
             call(b"\xff" * 32, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_unknown_health_service_says_what_exists(hostile_channel):
+def test_unknown_health_service_says_what_exists(channel):
     with pytest.raises(grpc.RpcError) as info:
-        health_pb2_grpc.HealthStub(hostile_channel).Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="nope"), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert "'nope'" in info.value.details() and "attribution.v1.AttributionService" in info.value.details()
 
 
-def test_concurrent_flood_of_bad_calls(hostile_channel):
+def test_concurrent_flood_of_bad_calls(channel):
     corpus = cases()
-    call = _raw_explain(hostile_channel)
+    call = _raw_explain(channel)
     sent = [corpus[i % len(corpus)] for i in range(300)]
     futures = [call.future(case.payload, timeout=120) for case in sent]
     wrong = []
@@ -128,12 +115,12 @@ def test_concurrent_flood_of_bad_calls(hostile_channel):
         if code != case.code:
             wrong.append((case.name, code))
     assert not wrong, wrong
-    _assert_serves(hostile_channel)
+    _assert_serves(channel)
 
 
-def test_noise_fraction_zero_is_honoured(hostile_channel):
+def test_noise_fraction_zero_is_honoured(channel):
     image = pb.Inputs(images=pb.EncodedImages(images=[valid_png()]))
-    stub = pb_grpc.AttributionServiceStub(hostile_channel)
+    stub = pb_grpc.AttributionServiceStub(channel)
     plain = stub.Explain(pb.ExplainRequest(method=pb.VANILLA_GRADIENT, inputs=image), timeout=60)
     zero = stub.Explain(pb.ExplainRequest(method=pb.SMOOTHGRAD, inputs=image,
                                           noise=pb.NoiseParams(samples=4, noise_fraction=0.0)), timeout=60)
@@ -145,8 +132,8 @@ def test_noise_fraction_zero_is_honoured(hostile_channel):
     assert not np.allclose(as_map(default), as_map(plain), rtol=1e-3, atol=1e-6)
 
 
-def test_model_info_advertises_the_job_limit(hostile_channel):
-    info = pb_grpc.AttributionServiceStub(hostile_channel).ListModels(pb.ListModelsRequest(), timeout=10).models[0]
+def test_model_info_advertises_the_job_limit(channel):
+    info = pb_grpc.AttributionServiceStub(channel).ListModels(pb.ListModelsRequest(), timeout=10).models[0]
     assert info.limits.max_items == 64
     assert info.limits.max_job_items == 0  # this server runs no offline queue
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from dataclasses import asdict
 
 import grpc
 import numpy as np
