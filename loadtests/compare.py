@@ -127,7 +127,7 @@ def run_compare(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) ->
     return 0
 
 
-FRONT_DOOR_KEYS = ("torch_threads", "cpu_affinity", "admission")
+FRONT_DOOR_KEYS = ("torch_threads", "cpu_affinity", "admission", "coalesce")
 
 
 def _app_config(scenario: Scenario, path: str | None) -> dict:
@@ -295,7 +295,7 @@ async def _serve_target(args: argparse.Namespace) -> None:
     running = None
     try:
         await asyncio.to_thread(deploy_all, app)
-        running = await create_server(config, ServeBackend.from_config(app))
+        running = await create_server(config, ServeBackend.from_config(app, **config.coalesce.backend_options()))
         pathlib.Path(args.ready_file).write_text(json.dumps({"port": running.port,
                                                              "metrics_port": running.metrics_port,
                                                              "pid": os.getpid()}))

@@ -7,6 +7,8 @@ One run, one local Ray (`ray.init(num_cpus=2)`), the demo model deployed as the 
     front_door   our grpc.aio front door (`service.server.create_server` over `ServeBackend`, metrics on), in
                  its own process as `attribution serve --attach` runs it, called with `service.client` over
                  loopback: gRPC + validation + codec + the same handle call.
+    front_door_single  the same front door in a second process with `server.coalesce.max_requests: 1`: one
+                 handle call per request, as before coalescing (service/coalesce.py).
     serve_proxy  Ray Serve's gRPC proxy -> an ingress deployment (`ProbeIngress`: validate, the model's
                  handle, encode) -> the model. Measured only when the proxy answers at all.
 
@@ -50,7 +52,7 @@ CHILD_START_TIMEOUT_S = 180.0
 
 # ------------------------------------------------------------ the front door child --
 
-async def _front_door_child(ray_address: str, ready_file: str) -> None:
+async def _front_door_child(ray_address: str, ready_file: str, coalesce: int) -> None:
     """Our front door, attached to the parent's Ray: what `attribution serve --attach` runs."""
     import ray
 
@@ -60,7 +62,7 @@ async def _front_door_child(ray_address: str, ready_file: str) -> None:
 
     ray.init(address=ray_address, log_to_driver=False)
     server = await create_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0, metrics_host="127.0.0.1"),
-                                 ServeBackend([MODEL]))
+                                 ServeBackend([MODEL], coalesce_max_requests=coalesce))
     pathlib.Path(ready_file).write_text(json.dumps({"port": server.port, "metrics_port": server.metrics_port}))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -73,12 +75,13 @@ async def _front_door_child(ray_address: str, ready_file: str) -> None:
 class FrontDoorProcess:
     """The child above, started by us and stopped by us (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, ray_address: str, workdir: pathlib.Path):
-        self.ready = workdir / "front_door.ready.json"
-        self.log_path = workdir / "front_door.log"
+    def __init__(self, ray_address: str, workdir: pathlib.Path, coalesce: int = 32):
+        self.ready = workdir / f"front_door_{coalesce}.ready.json"
+        self.log_path = workdir / f"front_door_{coalesce}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.frontdoor_probe", "--front-door-child",
-                                      str(self.ready), "--ray-address", ray_address],
+                                      str(self.ready), "--ray-address", ray_address,
+                                      "--child-coalesce", str(coalesce)],
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> dict:
@@ -165,7 +168,8 @@ class Counted:
         return self.call(k)
 
 
-async def make_calls(front_door_port: int, proxy_port: int | None, requests: list[pb.ExplainRequest]) -> tuple:
+async def make_calls(front_door_port: int, single_port: int, proxy_port: int | None,
+                     requests: list[pb.ExplainRequest]) -> tuple:
     """The three paths as `call(k)` coroutines, and the clients to close afterwards."""
     from service.client import AsyncAttributionClient
     from service.config import Limits
@@ -176,6 +180,7 @@ async def make_calls(front_door_port: int, proxy_port: int | None, requests: lis
     (described,) = await backend.models()
     specs = [validate_explain(r, described, Limits()) for r in requests]
     ours = AsyncAttributionClient(f"127.0.0.1:{front_door_port}", timeout=CALL_TIMEOUT_S)
+    single = AsyncAttributionClient(f"127.0.0.1:{single_port}", timeout=CALL_TIMEOUT_S)
 
     async def direct(k: int) -> int:
         return (await backend.explain(specs[k % len(specs)])).batch_requests
@@ -183,8 +188,11 @@ async def make_calls(front_door_port: int, proxy_port: int | None, requests: lis
     async def front_door(k: int) -> int:
         return int((await ours.explain_request(requests[k % len(requests)])).timings["batch_requests"])
 
-    calls = {"direct": direct, "front_door": Counted(front_door)}
-    closers = [ours.close]
+    async def front_door_single(k: int) -> int:
+        return int((await single.explain_request(requests[k % len(requests)])).timings["batch_requests"])
+
+    calls = {"direct": direct, "front_door": Counted(front_door), "front_door_single": Counted(front_door_single)}
+    closers = [ours.close, single.close]
     if proxy_port is not None:
         from service.client import Explanation
 
@@ -262,23 +270,31 @@ async def run_measured(args: argparse.Namespace, workdir: pathlib.Path, proxy_po
     shim = {"servicer_function": SHIM_SERVICER, "proxies": proxy_status(),
             "explain": await asyncio.to_thread(try_proxy_explain, proxy_port, requests[0]),
             "wire_services": await asyncio.to_thread(wire_services, proxy_port)}
-    child = FrontDoorProcess(ray.get_runtime_context().gcs_address, workdir)
+    gcs = ray.get_runtime_context().gcs_address
+    children = {"front_door": FrontDoorProcess(gcs, workdir), "front_door_single": FrontDoorProcess(gcs, workdir, 1)}
     try:
-        ready = await asyncio.to_thread(child.wait_ready)
-        ours = await asyncio.to_thread(wire_services, ready["port"])
-        calls, closers = await make_calls(ready["port"], proxy_port if shim["explain"]["ok"] else None, requests)
-        cpu_before, served = child.cpu_seconds(), calls["front_door"]
+        ready = {name: await asyncio.to_thread(child.wait_ready) for name, child in children.items()}
+        ours = await asyncio.to_thread(wire_services, ready["front_door"]["port"])
+        calls, closers = await make_calls(ready["front_door"]["port"], ready["front_door_single"]["port"],
+                                          proxy_port if shim["explain"]["ok"] else None, requests)
+        cpu_before = {name: child.cpu_seconds() for name, child in children.items()}
         try:
             table = await measure(calls, args.requests, args.concurrency, args.rounds, args.warmup)
         finally:
             for close in closers:
                 await close()
-        cpu = child.cpu_seconds() - cpu_before
+        cpu = {name: child.cpu_seconds() - cpu_before[name] for name, child in children.items()}
     finally:
-        await asyncio.to_thread(child.stop)
+        for child in children.values():
+            await asyncio.to_thread(child.stop)
     return {"model": {"name": described.name, "input": [described.channels, described.height, described.width]},
             "serve_proxy_shim": shim, "front_door_wire_services": ours, "table": table,
-            "front_door_cpu_ms_per_request": round(cpu * 1e3 / served.count, 3) if served.count else None}
+            "front_door_cpu_ms_per_request": _per_request(cpu["front_door"], calls["front_door"]),
+            "front_door_single_cpu_ms_per_request": _per_request(cpu["front_door_single"], calls["front_door_single"])}
+
+
+def _per_request(cpu_s: float, counted: "Counted") -> float | None:
+    return round(cpu_s * 1e3 / counted.count, 3) if counted.count else None
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -307,7 +323,8 @@ def run(args: argparse.Namespace) -> dict:
     overhead = ratios(measured["table"])
     print_findings(attempts + [measured["serve_proxy_shim"]], measured["front_door_wire_services"])
     print_table(measured["table"], overhead)
-    print(f"front door CPU per request: {measured['front_door_cpu_ms_per_request']} ms")
+    print(f"front door CPU per request: {measured['front_door_cpu_ms_per_request']} ms coalescing, "
+          f"{measured['front_door_single_cpu_ms_per_request']} ms one call per request")
     return {"kind": "frontdoor_probe", "machine": report.machine(), "seconds": round(time.time() - started, 1),
             "load": {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
                      "warmup": args.warmup, "method": "grad_cam", "batch": 1},
@@ -349,9 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="write the results here")
     parser.add_argument("--front-door-child", metavar="READY_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--ray-address", help=argparse.SUPPRESS)
+    parser.add_argument("--child-coalesce", type=int, default=32, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.front_door_child:
-        asyncio.run(_front_door_child(args.ray_address, args.front_door_child))
+        asyncio.run(_front_door_child(args.ray_address, args.front_door_child, args.child_coalesce))
         return 0
     if not 1 <= args.requests <= 100_000 or not 1 <= args.rounds <= 100 or not 1 <= args.warmup <= 10_000:
         parser.error("--requests 1..100000, --rounds 1..100, --warmup 1..10000")

@@ -65,6 +65,10 @@ class LevelRecorder:
     entries: int
     latencies_ms: list[float] = field(default_factory=list)           # OK requests only
     refused_ms: list[float] = field(default_factory=list)             # RESOURCE_EXHAUSTED answers
+    # Open loop: how late each call left against its schedule (the client's own lag), and the
+    # refusals' latency from the moment they left (what the server took).
+    send_lag_ms: list[float] = field(default_factory=list)
+    refused_sent_ms: list[float] = field(default_factory=list)
     by_entry_ms: list[list[float]] = field(default_factory=list)
     codes: Counter = field(default_factory=Counter)
     timed: int = 0                 # OK answers that reported their batch
@@ -77,11 +81,16 @@ class LevelRecorder:
     def __post_init__(self) -> None:
         self.by_entry_ms = [[] for _ in range(self.entries)]
 
-    def record(self, entry: int, latency_s: float, code: str, raw: bytes | None, done: float) -> None:
+    def record(self, entry: int, latency_s: float, code: str, raw: bytes | None, done: float,
+               lag_s: float | None = None) -> None:
         self.codes[code] += 1
         self.last_done = max(self.last_done, done)
+        if lag_s is not None:
+            self.send_lag_ms.append(lag_s * 1e3)
         if code == "RESOURCE_EXHAUSTED":
             self.refused_ms.append(latency_s * 1e3)
+            if lag_s is not None:
+                self.refused_sent_ms.append((latency_s - lag_s) * 1e3)
         if code != "OK":
             return
         ms = latency_s * 1e3
@@ -199,10 +208,11 @@ class LoadGenerator:
 
     async def _scheduled(self, call, scheduled: float, rec: LevelRecorder | None) -> None:
         index, payload, timeout = self.prepared.next()
+        sent_at = asyncio.get_running_loop().time()
         code, raw = await _send(call, payload, timeout)
         if rec is not None:
             done = asyncio.get_running_loop().time()
-            rec.record(index, done - scheduled, code, raw, done)
+            rec.record(index, done - scheduled, code, raw, done, lag_s=max(0.0, sent_at - scheduled))
 
     def _scrapes_at(self, first: float, second: float) -> Awaitable[tuple[dict | None, dict | None]]:
         """The server's metrics at two loop times, taken off the loop (they are blocking HTTP GETs)."""

@@ -21,6 +21,7 @@ A config file's `server:` section has this shape (every key optional)::
       admission: {enabled: true, target_queue_delay_s: 1, default_deadline_s: 30, deadline_fraction: 0.5,
                   min_queued_cost: 64, smoothing: 0.3, max_retry_after_s: 5}
       decode: {isolation: process, workers: 2, timeout_s: 5, memory_mb: 1024, max_uses: 10000, wait_s: 10}
+      coalesce: {max_requests: 32, max_cost: 256}   # requests sent to the replicas as one call
 """
 from __future__ import annotations
 
@@ -135,6 +136,27 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True)
+class CoalesceConfig:
+    """Requests for one model and method that reach the backend in the same event-loop
+    turn travel to the replicas as one call (service/coalesce.py); nothing waits for company.
+
+    max_requests: members of one call; 1 = every request its own call.
+    max_cost: cost units (samples) of one call, so its first member never waits
+        behind a second replica batch.
+    """
+
+    max_requests: int = 32
+    max_cost: int = 256
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_requests <= 4096, "server.coalesce.max_requests", "must be 1..4096")
+        _check(1 <= self.max_cost <= 1_000_000, "server.coalesce.max_cost", "must be 1..1000000")
+
+    def backend_options(self) -> dict[str, int]:
+        return {"coalesce_max_requests": self.max_requests, "coalesce_max_cost": self.max_cost}
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     """The gRPC front door.
 
@@ -162,6 +184,7 @@ class ServerConfig:
     limits: per-request limits.
     decode: how client PNG/JPEG bytes are decoded (isolated worker processes by default).
     admission: refusing by cost and deadline (workers/admission.py).
+    coalesce: requests that travel to the replicas together (service/coalesce.py).
     """
 
     host: str = "[::]"
@@ -181,6 +204,7 @@ class ServerConfig:
     limits: Limits = field(default_factory=Limits)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     admission: "AdmissionConfig" = field(default_factory=lambda: _admission_config())
+    coalesce: CoalesceConfig = field(default_factory=CoalesceConfig)
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "server.host", "must not be empty")
@@ -217,7 +241,7 @@ class ServerConfig:
         from workers.admission import AdmissionConfig
 
         sections = {"keepalive": KeepaliveConfig, "limits": Limits, "admission": AdmissionConfig,
-                    "decode": DecodeConfig}
+                    "decode": DecodeConfig, "coalesce": CoalesceConfig}
         for key, kind in sections.items():
             if key in raw:
                 section = raw[key] or {}

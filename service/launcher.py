@@ -90,11 +90,12 @@ async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str
     deployed = []
     try:
         if args.attach:
-            backend = ServeBackend.discover(app_config.default if args.config else "")
+            backend = ServeBackend.discover(app_config.default if args.config else "",
+                                            **server_config.coalesce.backend_options())
         else:
             deployed = deploy_all(app_config)
             deployed.append(deploy_offline(app_config, jobs_config.offline))
-            backend = ServeBackend.from_config(app_config)
+            backend = ServeBackend.from_config(app_config, **server_config.coalesce.backend_options())
         server = await create_server(server_config, backend, offline=ServeOfflineBackend(), data_dir=data_dir,
                                      sections=rest)
         print(f"attribution: data directory (jobs, results, audit) {data_dir}", flush=True)

@@ -1,7 +1,8 @@
 """The front door's backend on Ray Serve: one deployment handle per model application.
 
 Handles route straight to the model's `OnlineWorker` replicas (Serve picks the
-least-loaded one). Ray's own failures are translated here into the project's
+least-loaded one); requests that arrive together travel as one call
+(service/coalesce.py). Ray's own failures are translated here into the project's
 error tree, so nothing Ray-specific reaches the servicer.
 """
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Callable
 
+from service.coalesce import Coalescer
 from workers.app import APP_PREFIX, AppConfig, app_name
 from workers.errors import (AttributionError, DeadlineExceeded, InternalError, ModelNotFound, Overloaded,
                             Unavailable)
@@ -19,7 +22,8 @@ log = logging.getLogger(__name__)
 
 
 class ServeBackend:
-    def __init__(self, models: list[str], default: str = ""):
+    def __init__(self, models: list[str], default: str = "", coalesce_max_requests: int = 32,
+                 coalesce_max_cost: int = 256):
         from ray import serve
 
         if not models:
@@ -28,19 +32,22 @@ class ServeBackend:
         self._handles = {name: serve.get_app_handle(app_name(name)) for name in models}
         self._closed = False
         self._live: dict[str, int] = {}  # running replicas per model, from `refresh_replicas`
+        # Set when a call finds a replica gone, so health is re-read at once (service/server.py).
+        self.replicas_changed = asyncio.Event()
+        self.coalescer = Coalescer(self._dispatch, self._call, coalesce_max_requests, coalesce_max_cost)
 
     @classmethod
-    def from_config(cls, config: AppConfig) -> "ServeBackend":
-        return cls([m.name for m in config.models], config.default)
+    def from_config(cls, config: AppConfig, **options) -> "ServeBackend":
+        return cls([m.name for m in config.models], config.default, **options)
 
     @classmethod
-    def discover(cls, default: str = "") -> "ServeBackend":
+    def discover(cls, default: str = "", **options) -> "ServeBackend":
         """Attaches to the running `attribution-*` applications of the connected cluster."""
         from ray import serve
 
         running = [name[len(APP_PREFIX):] for name, app in serve.status().applications.items()
                    if name.startswith(APP_PREFIX) and str(app.status).endswith("RUNNING")]
-        return cls(sorted(running), default)
+        return cls(sorted(running), default, **options)
 
     def _handle(self, model: str):
         name = model or self.default
@@ -61,20 +68,22 @@ class ServeBackend:
         timeout = None if spec.deadline is None else spec.deadline - time.time()
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("the deadline passed before the request reached a worker; it was not computed")
-        response = self._handle(spec.model).explain.remote(spec)
+        self._handle(name)  # unknown models fail here, before coalescing
+        # A timeout or a cancelled caller cancels the future; the coalescer cancels the Ray
+        # request once no member of its call is waiting (a Ray handle never does so by itself).
         try:
-            outcome = await asyncio.wait_for(self._call(response), timeout)
+            outcome = await asyncio.wait_for(self.coalescer.submit(name, spec), timeout)
         except asyncio.TimeoutError:
-            response.cancel()
             raise DeadlineExceeded("the deadline passed while the request was queued or computing") from None
-        except asyncio.CancelledError:
-            # The client cancelled or its deadline came first: a Ray handle does not cancel the
-            # request by itself, and the replica would compute it for nobody.
-            response.cancel()
-            raise
         if isinstance(outcome, AttributionError):
             raise outcome
         return outcome
+
+    def _dispatch(self, model: str, specs: list[ExplainSpec]):
+        handle = self._handle(model)
+        if len(specs) == 1:
+            return handle.explain.remote(specs[0])
+        return handle.explain_many.remote(specs)
 
     def live_replicas(self) -> dict[str, int]:
         """Running replicas per model as last read (empty before the first `refresh_replicas`)."""
@@ -100,27 +109,34 @@ class ServeBackend:
         """Calls any other worker method (batching settings, device memory)."""
         return await self._call(getattr(self._handle(model), method).remote(*args))
 
-    @staticmethod
-    async def _call(response):
-        from ray.exceptions import RayActorError, RayTaskError
-        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
-
-        try:
-            return await response
-        except BackPressureError:
-            raise Overloaded("the model's queue is full; retry with backoff", retry_after_s=0.2,
-                             reason="backpressure") from None
-        except (RayActorError, DeploymentUnavailableError) as exc:
-            raise Unavailable(f"no healthy worker for this model right now ({type(exc).__name__})",
-                              retry_after_s=1.0) from None
-        except RequestCancelledError:
-            raise DeadlineExceeded("the request was cancelled before it finished") from None
-        except RayTaskError as exc:
-            cause = exc.cause if isinstance(getattr(exc, "cause", None), AttributionError) else None
-            if cause is not None:
-                raise cause from None
-            log.error("worker call failed: %s", exc)
-            raise InternalError("a worker failed while explaining") from None
+    async def _call(self, response):
+        return await ray_call(response, self.replicas_changed.set)
 
     async def close(self) -> None:
         self._closed = True
+        await self.coalescer.close()
+
+
+async def ray_call(response, on_replica_lost: Callable[[], None] | None = None):
+    """Awaits a Serve response, translating Ray's failures into `workers.errors` (for online and offline calls)."""
+    from ray.exceptions import RayActorError, RayTaskError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RequestCancelledError
+
+    try:
+        return await response
+    except BackPressureError:
+        raise Overloaded("the model's queue is full; retry with backoff", retry_after_s=0.2,
+                         reason="backpressure") from None
+    except (RayActorError, DeploymentUnavailableError) as exc:
+        if on_replica_lost is not None:
+            on_replica_lost()
+        raise Unavailable(f"no healthy worker for this model right now ({type(exc).__name__})",
+                          retry_after_s=1.0) from None
+    except RequestCancelledError:
+        raise DeadlineExceeded("the request was cancelled before it finished") from None
+    except RayTaskError as exc:
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), AttributionError) else None
+        if cause is not None:
+            raise cause from None
+        log.error("worker call failed: %s", exc)
+        raise InternalError("a worker failed while explaining") from None

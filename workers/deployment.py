@@ -121,6 +121,10 @@ class OnlineWorker:
         ticket.release(completed=isinstance(outcome, ExplainResult))
         return outcome
 
+    async def explain_many(self, specs: list[ExplainSpec]) -> list[ExplainResult | AttributionError]:
+        """Requests the front door coalesced into one call: each enters the batcher on its own."""
+        return list(await asyncio.gather(*(self.explain(spec) for spec in specs)))
+
     def _dead(self, item: tuple[ExplainSpec, float]) -> AttributionError | None:
         spec = item[0]
         if self._abandoned.pop(id(spec), None) is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import AsyncIterator, Protocol
 
-from service.serve_backend import ServeBackend
+from service.serve_backend import ray_call
 from workers.errors import AttributionError, Unavailable
 from workers.offline import OFFLINE_APP
 from workers.spec import ExplainResult, ExplainSpec
@@ -48,7 +48,7 @@ class ServeOfflineBackend:
                 try:
                     # The online backend's mapping of Ray failures (dead replica ->
                     # Unavailable, ...) applies to each step of the stream as well.
-                    item = await ServeBackend._call(stream.__anext__())
+                    item = await ray_call(stream.__anext__())
                 except StopAsyncIteration:
                     finished = True
                     return

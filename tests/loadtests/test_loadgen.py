@@ -247,7 +247,9 @@ def test_overload_benchmark_runs_and_reports_every_figure(local_server, tmp_path
     assert report["saturation_rps"] > 0 and set(report["goodput_ratio"]) == {"2x", "4x", "8x"}
     for level in report["levels"]:
         assert level["health_failures"] == 0 and level["health_checks"] > 0
-        assert {"ok_p50_ms", "ok_p99_ms", "refused_p99_ms", "recovery_s", "shares"} <= set(level)
+        assert {"ok_p50_ms", "ok_p99_ms", "refused_p99_ms", "recovery_s", "shares", "send_lag_p99_ms",
+                "refused_from_send_p99_ms"} <= set(level)
+        assert level["send_lag_p50_ms"] is not None and level["send_lag_p50_ms"] >= 0
     assert report["flood"]["alone_rps"] > 0
 
 

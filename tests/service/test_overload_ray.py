@@ -36,7 +36,7 @@ def deployed(ray_session, demo_cache_dir):
     backend = ServeBackend.from_config(app)
     loop = LoopThread()
     running = start_front_door(loop, backend)
-    yield serve.get_app_handle(app_name("demo")), running
+    yield serve.get_app_handle(app_name("demo")), running, backend
     loop.call(running.stop(0.0))
     loop.close()
     shutdown_all(app)
@@ -54,7 +54,7 @@ def _stats(handle) -> dict:
 
 
 def test_a_flood_of_expired_requests_never_reaches_a_kernel(deployed, demo_batch):
-    handle, _ = deployed
+    handle, *_ = deployed
     before = _stats(handle)
     responses = [handle.explain.remote(_spec(demo_batch.images[:1], 8, deadline=time.time() - 1))
                  for _ in range(40)]
@@ -67,7 +67,7 @@ def test_a_flood_of_expired_requests_never_reaches_a_kernel(deployed, demo_batch
 
 
 def test_cancelled_requests_are_removed_from_the_backlog(deployed, demo_batch):
-    handle, _ = deployed
+    handle, *_ = deployed
     before = _stats(handle)
     busy = handle.explain.remote(_spec(demo_batch.images, 128))   # holds the only compute slot
     time.sleep(0.2)
@@ -82,7 +82,7 @@ def test_cancelled_requests_are_removed_from_the_backlog(deployed, demo_batch):
 
 
 def test_clients_that_cancel_leave_no_work_behind(deployed, demo_batch):
-    handle, running = deployed
+    handle, running, _ = deployed
     before = _stats(handle)
     with grpc.insecure_channel(running.address) as channel:
         stub = pb_grpc.AttributionServiceStub(channel)
@@ -101,3 +101,23 @@ def test_clients_that_cancel_leave_no_work_behind(deployed, demo_batch):
     after = _stats(handle)
     assert after["computed"] - before["computed"] == 1, (before, after)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_concurrent_calls_share_handle_calls_and_answer_as_if_alone(deployed, demo_batch):
+    import numpy as np
+
+    _, running, backend = deployed
+    request = explain_request(demo_batch.images[:1], pb.SMOOTHGRAD, noise={"samples": 4})
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.AttributionServiceStub(channel)
+        alone = stub.Explain(request, timeout=60)
+        calls, requests = backend.coalescer.calls, backend.coalescer.requests
+        futures = [stub.Explain.future(request, timeout=60) for _ in range(24)]
+        together = [f.result() for f in futures]
+    sent_calls = backend.coalescer.calls - calls
+    assert backend.coalescer.requests - requests == 24
+    assert sent_calls < 24, "no two of 24 concurrent calls travelled together"
+    reference = np.frombuffer(alone.items[0].attributions[0].map.data, np.float32)
+    for response in together:
+        got = np.frombuffer(response.items[0].attributions[0].map.data, np.float32)
+        np.testing.assert_allclose(got, reference, rtol=0, atol=1e-6)
