@@ -139,12 +139,9 @@ def _app_config(scenario: Scenario, path: str | None) -> dict:
     if not raw.get("models"):
         raise LoadgenError("--compare needs models to start: give --config FILE or a `serve:` section "
                            "in the scenario")
-    from workers.app import AppConfig
+    from service.settings import ServiceConfig
 
-    AppConfig.from_dict(copy.deepcopy(raw))  # fail here, not in three subprocesses
-    from service.config import ServerConfig
-
-    ServerConfig.from_dict(server)
+    ServiceConfig.from_dict(copy.deepcopy(raw))  # fail here, not in three subprocesses
     return raw
 
 
@@ -171,13 +168,13 @@ def measure_kernel(app_raw: dict, scenario: Scenario, batch_requests: float, dur
     from service.codec import model_info
     from service.config import Limits
     from service.validation import validate_explain
-    from workers.app import AppConfig
+    from service.settings import ServiceConfig
     from workers.batching import FoldBudget
     from workers.models import describe, load_model, select_device
     from workers.pipeline import WorkerContext
     from loadtests.requests import encode_requests
 
-    app = AppConfig.from_dict(copy.deepcopy(app_raw))
+    app = ServiceConfig.from_dict(copy.deepcopy(app_raw)).app
     weights: dict[str, float] = {}
     for entry in scenario.mix:  # the kernel of the model that carries most of the mix
         weights[entry.model or app.default] = weights.get(entry.model or app.default, 0.0) + entry.weight
@@ -277,16 +274,15 @@ async def _serve_target(args: argparse.Namespace) -> None:
     import ray
     import torch
 
-    from service.config import ServerConfig
     from service.serve_backend import ServeBackend
     from service.server import create_server
+    from service.settings import ServiceConfig
     from workers.affinity import pin_process
-    from workers.app import AppConfig, deploy_all, shutdown_all
+    from workers.app import deploy_all, shutdown_all
 
-    raw = load_config_file(args.config)
-    app = AppConfig.from_dict(raw)
-    config = ServerConfig.from_dict(dict(raw.get("server") or {}, host="127.0.0.1", port=args.port, metrics_port=0,
-                                         metrics_host="127.0.0.1"))
+    settings = ServiceConfig.load(args.config, {"host": "127.0.0.1", "port": args.port, "metrics_port": 0,
+                                                "metrics_host": "127.0.0.1"})
+    app, config = settings.app, settings.server
     torch.set_num_threads(config.torch_threads)  # as `attribution serve` does: kernels run in the replicas
     pin_process(config.cpu_affinity, "server.cpu_affinity")  # before Ray: its daemons inherit the cores
     cpus = max(os.cpu_count() or 1, int(sum(m.num_cpus * max(1, m.replicas) for m in app.models) + 0.999))

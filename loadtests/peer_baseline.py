@@ -55,8 +55,9 @@ from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.config import Limits
 from service.validation import resolve_model, validate_explain
+from service.settings import ServiceConfig
 from workers.app import AppConfig
-from workers.config import load_config_file
+
 from workers.errors import DeadlineExceeded
 from workers.kernels.baselines import make_baseline
 from workers.models import LoadedModel, describe, load_model, select_device
@@ -242,7 +243,7 @@ async def start_peer(config: AppConfig, host: str = "127.0.0.1", port: int = 0, 
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    config = AppConfig.from_dict(load_config_file(args.config)) if args.config else AppConfig()
+    config = ServiceConfig.load(args.config).app
     peer = await start_peer(config, args.host, args.port, threads=args.threads)
     if args.ready_file:
         pathlib.Path(args.ready_file).write_text(json.dumps({"port": peer.port, "pid": os.getpid()}))

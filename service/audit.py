@@ -48,6 +48,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from service import codec
 from service._proto import attribution_pb2 as pb
 from workers.errors import FailedPrecondition, InvalidArgument
+from workers.schema import build, check
 from workers.spec import ExplainSpec
 
 from service.audit_records import (INPUTS_DIR, LOG_NAME, RECORD_FIELDS, SCHEMA_VERSION, _Entry, _rotated_indices,
@@ -64,11 +65,6 @@ _LOCK_NAME = ".audit.lock"
 _DRAIN_MAX = 256          # entries written between two flushes
 _BLOCK_POLL_S = 0.1       # a blocked caller re-checks for room and shutdown this often
 _WARN_EVERY_S = 10.0
-
-def _check(ok: bool, fieldname: str, description: str) -> None:
-    if not ok:
-        raise InvalidArgument.field(fieldname, description)
-
 
 @dataclass(frozen=True)
 class AuditConfig:
@@ -103,12 +99,12 @@ class AuditConfig:
     fsync_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
-        _check(self.max_bytes == 0 or 1024 <= self.max_bytes <= 1 << 40, "audit.max_bytes",
+        check(self.max_bytes == 0 or 1024 <= self.max_bytes <= 1 << 40, "audit.max_bytes",
                "must be 0 (never rotate) or 1 KiB..1 TiB")
-        _check(0 <= self.keep <= 100_000, "audit.keep", "must be 0 (keep all)..100000")
-        _check(1 <= self.buffer_entries <= 1_000_000, "audit.buffer_entries", "must be 1..1000000")
-        _check(self.when_full in FULL_POLICIES, "audit.when_full", f"must be one of {', '.join(FULL_POLICIES)}")
-        _check(0 <= self.fsync_interval_s <= 3600, "audit.fsync_interval_s", "must be 0..3600 seconds")
+        check(0 <= self.keep <= 100_000, "audit.keep", "must be 0 (keep all)..100000")
+        check(1 <= self.buffer_entries <= 1_000_000, "audit.buffer_entries", "must be 1..1000000")
+        check(self.when_full in FULL_POLICIES, "audit.when_full", f"must be one of {', '.join(FULL_POLICIES)}")
+        check(0 <= self.fsync_interval_s <= 3600, "audit.fsync_interval_s", "must be 0..3600 seconds")
 
     def directory_for(self, data_dir: str | os.PathLike) -> pathlib.Path:
         """The log directory: `directory`, else `<data_dir>/audit`."""
@@ -116,10 +112,7 @@ class AuditConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "AuditConfig":
-        raw = dict(raw or {})
-        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
-        _check(not unknown, "audit", f"unknown keys: {', '.join(sorted(unknown))}")
-        return cls(**raw)
+        return build(cls, raw, "audit")
 
 
 class AuditLog:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from service import codec
-from service.audit import INPUTS_DIR, RECORD_FIELDS, SCHEMA_VERSION, AuditConfig, log_files
+from service.audit import INPUTS_DIR, RECORD_FIELDS, SCHEMA_VERSION, log_files
 from workers.errors import AttributionError
 from workers.local import LocalBackend
 from workers.models import ModelRegistry, describe
@@ -340,14 +340,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.jobs.store import default_data_dir
-    from workers.app import AppConfig
-    from workers.config import load_config_file
+    from service.settings import ServiceConfig
     from workers.models import select_device
 
     try:
-        raw = load_config_file(args.config) if args.config else {}
-        app = AppConfig.from_dict({k: raw[k] for k in ("models", "default_model", "device", "cache_dir") if k in raw})
-        audit_dir = AuditConfig.from_dict(raw.get("audit")).directory_for(args.data_dir or default_data_dir())
+        config = ServiceConfig.load(args.config)
+        app = config.app
+        audit_dir = config.audit.directory_for(args.data_dir or default_data_dir())
         if args.sample is not None and args.sample < 1:
             raise ValueError("--sample must be at least 1")
         registry = ModelRegistry(list(app.models), app.default, device=select_device(args.device or app.device),

@@ -140,17 +140,15 @@ async def _target(args: argparse.Namespace) -> AsyncIterator[str]:
     if args.server:
         yield args.server
         return
-    from service.config import ServerConfig
-    from service.launcher import split_config
     from service.server import create_server
-    from workers.config import load_config_file
+    from service.settings import ServiceConfig
     from workers.local import LocalBackend
     from workers.models import ModelRegistry
 
-    app, _ = split_config(load_config_file(args.config) if args.config else {})
+    config = ServiceConfig.load(args.config, {"host": "127.0.0.1", "port": 0, "metrics_port": None})
+    app = config.app
     registry = ModelRegistry(list(app.models), app.default, cache_dir=app.cache_dir or None)
-    server = await create_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=None),
-                                 LocalBackend(registry))
+    server = await create_server(config.server, LocalBackend(registry, limits=config.server.limits))
     try:
         yield f"127.0.0.1:{server.port}"
     finally:

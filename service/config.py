@@ -29,43 +29,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.admission import AdmissionConfig
 from workers.affinity import check_cores
+from workers.config import Limits  # noqa: F401  (the front door's limits are the kernels' too)
 from workers.errors import InvalidArgument
+from workers.schema import build, check
 
 MIB = 1 << 20
-
-
-def _check(ok: bool, fieldname: str, description: str) -> None:
-    if not ok:
-        raise InvalidArgument.field(fieldname, description)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for; validation.py enforces every one.
-
-    max_items: items (images) per request.
-    max_samples: NoiseParams.samples.
-    max_steps: IntegratedGradientsParams.steps.
-    max_top_k: Target.top_k.
-    max_image_pixels: decoded width * height per encoded image (decompression bombs).
-    max_request_id_chars: ExplainRequest.request_id length.
-    """
-
-    max_items: int = 64
-    max_samples: int = 256
-    max_steps: int = 512
-    max_top_k: int = 10
-    max_image_pixels: int = 4096 * 4096
-    max_request_id_chars: int = 128
-
-    def __post_init__(self) -> None:
-        _check(1 <= self.max_items <= 4096, "limits.max_items", "must be 1..4096")
-        _check(1 <= self.max_samples <= 65536, "limits.max_samples", "must be 1..65536")
-        _check(1 <= self.max_steps <= 65536, "limits.max_steps", "must be 1..65536")
-        _check(1 <= self.max_top_k <= 1000, "limits.max_top_k", "must be 1..1000")
-        _check(64 <= self.max_image_pixels <= 1 << 30, "limits.max_image_pixels", "must be 64..2**30")
-        _check(1 <= self.max_request_id_chars <= 1024, "limits.max_request_id_chars", "must be 1..1024")
 
 
 @dataclass(frozen=True)
@@ -86,10 +56,10 @@ class KeepaliveConfig:
     max_connection_idle_s: float = 0.0
 
     def __post_init__(self) -> None:
-        _check(1 <= self.time_s <= 86400, "keepalive.time_s", "must be 1..86400 seconds")
-        _check(1 <= self.timeout_s <= 3600, "keepalive.timeout_s", "must be 1..3600 seconds")
-        _check(0 <= self.min_ping_interval_s <= 3600, "keepalive.min_ping_interval_s", "must be 0..3600 seconds")
-        _check(0 <= self.max_connection_idle_s <= 86400 * 7, "keepalive.max_connection_idle_s",
+        check(1 <= self.time_s <= 86400, "keepalive.time_s", "must be 1..86400 seconds")
+        check(1 <= self.timeout_s <= 3600, "keepalive.timeout_s", "must be 1..3600 seconds")
+        check(0 <= self.min_ping_interval_s <= 3600, "keepalive.min_ping_interval_s", "must be 0..3600 seconds")
+        check(0 <= self.max_connection_idle_s <= 86400 * 7, "keepalive.max_connection_idle_s",
                "must be 0..604800 seconds")
 
     def channel_options(self) -> list[tuple[str, int]]:
@@ -127,12 +97,12 @@ class DecodeConfig:
     wait_s: float = 10.0
 
     def __post_init__(self) -> None:
-        _check(self.isolation in ("process", "inline"), "server.decode.isolation", "must be process or inline")
-        _check(1 <= self.workers <= 256, "server.decode.workers", "must be 1..256")
-        _check(0.1 <= self.timeout_s <= 600, "server.decode.timeout_s", "must be 0.1..600 seconds")
-        _check(128 <= self.memory_mb <= 1 << 20, "server.decode.memory_mb", "must be 128..1048576")
-        _check(1 <= self.max_uses <= 10_000_000, "server.decode.max_uses", "must be 1..10000000")
-        _check(0.01 <= self.wait_s <= 600, "server.decode.wait_s", "must be 0.01..600 seconds")
+        check(self.isolation in ("process", "inline"), "server.decode.isolation", "must be process or inline")
+        check(1 <= self.workers <= 256, "server.decode.workers", "must be 1..256")
+        check(0.1 <= self.timeout_s <= 600, "server.decode.timeout_s", "must be 0.1..600 seconds")
+        check(128 <= self.memory_mb <= 1 << 20, "server.decode.memory_mb", "must be 128..1048576")
+        check(1 <= self.max_uses <= 10_000_000, "server.decode.max_uses", "must be 1..10000000")
+        check(0.01 <= self.wait_s <= 600, "server.decode.wait_s", "must be 0.01..600 seconds")
 
 
 @dataclass(frozen=True)
@@ -149,8 +119,8 @@ class CoalesceConfig:
     max_cost: int = 256
 
     def __post_init__(self) -> None:
-        _check(1 <= self.max_requests <= 4096, "server.coalesce.max_requests", "must be 1..4096")
-        _check(1 <= self.max_cost <= 1_000_000, "server.coalesce.max_cost", "must be 1..1000000")
+        check(1 <= self.max_requests <= 4096, "server.coalesce.max_requests", "must be 1..4096")
+        check(1 <= self.max_cost <= 1_000_000, "server.coalesce.max_cost", "must be 1..1000000")
 
     def backend_options(self) -> dict[str, int]:
         return {"coalesce_max_requests": self.max_requests, "coalesce_max_cost": self.max_cost}
@@ -203,23 +173,23 @@ class ServerConfig:
     cpu_affinity: tuple[int, ...] = ()
     limits: Limits = field(default_factory=Limits)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
-    admission: "AdmissionConfig" = field(default_factory=lambda: _admission_config())
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     coalesce: CoalesceConfig = field(default_factory=CoalesceConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.host), "server.host", "must not be empty")
-        _check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
-        _check(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "server.metrics_port",
+        check(bool(self.host), "server.host", "must not be empty")
+        check(0 <= self.port <= 65535, "server.port", "must be 0..65535")
+        check(self.metrics_port is None or 0 <= self.metrics_port <= 65535, "server.metrics_port",
                "must be 0..65535 or null")
-        _check(MIB <= self.max_message_bytes <= 2**31 - 1, "server.max_message_bytes", "must be 1 MiB..2 GiB")
-        _check(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert",
+        check(MIB <= self.max_message_bytes <= 2**31 - 1, "server.max_message_bytes", "must be 1 MiB..2 GiB")
+        check(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert",
                "tls_cert and tls_key must be given together")
-        _check(self.auth_token == self.auth_token.strip(), "server.auth_token", "must not have surrounding spaces")
-        _check(0 <= self.grace_s <= 3600, "server.grace_s", "must be 0..3600 seconds")
-        _check(1 <= self.stream_max_in_flight <= 1024, "server.stream_max_in_flight", "must be 1..1024")
-        _check(0 <= self.max_concurrent_rpcs <= 1_000_000, "server.max_concurrent_rpcs", "must be 0..1e6")
-        _check(1 <= self.torch_threads <= 1024, "server.torch_threads", "must be 1..1024")
-        _check(isinstance(self.cpu_affinity, (list, tuple)), "server.cpu_affinity", "must be a list of core numbers")
+        check(self.auth_token == self.auth_token.strip(), "server.auth_token", "must not have surrounding spaces")
+        check(0 <= self.grace_s <= 3600, "server.grace_s", "must be 0..3600 seconds")
+        check(1 <= self.stream_max_in_flight <= 1024, "server.stream_max_in_flight", "must be 1..1024")
+        check(0 <= self.max_concurrent_rpcs <= 1_000_000, "server.max_concurrent_rpcs", "must be 0..1e6")
+        check(1 <= self.torch_threads <= 1024, "server.torch_threads", "must be 1..1024")
+        check(isinstance(self.cpu_affinity, (list, tuple)), "server.cpu_affinity", "must be a list of core numbers")
         try:
             object.__setattr__(self, "cpu_affinity", check_cores(self.cpu_affinity, "server.cpu_affinity"))
         except ValueError as exc:
@@ -234,29 +204,6 @@ class ServerConfig:
         return bool(self.tls_cert)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> "ServerConfig":
+    def from_dict(cls, raw: dict[str, Any] | None, path: str = "server") -> "ServerConfig":
         """Builds a config from a plain dict (a parsed YAML/JSON `server:` section)."""
-        raw = dict(raw or {})
-        _refuse_unknown(cls, raw, "server")
-        from workers.admission import AdmissionConfig
-
-        sections = {"keepalive": KeepaliveConfig, "limits": Limits, "admission": AdmissionConfig,
-                    "decode": DecodeConfig, "coalesce": CoalesceConfig}
-        for key, kind in sections.items():
-            if key in raw:
-                section = raw[key] or {}
-                _refuse_unknown(kind, section, f"server.{key}")
-                raw[key] = kind(**section)
-        return cls(**raw)
-
-
-def _admission_config():
-    from workers.admission import AdmissionConfig
-
-    return AdmissionConfig()
-
-
-def _refuse_unknown(kind: type, raw: Any, where: str) -> None:
-    _check(isinstance(raw, dict), where, "must be a mapping")
-    unknown = set(raw) - {f.name for f in dataclasses.fields(kind)}
-    _check(not unknown, where, f"unknown keys: {', '.join(sorted(unknown))}")
+        return build(cls, raw, path)

@@ -17,15 +17,16 @@ import asyncio
 import logging
 import pathlib
 import signal
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 from workers.affinity import pin_process
-from workers.app import AppConfig, deploy_all
-from workers.config import load_config_file
+from workers.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from service.settings import ServiceConfig
 
 log = logging.getLogger("attribution.serve")
-
-_APP_KEYS = ("models", "default_model", "batching", "device", "cache_dir")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,39 +39,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
     parser.add_argument("--attach", action="store_true", help="front already-deployed applications only")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config (every section, every key) and exit: 0 valid, 2 not")
 
 
-def split_config(raw: dict[str, Any]) -> tuple[AppConfig, dict[str, Any]]:
-    """The one config file -> the workers' AppConfig and the front door's raw sections."""
-    app = AppConfig.from_dict({k: raw[k] for k in _APP_KEYS if k in raw})
-    return app, {k: v for k, v in raw.items() if k not in _APP_KEYS}
-
-
-def _server_section(args: argparse.Namespace, rest: dict[str, Any]) -> dict[str, Any]:
-    server = dict(rest.get("server") or {})
-    for key, value in (("host", args.host), ("port", args.port), ("metrics_port", args.metrics_port)):
-        if value is not None:
-            server[key] = value
-    return server
+def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The `server:` keys the command line sets (--host, --port, --metrics-port)."""
+    return {key: value for key, value in (("host", args.host), ("port", args.port),
+                                          ("metrics_port", args.metrics_port)) if value is not None}
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.settings import ServiceConfig
+
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raw = load_config_file(args.config) if args.config else {}
-    app_config, rest = split_config(raw)
-    return asyncio.run(_serve(args, app_config, rest))
+    try:  # all of it, before Ray starts: a bad key costs nothing to find
+        config = ServiceConfig.load(args.config, server_overrides(args))
+    except InvalidArgument as exc:
+        print(f"attribution serve: invalid config: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"attribution serve: {args.config or 'the defaults'}: valid\n{config.summary()}")
+        return 0
+    return asyncio.run(_serve(args, config))
 
 
-async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str, Any]) -> int:
+async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
     import ray
     import torch
     from ray import serve
 
-    from service.config import ServerConfig
     from service.serve_backend import ServeBackend
     from service.server import create_server
+    from workers.app import deploy_all
 
-    server_config = ServerConfig.from_dict(_server_section(args, rest))
+    app_config, server_config, jobs_config = config.app, config.server, config.jobs
     torch.set_num_threads(server_config.torch_threads)  # the kernels run in the replicas
     # Before Ray starts: the raylet and the other daemons it spawns inherit the cores.
     pin_process(server_config.cpu_affinity, "server.cpu_affinity")
@@ -80,12 +83,10 @@ async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str
         ray.init(address=args.address or None, num_cpus=args.num_cpus if owns_ray else None,
                  include_dashboard=False, log_to_driver=False,
                  **({"_node_ip_address": "127.0.0.1"} if owns_ray else {}))
-    from service.jobs import JobsConfig
     from service.jobs.offline_backend import ServeOfflineBackend
     from service.jobs.store import default_data_dir
     from workers.offline import deploy_offline
 
-    jobs_config = JobsConfig.from_dict(rest.get("jobs"))
     data_dir = pathlib.Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     deployed = []
     try:
@@ -97,7 +98,7 @@ async def _serve(args: argparse.Namespace, app_config: AppConfig, rest: dict[str
             deployed.append(deploy_offline(app_config, jobs_config.offline))
             backend = ServeBackend.from_config(app_config, **server_config.coalesce.backend_options())
         server = await create_server(server_config, backend, offline=ServeOfflineBackend(), data_dir=data_dir,
-                                     sections=rest)
+                                     audit=config.audit, jobs=jobs_config)
         print(f"attribution: data directory (jobs, results, audit) {data_dir}", flush=True)
         print(f"attribution: gRPC listening on {server_config.host}:{server.port} "
               f"(front door on {torch.get_num_threads()} torch threads; the kernels run in the replicas)", flush=True)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import pathlib
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +30,10 @@ from service.interceptors import BearerTokenInterceptor, MalformedMessageInterce
 from workers.admission import Admission
 from service.metrics import AdmissionCollector, ServiceMetrics, start_metrics_server
 from service.servicer import AttributionServicer
+
+if TYPE_CHECKING:
+    from service.audit import AuditConfig
+    from service.jobs import JobsConfig
 
 log = logging.getLogger(__name__)
 
@@ -251,16 +255,16 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
 
 async def create_server(config: ServerConfig, backend: ExplainBackend, *, metrics: ServiceMetrics | None = None,
                         offline: Any = None, data_dir: pathlib.Path | None = None,
-                        sections: dict[str, Any] | None = None) -> RunningServer:
+                        audit: "AuditConfig | None" = None, jobs: "JobsConfig | None" = None) -> RunningServer:
     """Builds, binds and starts the server; `RunningServer.port` is the bound port (config.port may be 0).
 
     The backend is asked for its models once, here; a backend that cannot
     answer fails the start rather than the first request. With `data_dir`,
-    the server keeps an audit log there (the `audit:` section of `sections`);
-    with an `offline` backend too, it runs the durable job queue (`jobs:`).
+    the server keeps an audit log there (`audit`, defaults when None); with an
+    `offline` backend too, it runs the durable job queue (`jobs`). Whatever it
+    opened is closed again when the start fails (the port is taken, ...).
     """
     metrics = metrics or ServiceMetrics()
-    sections = sections or {}
     opened: list[Callable[[], Any]] = []  # closers of what is open so far, for a failed start
     try:
         decoder = make_decoder(config.decode, metrics)
@@ -272,14 +276,14 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
         if data_dir is not None:
             from service.audit import AuditConfig, AuditLog
 
-            audit_config = AuditConfig.from_dict(sections.get("audit"))
+            audit_config = audit or AuditConfig()
             servicer.audit = AuditLog(audit_config, audit_config.directory_for(data_dir), registry=metrics.registry)
             opened.append(servicer.audit.close)
         if offline is not None:
             from service.jobs import Jobs, JobsConfig
 
             servicer.jobs = Jobs.create(data_dir, offline, servicer.models, limits=config.limits,
-                                        config=JobsConfig.from_dict(sections.get("jobs")),
+                                        config=jobs or JobsConfig(),
                                         registry=metrics.registry, decoder=decoder)
             opened.append(servicer.jobs.close)
             servicer.jobs.runner.audit = servicer.audit

@@ -107,7 +107,7 @@ def estimate_cost(request: pb.ExplainRequest, limits: Limits) -> int | None:
     targets = max(1, request.target.top_k) if request.target.WhichOneof("kind") == "top_k" else 1
     samples = request.noise.samples or _DEFAULTS.samples
     steps = request.integrated_gradients.steps or _DEFAULTS.steps
-    if (items > limits.max_items or targets > limits.max_top_k or samples > limits.max_samples
+    if (items * targets > limits.max_items or targets > limits.max_top_k or samples > limits.max_samples
             or steps > limits.max_steps):
         return None
     return request_cost(codec.METHOD_NAMES.get(request.method, ""), items, targets, samples, steps)
@@ -195,6 +195,11 @@ def _target(target: pb.Target, model: ModelDescription, limits: Limits, items: i
         cap = min(model.num_classes, limits.max_top_k)
         if not 1 <= target.top_k <= cap:
             v.add("target.top_k", f"must be 1..{cap}, got {target.top_k}")
+        elif items * target.top_k > limits.max_items:
+            # Each target of each item is one explanation, one row of the kernels.
+            v.add("target.top_k", f"{items} items x top_k {target.top_k} = {items * target.top_k} explanations; "
+                                  f"at most {limits.max_items} per request (server.limits.max_items): send fewer "
+                                  "items per request or a smaller top_k")
         return TargetSpec(kind="top_k", k=max(1, int(target.top_k)))
     indices = tuple(int(i) for i in target.class_indices.indices)
     field = "target.class_indices.indices"

@@ -24,7 +24,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from workers.errors import InvalidArgument, Overloaded
+from workers.errors import Overloaded
+from workers.schema import check
 
 _WINDOW_S = 1.0
 
@@ -53,20 +54,17 @@ class AdmissionConfig:
     max_retry_after_s: float = 5.0
 
     def __post_init__(self) -> None:
-        _check(0.01 <= self.target_queue_delay_s <= 600, "server.admission.target_queue_delay_s",
+        check(0.01 <= self.target_queue_delay_s <= 600, "server.admission.target_queue_delay_s",
                "must be 0.01..600 seconds")
-        _check(0.1 <= self.default_deadline_s <= 86400, "server.admission.default_deadline_s",
+        check(0.1 <= self.default_deadline_s <= 86400, "server.admission.default_deadline_s",
                "must be 0.1..86400 seconds")
-        _check(1 <= self.min_queued_cost <= 1 << 30, "server.admission.min_queued_cost", "must be 1..2**30")
-        _check(0.1 <= self.deadline_fraction <= 1, "server.admission.deadline_fraction", "must be 0.1..1")
-        _check(0 < self.smoothing <= 1, "server.admission.smoothing", "must be in (0, 1]")
-        _check(0.01 <= self.max_retry_after_s <= 600, "server.admission.max_retry_after_s",
+        check(1 <= self.min_queued_cost <= 1 << 30, "server.admission.min_queued_cost", "must be 1..2**30")
+        check(0.1 <= self.deadline_fraction <= 1, "server.admission.deadline_fraction", "must be 0.1..1")
+        check(0 < self.smoothing <= 1, "server.admission.smoothing", "must be in (0, 1]")
+        check(0.01 <= self.max_retry_after_s <= 600, "server.admission.max_retry_after_s",
                "must be 0.01..600 seconds")
 
 
-def _check(ok: bool, field: str, description: str) -> None:
-    if not ok:
-        raise InvalidArgument.field(field, description)
 
 
 class Ticket:

@@ -12,8 +12,9 @@ import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.config import BatchingConfig, ModelConfig, model_config_from_dict
+from workers.config import BatchingConfig, Limits, ModelConfig, model_config_from_dict
 from workers.errors import InvalidArgument
+from workers.schema import build, check, refuse_unknown
 
 APP_PREFIX = "attribution-"
 
@@ -29,6 +30,8 @@ class AppConfig:
     models: tuple[ModelConfig, ...] = (ModelConfig(name="demo", source="demo"),)
     default_model: str = ""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # The front door's limits (`server.limits`), which the kernels enforce too; set by ServiceConfig.
+    limits: Limits = field(default_factory=Limits)
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     cache_dir: str = ""            # demo model cache; "" = the user's cache directory
 
@@ -46,17 +49,17 @@ class AppConfig:
         return self.default_model or self.models[0].name
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "AppConfig":
+    def from_dict(cls, raw: dict[str, Any] | None) -> "AppConfig":
+        """The worker sections of a config (models, default_model, batching, device, cache_dir)."""
         raw = dict(raw or {})
-        kwargs: dict[str, Any] = {}
-        if "models" in raw:
-            kwargs["models"] = tuple(model_config_from_dict(m) for m in raw.pop("models"))
-        if "batching" in raw:
-            kwargs["batching"] = BatchingConfig(**raw.pop("batching"))
-        for key in ("default_model", "device", "cache_dir"):
-            if key in raw:
-                kwargs[key] = str(raw.pop(key))
-        return cls(**kwargs)
+        refuse_unknown(cls, raw, "")
+        check("limits" not in raw, "limits", "belongs in the server section: server.limits")
+        models = raw.pop("models", None)
+        if models is not None:
+            check(isinstance(models, list), "models", "must be a list of models")
+            models = tuple(model_config_from_dict(m, f"models[{i}]") for i, m in enumerate(models))
+        config = build(cls, raw, "")
+        return config if models is None else dataclasses.replace(config, models=models)
 
     def model(self, name: str) -> ModelConfig:
         for m in self.models:
@@ -80,14 +83,23 @@ def model_to_dict(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def build_online_app(args: dict[str, Any]):
-    """Serve `import_path` target: args = {model: {...}, batching: {...}, device, cache_dir, is_default}."""
+    """Serve `import_path` target: args = {model: {...}, batching: {...}, limits: {...}, device, cache_dir, is_default}."""
     from workers.deployment import online_deployment
 
     cfg = model_config_from_dict(args["model"])
-    batching = BatchingConfig(**args.get("batching", {}))
+    batching = build(BatchingConfig, args.get("batching"), "batching")
+    limits = build(Limits, args.get("limits"), "server.limits")
     deployment = online_deployment(cfg, batching)
     return deployment.bind(model_to_dict(cfg), device=args.get("device", "auto"),
-                           cache_dir=args.get("cache_dir") or None, is_default=bool(args.get("is_default")))
+                           cache_dir=args.get("cache_dir") or None, is_default=bool(args.get("is_default")),
+                           limits=dataclasses.asdict(limits))
+
+
+def online_app_args(config: AppConfig, cfg: ModelConfig) -> dict[str, Any]:
+    """`build_online_app` arguments for one model (also what serve.yaml carries)."""
+    return {"model": model_to_dict(cfg), "batching": dataclasses.asdict(config.batching),
+            "limits": dataclasses.asdict(config.limits), "device": config.device, "cache_dir": config.cache_dir,
+            "is_default": cfg.name == config.default}
 
 
 def deploy_all(config: AppConfig, timeout_s: float = 300.0) -> list[str]:
@@ -97,9 +109,7 @@ def deploy_all(config: AppConfig, timeout_s: float = 300.0) -> list[str]:
     serve.start(proxy_location="Disabled")
     names = []
     for cfg in config.models:
-        app = build_online_app({"model": model_to_dict(cfg), "batching": dataclasses.asdict(config.batching),
-                                "device": config.device, "cache_dir": config.cache_dir,
-                                "is_default": cfg.name == config.default})
+        app = build_online_app(online_app_args(config, cfg))
         name = app_name(cfg.name)
         serve.run(app, name=name, route_prefix=None, blocking=False)
         names.append(name)
@@ -118,8 +128,7 @@ def serve_yaml(config: AppConfig, path: pathlib.Path, offline=None) -> None:
     import yaml
 
     apps = [{"name": app_name(m.name), "route_prefix": None, "import_path": "workers.app:build_online_app",
-             "args": {"model": model_to_dict(m), "batching": dataclasses.asdict(config.batching),
-                      "device": config.device, "is_default": m.name == config.default}}
+             "args": {k: v for k, v in online_app_args(config, m).items() if k != "cache_dir"}}
             for m in config.models]
     from workers.offline import OFFLINE_APP, OfflineConfig, offline_app_args
 

@@ -25,20 +25,54 @@ model's name and source::
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import pathlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workers.affinity import check_cores
 from workers.errors import InvalidArgument
+from workers.schema import build, check
+
+if TYPE_CHECKING:
+    from workers.batching import FoldBudget
 
 SOURCES = ("demo", "torchvision", "torchscript", "export")
 # The Ray Serve autoscaling settings a model may set (ray.serve.config.AutoscalingConfig).
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s",
                     "upscaling_factor", "downscaling_factor")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; validation.py enforces every one.
+
+    max_items: items (images) per request.
+    max_samples: NoiseParams.samples.
+    max_steps: IntegratedGradientsParams.steps.
+    max_top_k: Target.top_k.
+    max_image_pixels: decoded width * height per encoded image (decompression bombs).
+    max_request_id_chars: ExplainRequest.request_id length.
+
+    `max_items` counts explanations, items x targets per item (top_k), the way the
+    kernels count rows: the front door refuses what a kernel would.
+    """
+
+    max_items: int = 64
+    max_samples: int = 256
+    max_steps: int = 512
+    max_top_k: int = 10
+    max_image_pixels: int = 4096 * 4096
+    max_request_id_chars: int = 128
+
+    def __post_init__(self) -> None:
+        check(1 <= self.max_items <= 4096, "server.limits.max_items", "must be 1..4096")
+        check(1 <= self.max_samples <= 65536, "server.limits.max_samples", "must be 1..65536")
+        check(1 <= self.max_steps <= 65536, "server.limits.max_steps", "must be 1..65536")
+        check(1 <= self.max_top_k <= 1000, "server.limits.max_top_k", "must be 1..1000")
+        check(64 <= self.max_image_pixels <= 1 << 30, "server.limits.max_image_pixels", "must be 64..2**30")
+        check(1 <= self.max_request_id_chars <= 1024, "server.limits.max_request_id_chars", "must be 1..1024")
 
 
 @dataclass(frozen=True)
@@ -52,11 +86,11 @@ class InputSpec:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __post_init__(self):
-        _check(1 <= self.channels <= 4, "input.channels", "must be 1..4")
-        _check(8 <= self.height <= 4096 and 8 <= self.width <= 4096, "input", "height and width must be 8..4096")
-        _check(len(self.mean) == self.channels and len(self.std) == self.channels,
+        check(1 <= self.channels <= 4, "input.channels", "must be 1..4")
+        check(8 <= self.height <= 4096 and 8 <= self.width <= 4096, "input", "height and width must be 8..4096")
+        check(len(self.mean) == self.channels and len(self.std) == self.channels,
                "input", "mean and std need one value per channel")
-        _check(all(s > 0 for s in self.std), "input.std", "must be positive")
+        check(all(s > 0 for s in self.std), "input.std", "must be positive")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -85,26 +119,26 @@ class ModelConfig:
     autoscaling: dict | None = None
 
     def __post_init__(self):
-        _check(bool(self.name) and len(self.name) <= 64 and self.name.replace("-", "").replace("_", "").isalnum(),
+        check(bool(self.name) and len(self.name) <= 64 and self.name.replace("-", "").replace("_", "").isalnum(),
                "models.name", f"{self.name!r} must be 1..64 letters, digits, '-' or '_'")
-        _check(self.source in SOURCES, f"models[{self.name}].source", f"must be one of {', '.join(SOURCES)}")
-        _check(self.source != "torchvision" or bool(self.arch), f"models[{self.name}].arch",
+        check(self.source in SOURCES, f"models[{self.name}].source", f"must be one of {', '.join(SOURCES)}")
+        check(self.source != "torchvision" or bool(self.arch), f"models[{self.name}].arch",
                "torchvision models need an architecture name")
-        _check(self.source in ("demo", "torchvision") or bool(self.path), f"models[{self.name}].path",
+        check(self.source in ("demo", "torchvision") or bool(self.path), f"models[{self.name}].path",
                "torchscript and export models need a file path")
-        _check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
+        check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
                "replicas and num_gpus must be >= 0, num_cpus > 0")
         if self.autoscaling is not None:
             where = f"models[{self.name}].autoscaling"
-            _check(isinstance(self.autoscaling, dict), where, "must be a mapping")
+            check(isinstance(self.autoscaling, dict), where, "must be a mapping")
             unknown = set(self.autoscaling) - set(AUTOSCALING_KEYS)
-            _check(not unknown, where, f"unknown keys: {', '.join(sorted(unknown))}; known: "
+            check(not unknown, where, f"unknown keys: {', '.join(sorted(unknown))}; known: "
                                        f"{', '.join(AUTOSCALING_KEYS)}")
             low, high = self.autoscaling.get("min_replicas", 1), self.autoscaling.get("max_replicas", 1)
-            _check(isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1,
+            check(isinstance(low, int) and isinstance(high, int) and 0 <= low <= high and high >= 1,
                    where, "needs 0 <= min_replicas <= max_replicas, max_replicas >= 1")
             target = self.autoscaling.get("target_ongoing_requests", 2)
-            _check(isinstance(target, (int, float)) and target > 0, f"{where}.target_ongoing_requests",
+            check(isinstance(target, (int, float)) and target > 0, f"{where}.target_ongoing_requests",
                    "must be > 0")
 
 
@@ -121,48 +155,79 @@ class BatchingConfig:
     fold_max_rows: int = 0              # cap on rows per chunk; 0 = none
 
     def __post_init__(self):
-        _check(1 <= self.max_batch_samples <= 1_000_000, "batching.max_batch_samples", "must be 1..1e6")
-        _check(0 <= self.batch_wait_timeout_s <= 10, "batching.batch_wait_timeout_s", "must be 0..10 seconds")
-        _check(1 <= self.max_concurrent_batches <= 64, "batching.max_concurrent_batches", "must be 1..64")
-        _check(self.max_ongoing_requests >= 1, "batching.max_ongoing_requests", "must be >= 1")
-        _check(self.max_queued_requests >= -1, "batching.max_queued_requests", "must be >= -1 (-1: unbounded)")
-        _check(self.fold_max_bytes >= 0 and self.fold_max_rows >= 0, "batching.fold_*", "must be >= 0")
+        check(1 <= self.max_batch_samples <= 1_000_000, "batching.max_batch_samples", "must be 1..1e6")
+        check(0 <= self.batch_wait_timeout_s <= 10, "batching.batch_wait_timeout_s", "must be 0..10 seconds")
+        check(1 <= self.max_concurrent_batches <= 64, "batching.max_concurrent_batches", "must be 1..64")
+        check(self.max_ongoing_requests >= 1, "batching.max_ongoing_requests", "must be >= 1")
+        check(self.max_queued_requests >= -1, "batching.max_queued_requests", "must be >= -1 (-1: unbounded)")
+        check(self.fold_max_bytes >= 0 and self.fold_max_rows >= 0, "batching.fold_*", "must be >= 0")
 
 
-def _check(ok: bool, fieldname: str, description: str) -> None:
-    if not ok:
-        raise InvalidArgument.field(fieldname, description)
+@dataclass(frozen=True)
+class OfflineConfig:
+    """The offline workers: their own replicas, CPUs and concurrency.
+
+    replicas: OfflineWorker replicas (each holds every model).
+    num_cpus, num_gpus: reserved per replica; Ray never gives them to online replicas.
+    max_ongoing_requests: jobs one replica runs at once (its thread pool's size too).
+    items_per_chunk: items explained per step; progress and cancellation between steps.
+    threads: torch intra-op threads per replica; 0 = num_cpus (at least 1).
+    fold_max_bytes, fold_max_rows: the kernels' memory budget per chunk; 0 = derived from the device.
+    """
+
+    replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    max_ongoing_requests: int = 1
+    items_per_chunk: int = 8
+    threads: int = 0
+    fold_max_bytes: int = 0
+    fold_max_rows: int = 0
+
+    def __post_init__(self):
+        checks = (("replicas", self.replicas >= 1, "must be >= 1"),
+                  ("num_cpus", self.num_cpus > 0, "must be > 0"),
+                  ("num_gpus", self.num_gpus >= 0, "must be >= 0"),
+                  ("max_ongoing_requests", 1 <= self.max_ongoing_requests <= 64, "must be 1..64"),
+                  ("items_per_chunk", 1 <= self.items_per_chunk <= 4096, "must be 1..4096"),
+                  ("threads", self.threads >= 0, "must be >= 0"),
+                  ("fold_max_bytes", self.fold_max_bytes >= 0 and self.fold_max_rows >= 0, "must be >= 0"))
+        for name, ok, why in checks:
+            check(ok, f"jobs.offline.{name}", why)
+
+    @property
+    def budget(self) -> "FoldBudget":
+        from workers.batching import FoldBudget  # torch: only where the kernels run
+
+        return FoldBudget(max_bytes=self.fold_max_bytes or None, max_rows=self.fold_max_rows or None)
 
 
-def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+def model_config_from_dict(raw: dict[str, Any], path: str = "models[]") -> ModelConfig:
+    """One `models:` entry; `weights` is an alias of `path`, `labels` a list or a file of one label per line."""
+    check(isinstance(raw, dict), path, "must be a mapping with at least name and source")
     raw = dict(raw)
-    known = {f.name for f in dataclasses.fields(ModelConfig)} | {"weights"}
-    unknown = set(raw) - known
-    _check(not unknown, f"models[{raw.get('name', '?')}]", f"unknown keys: {', '.join(sorted(unknown))}")
     if "weights" in raw:
+        check("path" not in raw, path, "give weights or path, not both")
         raw["path"] = raw.pop("weights")
-    if isinstance(raw.get("input"), dict):
-        spec = dict(raw["input"])
-        for key in ("mean", "std"):
-            if key in spec:
-                spec[key] = tuple(float(v) for v in spec[key])
-        raw["input"] = InputSpec(**spec)
+    name = raw.get("name")
+    where = f"models[{name}]" if isinstance(name, str) and name else path
     labels = raw.get("labels")
     if isinstance(labels, str):
-        lines = pathlib.Path(labels).read_text().splitlines()
+        try:
+            lines = pathlib.Path(labels).read_text().splitlines()
+        except OSError as exc:
+            raise InvalidArgument.field(f"{where}.labels", f"cannot read {labels!r}: {exc.strerror}") from None
         raw["labels"] = tuple(line.strip() for line in lines if line.strip())
     elif labels is not None:
+        check(isinstance(labels, (list, tuple)), f"{where}.labels", "must be a list or a file path")
         raw["labels"] = tuple(str(v) for v in labels)
-    if "cam_layers" in raw:
-        raw["cam_layers"] = tuple(raw["cam_layers"])
     if "cpu_affinity" in raw:
-        name = f"models[{raw.get('name', '?')}].cpu_affinity"
-        _check(isinstance(raw["cpu_affinity"], (list, tuple)), name, "must be a list of core numbers")
+        check(isinstance(raw["cpu_affinity"], (list, tuple)), f"{where}.cpu_affinity", "must be a list of core numbers")
         try:
-            raw["cpu_affinity"] = check_cores(raw["cpu_affinity"], name)
+            raw["cpu_affinity"] = check_cores(raw["cpu_affinity"], f"{where}.cpu_affinity")
         except ValueError as exc:
-            raise InvalidArgument.field(name, str(exc).split(": ", 1)[1]) from None
-    return ModelConfig(**raw)
+            raise InvalidArgument.field(f"{where}.cpu_affinity", str(exc).split(": ", 1)[1]) from None
+    return build(ModelConfig, raw, where)
 
 
 def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
@@ -172,4 +237,7 @@ def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:
         return json.loads(text)
     import yaml
 
-    return yaml.safe_load(text) or {}
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(str(exc).replace("\n", " ")) from None

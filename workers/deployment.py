@@ -22,7 +22,8 @@ from ray import serve
 
 from workers.affinity import pin_process
 from workers.batching import FoldBudget
-from workers.config import BatchingConfig, ModelConfig, model_config_from_dict
+from workers.config import BatchingConfig, Limits, ModelConfig, model_config_from_dict
+from workers.schema import build
 from workers.admission import ModelAdmission
 from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, Overloaded
 from workers.models import describe, load_model, select_device
@@ -52,7 +53,7 @@ class OnlineWorker:
     """One model on one device; the class behind the `OnlineWorker` deployment."""
 
     def __init__(self, model: dict, device: str = "auto", cache_dir: str | None = None,
-                 is_default: bool = False, threads: int = 0):
+                 is_default: bool = False, threads: int = 0, limits: dict | None = None):
         cfg: ModelConfig = model_config_from_dict(model)
         # Before torch starts its thread pool, which then inherits the cores.
         pinned = pin_process(cfg.cpu_affinity, f"models[{cfg.name}].cpu_affinity")
@@ -63,7 +64,7 @@ class OnlineWorker:
         self.model = load_model(cfg, self.device, cache_dir and os.fspath(cache_dir))
         self.is_default = is_default
         self.config = BatchingConfig()
-        self.ctx = WorkerContext.create(self.model, FoldBudget())
+        self.ctx = WorkerContext.create(self.model, FoldBudget(), build(Limits, limits, "server.limits"))
         self._pool = ThreadPoolExecutor(_BATCHER_CONCURRENCY, thread_name_prefix="kernel")
         self.slots = ComputeSlots(self.config.max_concurrent_batches, self.config.max_batch_samples,
                                   _item_cost, self._run, dead=self._dead)
@@ -80,7 +81,7 @@ class OnlineWorker:
 
     def reconfigure(self, user_config: dict) -> None:
         """Applies batching settings; called by Serve at start and on every config change."""
-        cfg = BatchingConfig(**user_config)
+        cfg = build(BatchingConfig, user_config, "batching")
         self.config = cfg
         self.ctx.budget = FoldBudget(max_bytes=cfg.fold_max_bytes or None, max_rows=cfg.fold_max_rows or None)
         self.explain_batched.set_max_batch_size(cfg.max_batch_samples)

@@ -11,6 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from workers.batching import FoldBudget
+from workers.config import Limits
 from workers.errors import AttributionError, Unavailable
 from workers.models import ModelRegistry, describe
 from workers.pipeline import WorkerContext, explain_batch
@@ -18,9 +19,11 @@ from workers.spec import ExplainResult, ExplainSpec, ModelDescription
 
 
 class LocalBackend:
-    def __init__(self, registry: ModelRegistry, budget: FoldBudget | None = None, threads: int = 1):
+    def __init__(self, registry: ModelRegistry, budget: FoldBudget | None = None, threads: int = 1,
+                 limits: Limits | None = None):
         self.registry = registry
         self.budget = budget or FoldBudget()
+        self.limits = limits or Limits()
         self._contexts: dict[str, WorkerContext] = {}
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="explain")
         self._closed = False
@@ -28,7 +31,7 @@ class LocalBackend:
     def context(self, name: str = "") -> WorkerContext:
         model = self.registry.get(name)
         if model.name not in self._contexts:
-            self._contexts[model.name] = WorkerContext.create(model, self.budget)
+            self._contexts[model.name] = WorkerContext.create(model, self.budget, self.limits)
         return self._contexts[model.name]
 
     async def models(self) -> list[ModelDescription]:

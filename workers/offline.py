@@ -26,14 +26,14 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 import torch
 
 from workers.batching import FoldBudget, iter_chunks
-from workers.config import ModelConfig, model_config_from_dict
+from workers.config import Limits, ModelConfig, OfflineConfig, model_config_from_dict
 from workers.errors import AttributionError, Cancelled, InternalError, InvalidArgument
+from workers.schema import build
 from workers.kernels.perturbation import occlusion, score_cam
 from workers.models import ModelRegistry, describe, select_device
 from workers.pipeline import TOP_PREDICTIONS, WorkerContext, check_finite, explain_batch, to_device
@@ -47,44 +47,6 @@ OFFLINE_APP = "attribution_offline"
 Progress = Callable[[float], None] | None
 IsCancelled = Callable[[], bool] | None
 _DONE = object()
-
-
-@dataclass(frozen=True)
-class OfflineConfig:
-    """The offline workers: their own replicas, CPUs and concurrency.
-
-    replicas: OfflineWorker replicas (each holds every model).
-    num_cpus, num_gpus: reserved per replica; Ray never gives them to online replicas.
-    max_ongoing_requests: jobs one replica runs at once (its thread pool's size too).
-    items_per_chunk: items explained per step; progress and cancellation between steps.
-    threads: torch intra-op threads per replica; 0 = num_cpus (at least 1).
-    fold_max_bytes, fold_max_rows: the kernels' memory budget per chunk; 0 = derived from the device.
-    """
-
-    replicas: int = 1
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    max_ongoing_requests: int = 1
-    items_per_chunk: int = 8
-    threads: int = 0
-    fold_max_bytes: int = 0
-    fold_max_rows: int = 0
-
-    def __post_init__(self):
-        checks = (("replicas", self.replicas >= 1, "must be >= 1"),
-                  ("num_cpus", self.num_cpus > 0, "must be > 0"),
-                  ("num_gpus", self.num_gpus >= 0, "must be >= 0"),
-                  ("max_ongoing_requests", 1 <= self.max_ongoing_requests <= 64, "must be 1..64"),
-                  ("items_per_chunk", 1 <= self.items_per_chunk <= 4096, "must be 1..4096"),
-                  ("threads", self.threads >= 0, "must be >= 0"),
-                  ("fold_max_bytes", self.fold_max_bytes >= 0 and self.fold_max_rows >= 0, "must be >= 0"))
-        for name, ok, why in checks:
-            if not ok:
-                raise InvalidArgument.field(f"offline.{name}", why)
-
-    @property
-    def budget(self) -> FoldBudget:
-        return FoldBudget(max_bytes=self.fold_max_bytes or None, max_rows=self.fold_max_rows or None)
 
 
 # ---------------------------------------------------------------- the work
@@ -184,11 +146,17 @@ def _items(method: str, probs: torch.Tensor, targets: torch.Tensor, k: int,
 
 # ------------------------------------------------------------- streaming
 
+def chunk_rows(config: OfflineConfig, limits: Limits) -> int:
+    """The kernel rows one chunk of a job can need: its items, each with up to max_top_k targets."""
+    return config.items_per_chunk * limits.max_top_k
+
+
 class _Contexts:
     """One WorkerContext per model, created on first use; safe from any pool thread."""
 
-    def __init__(self, registry: ModelRegistry, budget: FoldBudget):
+    def __init__(self, registry: ModelRegistry, budget: FoldBudget, limits: Limits, max_rows: int):
         self.registry, self.budget = registry, budget
+        self.limits, self.max_rows = limits, max_rows
         self._contexts: dict[str, WorkerContext] = {}
         self._lock = threading.Lock()
 
@@ -196,7 +164,7 @@ class _Contexts:
         with self._lock:  # two first jobs of a model must not load it twice
             model = self.registry.get(name)
             if model.name not in self._contexts:
-                self._contexts[model.name] = WorkerContext.create(model, self.budget)
+                self._contexts[model.name] = WorkerContext.create(model, self.budget, self.limits, self.max_rows)
             return self._contexts[model.name]
 
     def describe(self) -> list[ModelDescription]:
@@ -270,8 +238,8 @@ class OfflineExecutor:
 class LocalOfflineWorker:
     """The offline worker in this process (no Ray); the `OfflineBackend` the job runner calls."""
 
-    def __init__(self, registry: ModelRegistry, config: OfflineConfig = OfflineConfig()):
-        self._contexts = _Contexts(registry, config.budget)
+    def __init__(self, registry: ModelRegistry, config: OfflineConfig = OfflineConfig(), limits: Limits | None = None):
+        self._contexts = _Contexts(registry, config.budget, limits or Limits(), chunk_rows(config, limits or Limits()))
         self._executor = OfflineExecutor(self._contexts.get, concurrency=config.max_ongoing_requests,
                                          items_per_chunk=config.items_per_chunk)
 
@@ -290,13 +258,14 @@ class OfflineWorker:
     """The class behind the `OfflineWorker` deployment: every model, bounded job concurrency."""
 
     def __init__(self, models: list[dict], default_model: str = "", device: str = "auto",
-                 cache_dir: str | None = None, offline: dict | None = None):
-        cfg = OfflineConfig(**(offline or {}))
+                 cache_dir: str | None = None, offline: dict | None = None, limits: dict | None = None):
+        cfg = build(OfflineConfig, offline, "jobs.offline")
+        request_limits = build(Limits, limits, "server.limits")
         configs: list[ModelConfig] = [model_config_from_dict(m) for m in models]
         # Ray sets OMP_NUM_THREADS from num_cpus; be explicit, as the online worker is.
         torch.set_num_threads(max(1, cfg.threads or int(cfg.num_cpus)))
         registry = ModelRegistry(configs, default_model, select_device(device), cache_dir)
-        self._contexts = _Contexts(registry, cfg.budget)
+        self._contexts = _Contexts(registry, cfg.budget, request_limits, chunk_rows(cfg, request_limits))
         self._executor = OfflineExecutor(self._contexts.get, concurrency=cfg.max_ongoing_requests,
                                          items_per_chunk=cfg.items_per_chunk)
         log.info("offline worker ready for %s (%d jobs at once, %d torch threads)", ", ".join(registry.names()),
@@ -334,10 +303,10 @@ def offline_deployment(cfg: OfflineConfig):
 
 def build_offline_app(args: dict):
     """Serve `import_path` target: args = {models: [...], default_model, device, cache_dir, offline: {...}}."""
-    cfg = OfflineConfig(**args.get("offline", {}))
+    cfg = build(OfflineConfig, args.get("offline"), "jobs.offline")
     return offline_deployment(cfg).bind(list(args["models"]), default_model=args.get("default_model", ""),
                                         device=args.get("device", "auto"), cache_dir=args.get("cache_dir") or None,
-                                        offline=dataclasses.asdict(cfg))
+                                        offline=dataclasses.asdict(cfg), limits=args.get("limits"))
 
 
 def offline_app_args(config, offline: OfflineConfig) -> dict:
@@ -345,7 +314,8 @@ def offline_app_args(config, offline: OfflineConfig) -> dict:
     from workers.app import model_to_dict
 
     return {"models": [model_to_dict(m) for m in config.models], "default_model": config.default,
-            "device": config.device, "cache_dir": config.cache_dir, "offline": dataclasses.asdict(offline)}
+            "device": config.device, "cache_dir": config.cache_dir, "offline": dataclasses.asdict(offline),
+            "limits": dataclasses.asdict(config.limits)}
 
 
 def deploy_offline(config, offline: OfflineConfig = OfflineConfig()) -> str:

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from workers.batching import FoldBudget
+from workers.config import Limits
 from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, InvalidArgument
 from workers.kernels.baselines import make_baseline
 from workers.kernels.cam import CamRequest, explain_cam, validate_cam_request
@@ -36,6 +37,15 @@ log = logging.getLogger(__name__)
 TOP_PREDICTIONS = 5
 
 
+def kernel_limits(limits: Limits, max_rows: int | None = None) -> GradientLimits:
+    """The kernels' caps from the server's limits: rows (items x targets), samples, steps.
+
+    `max_rows` replaces `limits.max_items` where work arrives in chunks of its own size (offline jobs).
+    """
+    return GradientLimits(max_samples=limits.max_samples, max_steps=limits.max_steps,
+                          max_items=max_rows or limits.max_items)
+
+
 @dataclass
 class WorkerContext:
     """What a replica holds for one model: the model, its taps and its budget."""
@@ -48,9 +58,9 @@ class WorkerContext:
 
     @classmethod
     def create(cls, model: LoadedModel, budget: FoldBudget | None = None,
-               limits: GradientLimits | None = None) -> "WorkerContext":
+               limits: Limits | None = None, max_rows: int | None = None) -> "WorkerContext":
         taps = LayerTaps(model.module, model.cam_layers, model_name=model.name)
-        return cls(model, taps, budget or FoldBudget(), limits or GradientLimits())
+        return cls(model, taps, budget or FoldBudget(), kernel_limits(limits or Limits(), max_rows))
 
 
 @dataclass

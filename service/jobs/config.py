@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.config import Limits
-from workers.errors import InvalidArgument
-from workers.offline import OfflineConfig
+from workers.config import OfflineConfig
+from workers.schema import build, check
 
 
 @dataclass(frozen=True)
@@ -57,22 +57,11 @@ class JobsConfig:
                   ("cancel_wait_s", 0 <= self.cancel_wait_s <= 60, "must be 0..60 seconds"),
                   ("retries", 0 <= self.retries <= 100, "must be 0..100"))
         for name, ok, why in checks:
-            if not ok:
-                raise InvalidArgument.field(f"jobs.{name}", why)
+            check(ok, f"jobs.{name}", why)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> "JobsConfig":
-        raw = dict(raw or {})
-        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise InvalidArgument.field("jobs", f"unknown keys: {', '.join(sorted(unknown))}")
-        if "offline" in raw:
-            offline = dict(raw["offline"] or {})
-            unknown = set(offline) - {f.name for f in dataclasses.fields(OfflineConfig)}
-            if unknown:
-                raise InvalidArgument.field("jobs.offline", f"unknown keys: {', '.join(sorted(unknown))}")
-            raw["offline"] = OfflineConfig(**offline)
-        return cls(**raw)
+        return build(cls, raw, "jobs")
 
     def request_limits(self, limits: Limits) -> Limits:
         """The online limits, but a job may carry `max_items` items."""

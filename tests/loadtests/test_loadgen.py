@@ -23,6 +23,7 @@ from loadtests.requests import encode_requests, mix_schedule
 from loadtests.scenario import DEFAULT_SCENARIO, SCENARIO_DIR, ScenarioError, load_scenario, scenario_from_dict
 from service._proto import attribution_pb2 as pb
 from service.metrics import ServiceMetrics
+from service.settings import ServiceConfig
 from workers.app import AppConfig
 from workers.config import ModelConfig
 from tests.support import LoopThread, start_front_door
@@ -69,7 +70,7 @@ def test_shipped_scenarios_load():
     (entry,) = headline.mix
     assert (entry.method, entry.items, entry.image.height, entry.model) == ("grad_cam", 1, 112, "resnet18")
     assert headline.load.headline_level == 32
-    AppConfig.from_dict(headline.serve)  # what --compare would start is a valid config
+    ServiceConfig.from_dict(headline.serve)  # what --compare would start is a valid config
     # Pinned: the replica on core 1, the front door (and Ray's daemons) on core 0; only where the
     # front door computes passes through from a scenario's server section.
     started = compare._app_config(headline, None)

@@ -110,17 +110,14 @@ def test_example_config_and_serve_yaml_are_valid(tmp_path):
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from service.audit import AuditConfig
-    from service.config import ServerConfig
-    from service.jobs import JobsConfig
-    from service.launcher import split_config
+    from service.settings import ServiceConfig
     from workers.app import AppConfig, serve_yaml
-    from workers.config import load_config_file
 
     root = pathlib.Path(__file__).resolve().parents[2]
-    app, rest = split_config(load_config_file(root / "deploy" / "config.example.yaml"))
-    assert app.default == "demo" and ServerConfig.from_dict(rest["server"]).port == 50051
-    assert AuditConfig.from_dict(rest["audit"]).enabled and JobsConfig.from_dict(rest["jobs"]).concurrency == 1
+    config = ServiceConfig.load(root / "deploy" / "config.example.yaml")
+    assert config.app.default == "demo" and config.server.port == 50051
+    assert config.audit.enabled and config.jobs.concurrency == 1
+    assert config.app.limits == config.server.limits
     committed = root / "deploy" / "serve.yaml"
     schema = ServeDeploySchema.model_validate(yaml.safe_load(committed.read_text()))
     assert [a.name for a in schema.applications] == ["attribution-demo", "attribution_offline"]

@@ -233,3 +233,38 @@ def test_server_stays_healthy_after_refusals(stub, channel):
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
     response = stub.Explain(explain_request(_images()), timeout=60)
     assert len(response.items) == 2
+
+
+# ------------------------------------------------ limits, front door = kernels --
+
+def test_explanations_are_counted_after_top_k_like_the_kernels_count_rows():
+    images = torch.rand(33, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InvalidArgument) as caught:
+        validate_explain(explain_request(images, pb.VANILLA_GRADIENT, target={"top_k": 2}), DEMO, LIMITS)
+    (violation,) = caught.value.violations
+    assert violation.field == "target.top_k" and "66 explanations" in violation.description
+    assert "server.limits.max_items" in violation.description
+    assert validate_explain(explain_request(images[:32], pb.VANILLA_GRADIENT, target={"top_k": 2}), DEMO, LIMITS)
+
+
+def test_the_kernels_enforce_the_configured_limits_not_their_own_defaults(demo_registry):
+    import asyncio
+    import dataclasses
+
+    from workers.local import LocalBackend
+
+    raised = Limits(max_items=80, max_samples=300)
+    images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    many = torch.rand(40, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    described = dataclasses.replace(DEMO, version=demo_registry.get("demo").version)
+    backend = LocalBackend(demo_registry, limits=raised)
+    specs = [validate_explain(explain_request(images, pb.SMOOTHGRAD, noise={"samples": 300}), described, raised),
+             validate_explain(explain_request(many, pb.VANILLA_GRADIENT, target={"top_k": 2}), described, raised)]
+
+    async def run():
+        try:
+            return [await backend.explain(spec) for spec in specs]
+        finally:
+            await backend.close()
+    smooth, vanilla = asyncio.run(run())
+    assert smooth.batch_samples == 300 and len(vanilla.items) == 40

@@ -17,7 +17,8 @@ from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.jobs import JobsConfig
 from tests.service.jobs.jobs_server import start_jobs_server
-from workers.offline import LocalOfflineWorker, OfflineConfig
+from workers.config import OfflineConfig
+from workers.offline import LocalOfflineWorker
 
 # Small chunks: a few-image Score-CAM job reports progress many times and can be cancelled midway.
 FAST = OfflineConfig(items_per_chunk=2, fold_max_rows=8)

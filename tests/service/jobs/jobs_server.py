@@ -89,7 +89,8 @@ async def _serve_forever(args: argparse.Namespace) -> None:
     from workers.config import ModelConfig
     from workers.local import LocalBackend
     from workers.models import ModelRegistry
-    from workers.offline import LocalOfflineWorker, OfflineConfig
+    from workers.config import OfflineConfig
+    from workers.offline import LocalOfflineWorker
 
     import torch
 

@@ -9,7 +9,8 @@ import torch
 
 from workers.batching import FoldBudget
 from workers.errors import Cancelled
-from workers.offline import LocalOfflineWorker, OfflineConfig, run_offline
+from workers.config import OfflineConfig
+from workers.offline import LocalOfflineWorker, run_offline
 from workers.pipeline import WorkerContext
 from workers.spec import ExplainResult, ExplainSpec, MethodParams, TargetSpec
 
