@@ -30,6 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from loadtests.bench_args import CAM_LAYERS, FOLD_REQUESTS  # noqa: F401
+from loadtests.bench_args import cam_arguments as add_arguments  # noqa: F401  (python -m)
 from loadtests.kernel_bench import build_model, machine_info, measure, paired_ratio
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
 from workers.kernels.cam import CAM_VARIANTS, CamRequest, explain_cam
@@ -37,30 +39,8 @@ from workers.kernels.hooks import LayerTaps
 from workers.kernels.perturbation import occlusion, score_cam
 
 # The CAM layer per model: ResNet's last stage; the demo net (small, for smoke runs) its own.
-LAYERS = {"resnet18": "layer4", "demo": "block4"}
-FOLD_REQUESTS = 32
+LAYERS = CAM_LAYERS
 TARGETS = {"cam": 0.6, "perturbation": 1.10}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """CAM bench options (prefixed --cam-, so they merge into kernel_bench's parser)."""
-    add = parser.add_argument
-    add("--cam-model", choices=sorted(LAYERS), default="resnet18", help="random-init model to bench")
-    add("--cam-size", type=int, default=112, help="input height and width (px)")
-    add("--cam-batch", type=int, default=8, help="images per Grad-CAM-family request")
-    add("--cam-perturbation-batch", type=int, default=1, help="images per Score-CAM / occlusion request")
-    add("--cam-patch", type=int, default=16, help="occlusion patch size (px)")
-    add("--cam-stride", type=int, default=8, help="occlusion stride (px)")
-    add("--cam-repeats", type=int, default=5, help="timed runs per contender (median)")
-    add("--cam-fold-requests", type=int, default=FOLD_REQUESTS, help="batch-1 requests in the fold row")
-    add("--cam-skip", default="", help="comma-separated rows to skip (e.g. score_cam,occlusion)")
-    shared = {"--device": dict(default=None, help="cuda when present, else cpu"),
-              "--seed": dict(type=int, default=0), "--threads": dict(type=int, default=None),
-              "--json": dict(default=None, metavar="OUT", help="write the report here"),
-              "--quiet": dict(action="store_true", help="do not print the table")}
-    for flag, kw in shared.items():  # kernel_bench may own these already
-        if flag not in parser._option_string_actions:
-            add(flag, **kw)
 
 
 def _pytorch_grad_cam(name: str):

@@ -26,33 +26,14 @@ import torch
 import torchvision
 from torch import nn
 
+from loadtests.bench_args import ALL_METHODS
+from loadtests.bench_args import kernel_arguments as add_arguments  # noqa: F401  (python -m)
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
 from workers.kernels.gradients import (NOISE_METHODS, GradientLimits, GradientRequest, explain_gradients,
                                        fold_rows, request_cost)
 
-DEFAULT_METHODS = ("smoothgrad", "integrated_gradients", "vanilla")
-ALL_METHODS = ("vanilla", *NOISE_METHODS, "integrated_gradients")
 FOLD_REQUESTS = 8
 LIMITS = GradientLimits(max_samples=4096, max_steps=4096, max_items=4096)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Bench options; adds --json OUT too unless the parser already has it."""
-    parser.add_argument("--model", choices=("resnet18", "resnet50", "demo"), default="resnet18")
-    parser.add_argument("--size", type=int, default=112, help="input height and width (px)")
-    parser.add_argument("--batch", type=int, default=4, help="items per request")
-    parser.add_argument("--samples", type=int, default=32, help="noisy copies per item")
-    parser.add_argument("--steps", type=int, default=32, help="IG steps per item")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median)")
-    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated, from {', '.join(ALL_METHODS)}")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    parser.add_argument("--device", default=None, help="cuda when present, else cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-captum", action="store_true", help="skip the Captum comparisons")
-    parser.add_argument("--quiet", action="store_true", help="do not print the table")
-    if "--json" not in parser._option_string_actions:  # the CLI may own --json
-        parser.add_argument("--json", default=None, metavar="OUT", help="write the report here")
 
 
 def build_model(name: str, seed: int, device: torch.device) -> tuple[nn.Module, int]:

@@ -40,15 +40,12 @@ from typing import Any
 import numpy as np
 
 from service._proto import attribution_pb2 as pb
+from workers.methods import CAM_METHODS, METHODS, NOISE_METHODS  # noqa: F401  (views for requests.py)
 
 SCENARIO_DIR = pathlib.Path(__file__).parent / "scenarios"
 DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
 
-ONLINE_METHODS = {"vanilla": pb.VANILLA_GRADIENT, "smoothgrad": pb.SMOOTHGRAD, "smoothgrad_sq": pb.SMOOTHGRAD_SQ,
-                  "vargrad": pb.VARGRAD, "integrated_gradients": pb.INTEGRATED_GRADIENTS, "grad_cam": pb.GRAD_CAM,
-                  "grad_cam_plus_plus": pb.GRAD_CAM_PLUS_PLUS, "layer_cam": pb.LAYER_CAM}
-NOISE_METHODS = ("smoothgrad", "smoothgrad_sq", "vargrad")
-CAM_METHODS = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
+ONLINE_METHODS = {m.name: getattr(pb, m.proto) for m in METHODS if m.online}
 _ENCODINGS = ("tensor", "png")
 DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "uint8": pb.UINT8}
 REDUCTIONS = {"abs_max": pb.ABS_MAX, "sum": pb.SUM, "none": pb.NONE}

@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.retry import Attempts, RetryPolicy, retry_delay
+from workers.methods import METHODS
 
 __all__ = ["AsyncAttributionClient", "AttributionClient", "Explanation", "RetryPolicy", "ServiceError",
            "build_request", "retry_delay", "tensor_from_array"]
@@ -35,9 +36,7 @@ _NUMPY_DTYPES = {np.dtype(np.float32): pb.FLOAT32, np.dtype(np.float16): pb.FLOA
 _WIRE_DTYPES = {pb.DTYPE_UNSPECIFIED: np.float32, pb.FLOAT32: np.float32, pb.FLOAT16: np.float16,
                 pb.UINT8: np.uint8}
 # Which `params` member of ExplainRequest each method reads, and the keywords it takes.
-_FAMILY = {pb.VANILLA_GRADIENT: "gradient", pb.SMOOTHGRAD: "noise", pb.SMOOTHGRAD_SQ: "noise", pb.VARGRAD: "noise",
-           pb.INTEGRATED_GRADIENTS: "integrated_gradients", pb.GRAD_CAM: "cam", pb.GRAD_CAM_PLUS_PLUS: "cam",
-           pb.LAYER_CAM: "cam", pb.SCORE_CAM: "score_cam", pb.OCCLUSION: "occlusion"}
+_FAMILY = {getattr(pb, m.proto): m.params for m in METHODS}
 _FAMILY_KEYWORDS = {"gradient": {"absolute"}, "noise": {"samples", "noise_fraction"},
                     "integrated_gradients": {"steps", "rule", "baseline", "blur_sigma"},
                     "cam": {"layer", "also"}, "score_cam": {"layer", "top_k_channels"},

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision.io as tvio
 
 from service._proto import attribution_pb2 as pb
+from workers import methods
 from service.decoding.pool import Busy, Decoded, DecodeFailure, ImageDecoder, InlineDecoder
 from workers.errors import FieldViolation, InternalError, InvalidArgument, Overloaded
 from workers.spec import AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec
@@ -24,12 +25,7 @@ from workers.spec import AttributionMap, ExplainResult, ExplainSpec, ModelDescri
 # ------------------------------------------------------------ enum names --
 # The workers speak lower-case names (workers/spec.py); the wire speaks enums.
 
-METHOD_NAMES: dict[int, str] = {
-    pb.VANILLA_GRADIENT: "vanilla", pb.SMOOTHGRAD: "smoothgrad", pb.SMOOTHGRAD_SQ: "smoothgrad_sq",
-    pb.VARGRAD: "vargrad", pb.INTEGRATED_GRADIENTS: "integrated_gradients", pb.GRAD_CAM: "grad_cam",
-    pb.GRAD_CAM_PLUS_PLUS: "grad_cam_plus_plus", pb.LAYER_CAM: "layer_cam", pb.SCORE_CAM: "score_cam",
-    pb.OCCLUSION: "occlusion",
-}
+METHOD_NAMES: dict[int, str] = {getattr(pb, m.proto): m.name for m in methods.METHODS}
 METHOD_ENUMS: dict[str, int] = {name: enum for enum, name in METHOD_NAMES.items()}
 REDUCTION_NAMES = {pb.CHANNEL_REDUCTION_UNSPECIFIED: "abs_max", pb.ABS_MAX: "abs_max", pb.SUM: "sum",
                    pb.NONE: "none"}

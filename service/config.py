@@ -25,7 +25,6 @@ A config file's `server:` section has this shape (every key optional)::
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 

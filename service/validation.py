@@ -20,15 +20,14 @@ from service._proto import attribution_pb2 as pb
 from service.config import Limits
 from service.decoding.pool import ImageDecoder
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
-from workers.spec import (CAM_METHODS, NOISE_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
+from workers.methods import METHODS
+from workers.spec import (CAM_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
                           ModelDescription, OutputSpec, TargetSpec, request_cost)
 
 _DEFAULTS = MethodParams()
 _MAX_BLUR_SIGMA = 64.0
 # Which `params` oneof member each method reads.
-_PARAMS_FIELD = {"vanilla": "gradient", "integrated_gradients": "integrated_gradients",
-                 "score_cam": "score_cam", "occlusion": "occlusion",
-                 **{m: "noise" for m in NOISE_METHODS}, **{m: "cam" for m in CAM_METHODS}}
+_PARAMS_FIELD = {m.name: m.params for m in METHODS}
 _AUDIT = {pb.AUDIT_MODE_UNSPECIFIED: None, pb.AUDIT_ON: True, pb.AUDIT_OFF: False}
 
 

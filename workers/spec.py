@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-NOISE_METHODS = ("smoothgrad", "smoothgrad_sq", "vargrad")
-GRADIENT_METHODS = ("vanilla",) + NOISE_METHODS + ("integrated_gradients",)
-CAM_METHODS = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
-OFFLINE_ONLY_METHODS = ("score_cam", "occlusion")
-ALL_METHODS = GRADIENT_METHODS + CAM_METHODS + OFFLINE_ONLY_METHODS
+# The method views the workers use, all from the one table (workers/methods.py).
+from workers.methods import (  # noqa: F401  (re-exported views)
+    ALL_METHODS, CAM_METHODS, GRADIENT_METHODS, NOISE_METHODS, OFFLINE_ONLY_METHODS, per_item_rows)
 
 REDUCTIONS = ("abs_max", "sum", "none")
 NORMALIZATIONS = ("none", "max_abs", "min_max")
@@ -70,8 +68,7 @@ class OutputSpec:
 def request_cost(method: str, items: int, targets_per_item: int, samples: int, steps: int) -> int:
     """Batching cost in samples: folded rows per item (noisy copies, interpolation steps, else 1),
     times items and targets. The one definition: `ExplainSpec.cost` and admission's estimate use it."""
-    per_item = samples if method in NOISE_METHODS else steps if method == "integrated_gradients" else 1
-    return items * targets_per_item * per_item
+    return items * targets_per_item * per_item_rows(method, samples, steps)
 
 
 @dataclass

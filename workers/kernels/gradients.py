@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from workers.batching import FoldBudget, iter_chunks, probe_model, rows_per_chunk
 from workers.errors import InvalidArgument
+from workers.methods import GRADIENT_METHODS, NOISE_METHODS
 
 __all__ = [
     "METHODS", "NOISE_METHODS", "RULES", "GradientRequest", "GradientLimits", "GradientResult",
@@ -36,9 +37,8 @@ __all__ = [
     "integration_points",
 ]
 
-NOISE_METHODS = ("smoothgrad", "smoothgrad_sq", "vargrad")
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre")
-METHODS = ("vanilla", *NOISE_METHODS, "integrated_gradients")
+METHODS = GRADIENT_METHODS  # the gradient family of the method table
 # |f(x)_t - f(b)_t| below this, the relative completeness error is meaningless
 # (IG explains a zero change); the absolute error is reported instead.
 COMPLETENESS_TINY = 1e-6

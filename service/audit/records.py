@@ -74,7 +74,7 @@ def _number(x: float) -> float | str:
     return float(x) if math.isfinite(x) else str(float(x))
 
 
-class _Entry(NamedTuple):
+class Entry(NamedTuple):
     ts: float
     spec: ExplainSpec
     response: pb.ExplainResponse
@@ -86,7 +86,7 @@ def map_count(response: pb.ExplainResponse) -> int:
     return sum(len(item.attributions) for item in response.items)
 
 
-def _request_fields(entry: _Entry, baseline: dict | None) -> dict[str, Any]:
+def _request_fields(entry: Entry, baseline: dict | None) -> dict[str, Any]:
     """The part of a record every map of the request shares."""
     spec, resp = entry.spec, entry.response
     params = {f.name: getattr(spec.params, f.name) for f in dataclasses.fields(spec.params)}
@@ -104,7 +104,7 @@ def _dumps(obj: dict[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":"), allow_nan=False)
 
 
-def record_lines(entry: _Entry, input_refs: list[str | None], baseline: dict | None) -> list[str]:
+def record_lines(entry: Entry, input_refs: list[str | None], baseline: dict | None) -> list[str]:
     """The request's records as JSON lines, keys in RECORD_FIELDS order.
 
     The shared part (parameters, mostly) is encoded once and spliced into each
@@ -132,7 +132,7 @@ def record_lines(entry: _Entry, input_refs: list[str | None], baseline: dict | N
     return lines
 
 
-def _rotated_indices(directory: pathlib.Path) -> list[int]:
+def rotated_indices(directory: pathlib.Path) -> list[int]:
     prefix = LOG_NAME + "."
     return [int(p.name[len(prefix):]) for p in directory.glob(prefix + "*") if p.name[len(prefix):].isdigit()]
 
@@ -140,6 +140,6 @@ def _rotated_indices(directory: pathlib.Path) -> list[int]:
 def log_files(directory: str | os.PathLike) -> list[pathlib.Path]:
     """Every log file in `directory`, oldest first (highest rotation index first, the live file last)."""
     directory = pathlib.Path(directory)
-    rotated = [directory / f"{LOG_NAME}.{n}" for n in sorted(_rotated_indices(directory), reverse=True)]
+    rotated = [directory / f"{LOG_NAME}.{n}" for n in sorted(rotated_indices(directory), reverse=True)]
     live = directory / LOG_NAME
     return rotated + ([live] if live.exists() else [])

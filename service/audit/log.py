@@ -31,7 +31,6 @@ Non-finite floats are written as strings ("nan", "inf"): JSON has no NaN.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import fcntl
 import logging
 import math
@@ -47,15 +46,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from service import codec
 from service._proto import attribution_pb2 as pb
-from workers.errors import FailedPrecondition, InvalidArgument
+from workers.errors import FailedPrecondition
 from workers.schema import build, check
 from workers.spec import ExplainSpec
 
-from service.audit_records import (INPUTS_DIR, LOG_NAME, RECORD_FIELDS, SCHEMA_VERSION, _Entry, _rotated_indices,
-                                   input_ref, log_files, map_count, record_lines, save_array, should_audit)
+from service.audit.records import (LOG_NAME, Entry, rotated_indices,
+                                   input_ref, map_count, record_lines, save_array, should_audit)
 
-__all__ = ["AuditConfig", "AuditLog", "INPUTS_DIR", "LOG_NAME", "RECORD_FIELDS", "SCHEMA_VERSION", "input_ref",
-           "log_files", "map_count", "record_lines", "save_array", "should_audit"]
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +125,7 @@ class AuditLog:
         self.config = config
         self.directory = pathlib.Path(directory)
         self.path = self.directory / LOG_NAME
-        self._queue: queue.Queue[_Entry] = queue.Queue(maxsize=config.buffer_entries)
+        self._queue: queue.Queue[Entry] = queue.Queue(maxsize=config.buffer_entries)
         registry = registry if registry is not None else CollectorRegistry()
         self.records_total = Counter("attribution_audit_records", "Audit records written.", registry=registry)
         self.dropped_total = Counter("attribution_audit_dropped", "Audit records not written, by reason.",
@@ -169,17 +166,17 @@ class AuditLog:
             return done
         return await asyncio.get_running_loop().run_in_executor(None, self._wait_for_room, entry)
 
-    def _admit(self, spec: ExplainSpec, response: pb.ExplainResponse) -> tuple[_Entry | None, bool | None]:
+    def _admit(self, spec: ExplainSpec, response: pb.ExplainResponse) -> tuple[Entry | None, bool | None]:
         """(entry, True/False when settled) or (entry, None): the queue is full and the policy blocks."""
         if not self.wants(spec) or response.HasField("error") or not response.items:
             return None, False
-        entry = _Entry(time.time(), spec, response, map_count(response))
+        entry = Entry(time.time(), spec, response, map_count(response))
         queued = self._offer(entry)
         if queued is None and self.config.when_full == "drop":
             queued = self._drop(entry, "buffer_full")
         return entry, queued
 
-    def _offer(self, entry: _Entry) -> bool | None:
+    def _offer(self, entry: Entry) -> bool | None:
         """True: queued; False: refused (closed, counted); None: the queue is full."""
         # Under the gate, no entry can enter the queue once closing is set, so
         # the writer's last emptiness check is final and nothing is stranded.
@@ -192,7 +189,7 @@ class AuditLog:
             except queue.Full:
                 return None
 
-    def _wait_for_room(self, entry: _Entry) -> bool:
+    def _wait_for_room(self, entry: Entry) -> bool:
         while True:
             with self._room:
                 self._room.wait(_BLOCK_POLL_S)
@@ -200,7 +197,7 @@ class AuditLog:
             if queued is not None:
                 return queued
 
-    def _drop(self, entry: _Entry, reason: str) -> bool:
+    def _drop(self, entry: Entry, reason: str) -> bool:
         self.dropped_total.labels(reason).inc(entry.records)
         now = time.monotonic()
         if now - self._last_warning >= _WARN_EVERY_S:  # one line per interval, not one per request
@@ -284,7 +281,7 @@ class AuditLog:
             except queue.Empty:
                 return
 
-    def _write_entry(self, entry: _Entry) -> None:
+    def _write_entry(self, entry: Entry) -> None:
         try:
             lines = record_lines(entry, self._store_inputs(entry), self._baseline(entry.spec))
             self._append("".join(line + "\n" for line in lines).encode())
@@ -298,7 +295,7 @@ class AuditLog:
         else:
             self.records_total.inc(len(lines))
 
-    def _store_inputs(self, entry: _Entry) -> list[str | None]:
+    def _store_inputs(self, entry: Entry) -> list[str | None]:
         items = entry.response.items
         if not self.config.store_inputs:
             return [None] * len(items)
@@ -351,7 +348,7 @@ class AuditLog:
     def _rotate(self) -> None:
         self._sync(fsync=True)
         self._close_file()
-        rotated = sorted(_rotated_indices(self.directory), reverse=True)
+        rotated = sorted(rotated_indices(self.directory), reverse=True)
         keep = self.config.keep
         for n in rotated:
             source = self.directory / f"{LOG_NAME}.{n}"

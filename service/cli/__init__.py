@@ -1,4 +1,9 @@
-"""`attribution serve | explain | models | jobs | audit | bench | loadtest`."""
+"""`attribution serve | explain | models | jobs | audit | bench | loadtest`.
+
+Each subcommand is a module with `add_arguments(parser)` and `run(args)`. Building
+the parser imports only those modules, which import torch and Ray inside `run`:
+`attribution --help` and a mistyped argument answer at once.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +12,11 @@ import sys
 
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 _COMMANDS = {
-    "serve": ("service.launcher", "start Ray, the workers, the gRPC front door and /metrics"),
-    "explain": ("service.cli_explain", "explain images (a folder at once) against a server or in-process"),
-    "models": ("service.cli_models", "list a server's models, layers and methods"),
-    "jobs": ("service.jobs.cli", "offline jobs: submit | get | watch | cancel | list"),
-    "audit": ("service.audit_verify", "audit logs: verify that logged maps reproduce"),
+    "serve": ("service.cli.serve", "start Ray, the workers, the gRPC front door and /metrics"),
+    "explain": ("service.cli.explain", "explain images (a folder at once) against a server or in-process"),
+    "models": ("service.cli.models", "list a server's models, layers and methods"),
+    "jobs": ("service.cli.jobs", "offline jobs: submit | get | watch | cancel | list"),
+    "audit": ("service.cli.audit", "audit logs: verify that logged maps reproduce"),
     "loadtest": ("loadtests.cli", "drive a server with a closed- or open-loop load and report"),
 }
 _BENCHES = {

@@ -1,0 +1,6 @@
+"""`python -m service.cli`: the `attribution` command."""
+import sys
+
+from service.cli import main
+
+sys.exit(main())

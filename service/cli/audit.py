@@ -1,0 +1,49 @@
+"""`attribution audit verify`: re-run logged explanations and compare their maps (service/audit/verify.py)."""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`attribution audit verify ...` under the `audit` command's parser."""
+    sub = parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    v = sub.add_parser("verify", help="re-run logged explanations and compare map hashes",
+                       description="Re-runs logged explanations from their recorded parameters and checks "
+                                   "that each map's sha256 matches. Exit code 0 when every checked record matches.")
+    v.add_argument("logs", nargs="*", metavar="LOG", help="log files or audit directories "
+                                                          "(default: the configured audit directory)")
+    v.add_argument("--sample", type=int, metavar="N", help="check N randomly chosen records (default: all)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    v.add_argument("--inputs", metavar="DIR", help="inputs the client kept: .npy arrays or PNG/JPEG files")
+    v.add_argument("--config", metavar="FILE", help="the server's YAML/JSON config file (models, audit)")
+    v.add_argument("--data-dir", metavar="DIR", help="the server's data directory (audit log and stored inputs)")
+    v.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's); use the server's hardware")
+    v.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.audit.records import INPUTS_DIR
+    from service.audit.verify import verify
+    from service.jobs.store import default_data_dir
+    from service.settings import ServiceConfig
+    from workers.errors import AttributionError
+    from workers.models import ModelRegistry, select_device
+
+    try:
+        config = ServiceConfig.load(args.config)
+        app = config.app
+        audit_dir = config.audit.directory_for(args.data_dir or default_data_dir())
+        if args.sample is not None and args.sample < 1:
+            raise ValueError("--sample must be at least 1")
+        registry = ModelRegistry(list(app.models), app.default, device=select_device(args.device or app.device),
+                                 cache_dir=pathlib.Path(app.cache_dir) if app.cache_dir else None)
+    except (AttributionError, OSError, ValueError) as exc:
+        print(f"attribution audit verify: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+    report = verify(args.logs or [audit_dir], registry, inputs_dir=args.inputs, sample=args.sample,
+                    seed=args.seed, store_dirs=[audit_dir / INPUTS_DIR])
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.summary())
+    return 0 if report.ok else 1

@@ -1,0 +1,77 @@
+"""The method table: every attribution method the service offers, in one place.
+
+Each row says what the rest of the code needs to know about a method, and every
+other view is derived from it: the proto enum <-> name maps (service/codec.py),
+which `params` member of ExplainRequest a method reads (service/validation.py,
+service/client.py), which methods run online (routing, validation, the load
+generator's scenarios), how a request's batching cost is counted
+(`workers.spec.request_cost`), and which kernel family computes it
+(workers/pipeline.py, workers/offline.py).
+
+Adding a method = its kernel, its proto enum value (and params message, if it
+has new parameters), and one row here. Nothing in this module imports torch or
+the generated proto code, so the CLI and the config loader can read it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# How a method's batching cost per item and target is counted.
+COST_ONE, COST_SAMPLES, COST_STEPS = "one", "samples", "steps"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table.
+
+    name: the workers' name (ExplainSpec.method, metrics labels, scenarios).
+    proto: the `Method` enum value's name in proto/attribution/v1.
+    family: the kernel family that computes it: "gradients" (workers/kernels/gradients.py, folded),
+        "cam" (workers/kernels/cam.py, folded), "perturbation" (workers/kernels/perturbation.py, jobs).
+    params: the ExplainRequest `params` oneof member it reads.
+    online: served by Explain / ExplainStream; False = offline jobs only (SubmitJob).
+    cost: rows per item and target: "one", "samples" (NoiseParams.samples) or "steps" (IG steps).
+    noise: draws noisy copies (NoiseParams), SmoothGrad-style.
+    """
+
+    name: str
+    proto: str
+    family: str
+    params: str
+    online: bool = True
+    cost: str = COST_ONE
+    noise: bool = False
+
+
+METHODS: tuple[Method, ...] = (
+    Method("vanilla", "VANILLA_GRADIENT", "gradients", "gradient"),
+    Method("smoothgrad", "SMOOTHGRAD", "gradients", "noise", cost=COST_SAMPLES, noise=True),
+    Method("smoothgrad_sq", "SMOOTHGRAD_SQ", "gradients", "noise", cost=COST_SAMPLES, noise=True),
+    Method("vargrad", "VARGRAD", "gradients", "noise", cost=COST_SAMPLES, noise=True),
+    Method("integrated_gradients", "INTEGRATED_GRADIENTS", "gradients", "integrated_gradients", cost=COST_STEPS),
+    Method("grad_cam", "GRAD_CAM", "cam", "cam"),
+    Method("grad_cam_plus_plus", "GRAD_CAM_PLUS_PLUS", "cam", "cam"),
+    Method("layer_cam", "LAYER_CAM", "cam", "cam"),
+    Method("score_cam", "SCORE_CAM", "perturbation", "score_cam", online=False),
+    Method("occlusion", "OCCLUSION", "perturbation", "occlusion", online=False),
+)
+
+BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
+ALL_METHODS = tuple(m.name for m in METHODS)
+ONLINE_METHODS = tuple(m.name for m in METHODS if m.online)
+OFFLINE_ONLY_METHODS = tuple(m.name for m in METHODS if not m.online)
+GRADIENT_METHODS = tuple(m.name for m in METHODS if m.family == "gradients")
+NOISE_METHODS = tuple(m.name for m in METHODS if m.noise)
+CAM_METHODS = tuple(m.name for m in METHODS if m.family == "cam")
+
+
+def method(name: str) -> Method | None:
+    return BY_NAME.get(name)
+
+
+def per_item_rows(name: str, samples: int, steps: int) -> int:
+    """Folded rows one item and target of `name` costs (unknown names cost 1)."""
+    row = BY_NAME.get(name)
+    if row is None or row.cost == COST_ONE:
+        return 1
+    return samples if row.cost == COST_SAMPLES else steps
