@@ -6,7 +6,7 @@
     attribution loadtest --server 127.0.0.1:50051 --open 5,10,20
     attribution loadtest --compare --scenario loadtests/scenarios/gradcam_resnet18.yaml --json out/compare.json
 
-Also `python -m loadtests.cli ...`. service/cli.py wires `add_arguments` and
+Also `python -m loadtests.cli ...`. service/cli/__init__.py wires `add_arguments` and
 `run` under the `loadtest` subcommand.
 """
 from __future__ import annotations
@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from loadtests import report
-from loadtests.loadgen import LevelResult, LoadGenerator, LoadgenError, fetch_models, run_levels
-from loadtests.requests import encode_requests
+from loadtests.loadgen import LoadgenError
+from loadtests.runs import TargetRun, measure, now, write_outputs  # noqa: F401  (TargetRun: the API)
 from loadtests.scenario import (DEFAULT_SCENARIO, SCENARIO_DIR, LoadSpec, Scenario, ScenarioError, check_load,
                                 load_scenario)
 
@@ -92,35 +91,6 @@ def _numbers(text: str, kind: type, flag: str) -> tuple:
     return values
 
 
-@dataclasses.dataclass
-class TargetRun:
-    """One target's measured levels: summary rows and the raw OK latencies per level."""
-
-    name: str
-    address: str
-    rows: list[dict]
-    latencies: list[list[float]]
-
-
-async def measure(name: str, address: str, scenario: Scenario, load: LoadSpec, metrics_url: str | None = None,
-                  channels: int = 1, echo: Callable[[str], None] = print) -> TargetRun:
-    """Runs every level of `load` against `address` and summarizes each as it finishes."""
-    models = await fetch_models(address)
-    prepared = encode_requests(scenario, models)
-    labels = [e.entry.label for e in prepared.entries]
-    scrape = None if metrics_url is None else (lambda: report.scrape(metrics_url))
-    rows: list[dict] = []
-
-    def on_level(result: LevelResult) -> None:
-        rows.append(report.summarize_level(result, labels))
-        echo(report.format_level(rows[-1], name))
-
-    async with LoadGenerator(address, prepared, channels=channels, scrape=scrape) as gen:
-        results = await run_levels(gen, load.mode, load.levels, load.duration_s, load.warmup_s, load.max_requests,
-                                   on_level)
-    return TargetRun(name, address, rows, [report.latencies_of(r) for r in results])
-
-
 def run(args: argparse.Namespace) -> int:
     """The `loadtest` subcommand; returns the exit status."""
     try:
@@ -151,7 +121,7 @@ def _run_single(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) ->
     echo = (lambda line: None) if args.quiet else print
     print(f"loadtest {scenario.name} against {args.server}: {load.mode} loop, levels {list(load.levels)}, "
           f"{load.warmup_s:g}s warm-up + {load.duration_s:g}s each")
-    started = _now()
+    started = now()
     run_ = asyncio.run(measure("service", args.server, scenario, load, args.metrics_url, args.channels, echo))
     payload = {"kind": "loadtest", "started_at": started, "target": args.server, "metrics_url": args.metrics_url,
                "scenario": scenario.to_dict(), "load": dataclasses.asdict(load), "machine": report.machine(),
@@ -159,24 +129,11 @@ def _run_single(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) ->
     if args.quiet:
         for row in run_.rows:
             print(report.format_level(row))
-    _write_outputs(args, payload, {"service": run_.rows}, {"service": run_.latencies})
+    write_outputs(args, payload, {"service": run_.rows}, {"service": run_.latencies})
     failed = sum(r["ok"] for r in run_.rows) == 0
     if failed:
         print("no request succeeded; see the error counts above", file=sys.stderr)
     return 1 if failed else 0
-
-
-def _write_outputs(args: argparse.Namespace, payload: dict, rows: dict[str, list[dict]],
-                   latencies: dict[str, list[list[float]]]) -> None:
-    if args.json:
-        print(f"wrote {report.write_json(args.json, payload)}")
-    if args.plots:
-        for path in report.plot_levels(rows, latencies, args.plots):
-            print(f"wrote {path}")
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,7 +4,7 @@ Each target runs in its own subprocess, started, loaded and stopped before the
 next one starts, so the three never share the machine:
 
   batched    `python -m loadtests.compare serve-target`: a local Ray instance, the
-             Serve apps of the config (workers.app.deploy_all), the gRPC front
+             Serve apps of the config (workers.serve.app.deploy_all), the gRPC front
              door (service.server.create_server over ServeBackend) with its
              Prometheus exporter; all on 127.0.0.1, ports chosen by the OS.
   unbatched  the same with `batching.max_batch_samples: 1`.
@@ -38,7 +38,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from loadtests import report
-from loadtests.cli import TargetRun, _now, _write_outputs, measure
+from loadtests.runs import TargetRun, measure, now, write_outputs
 from loadtests.loadgen import LoadgenError
 from loadtests.requests import mix_schedule
 from loadtests.scenario import LoadSpec, Scenario
@@ -102,14 +102,14 @@ class TargetProcess:
 
 
 def run_compare(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) -> int:
-    app_raw = _app_config(scenario, args.config)
+    app_raw = app_config(scenario, args.config)
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(names) - set(TARGETS)
     if unknown or not names:
         raise LoadgenError(f"--targets: choose among {', '.join(TARGETS)}, got {args.targets!r}")
     print(f"compare {scenario.name}: {', '.join(names)}; {load.mode} loop, levels {list(load.levels)}, "
           f"{load.warmup_s:g}s warm-up + {load.duration_s:g}s each; headline level {load.headline_level:g}")
-    started = _now()
+    started = now()
     runs: dict[str, TargetRun] = {}
     startup: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="loadtest-compare-") as tmp:
@@ -123,14 +123,14 @@ def run_compare(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) ->
                                 min(load.duration_s, KERNEL_MAX_S))
     payload = summarize(scenario, load, runs, kernel, started, startup)
     _print_ratios(payload)
-    _write_outputs(args, payload, {n: r.rows for n, r in runs.items()}, {n: r.latencies for n, r in runs.items()})
+    write_outputs(args, payload, {n: r.rows for n, r in runs.items()}, {n: r.latencies for n, r in runs.items()})
     return 0
 
 
 FRONT_DOOR_KEYS = ("torch_threads", "cpu_affinity", "admission", "coalesce")
 
 
-def _app_config(scenario: Scenario, path: str | None) -> dict:
+def app_config(scenario: Scenario, path: str | None) -> dict:
     raw = load_config_file(path) if path else dict(scenario.serve)
     # The front door's section: host, ports and the rest are fixed here; only where
     # it computes (torch_threads, cpu_affinity) is the scenario's to choose.
@@ -274,11 +274,11 @@ async def _serve_target(args: argparse.Namespace) -> None:
     import ray
     import torch
 
-    from service.serve_backend import ServeBackend
+    from service.backends.serve import ServeBackend
     from service.server import create_server
     from service.settings import ServiceConfig
     from workers.affinity import pin_process
-    from workers.app import deploy_all, shutdown_all
+    from workers.serve.app import deploy_all, shutdown_all
 
     settings = ServiceConfig.load(args.config, {"host": "127.0.0.1", "port": args.port, "metrics_port": 0,
                                                 "metrics_host": "127.0.0.1"})

@@ -1,14 +1,14 @@
 """Front-door probe: what our gRPC front door costs over a direct handle call, next to Ray Serve's own gRPC proxy.
 
 One run, one local Ray (`ray.init(num_cpus=2)`), the demo model deployed as the product deploys it
-(`workers.app.deploy_all`); small Grad-CAM requests (batch 1, 64x64) through, side by side, interleaved:
+(`workers.serve.app.deploy_all`); small Grad-CAM requests (batch 1, 64x64) through, side by side, interleaved:
 
     direct       `ServeBackend.explain(spec)` from this process: a handle call, no gRPC, no decode/encode.
     front_door   our grpc.aio front door (`service.server.create_server` over `ServeBackend`, metrics on), in
                  its own process as `attribution serve --attach` runs it, called with `service.client` over
                  loopback: gRPC + validation + codec + the same handle call.
     front_door_single  the same front door in a second process with `server.coalesce.max_requests: 1`: one
-                 handle call per request, as before coalescing (service/coalesce.py).
+                 handle call per request, as before coalescing (service/backends/coalesce.py).
     serve_proxy  Ray Serve's gRPC proxy -> an ingress deployment (`ProbeIngress`: validate, the model's
                  handle, encode) -> the model. Measured only when the proxy answers at all.
 
@@ -57,7 +57,7 @@ async def _front_door_child(ray_address: str, ready_file: str, coalesce: int) ->
     import ray
 
     from service.config import ServerConfig
-    from service.serve_backend import ServeBackend
+    from service.backends.serve import ServeBackend
     from service.server import create_server
 
     ray.init(address=ray_address, log_to_driver=False)
@@ -173,7 +173,7 @@ async def make_calls(front_door_port: int, single_port: int, proxy_port: int | N
     """The three paths as `call(k)` coroutines, and the clients to close afterwards."""
     from service.client import AsyncAttributionClient
     from service.config import Limits
-    from service.serve_backend import ServeBackend
+    from service.backends.serve import ServeBackend
     from service.validation import validate_explain
 
     backend = ServeBackend([MODEL])
@@ -263,7 +263,7 @@ async def run_measured(args: argparse.Namespace, workdir: pathlib.Path, proxy_po
     """Serve (proxy with the shim) is up and the apps deployed: check the proxy, start our front door, measure."""
     import ray
 
-    from service.serve_backend import ServeBackend
+    from service.backends.serve import ServeBackend
 
     (described,) = await ServeBackend([MODEL]).models()
     requests = build_requests(described.channels, described.height, described.width)

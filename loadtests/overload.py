@@ -156,13 +156,13 @@ def _with_deadline(scenario: Scenario, deadline_ms: float) -> Scenario:
 
 
 def run(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) -> int:
-    from loadtests.compare import TargetProcess, _app_config
+    from loadtests.compare import TargetProcess, app_config
 
     started = report.now() if hasattr(report, "now") else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if args.server:
         payload = asyncio.run(run_overload(args.server, scenario, load))
     else:
-        app_raw = _app_config(scenario, args.config)
+        app_raw = app_config(scenario, args.config)
         with tempfile.TemporaryDirectory(prefix="loadtest-overload-") as tmp:
             target = TargetProcess("batched", app_raw, pathlib.Path(tmp))
             try:

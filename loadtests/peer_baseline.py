@@ -56,7 +56,7 @@ from service._proto import attribution_pb2_grpc as pb_grpc
 from service.config import Limits
 from service.validation import resolve_model, validate_explain
 from service.settings import ServiceConfig
-from workers.app import AppConfig
+from workers.serve.app import AppConfig
 
 from workers.errors import DeadlineExceeded
 from workers.kernels.baselines import make_baseline

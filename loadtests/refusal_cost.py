@@ -34,14 +34,14 @@ async def _serve(cache_dir: str) -> None:
     from service.config import ServerConfig
     from service.server import create_server
     from workers.config import ModelConfig
-    from workers.local import LocalBackend
+    from service.backends.local import LocalBackend
     from workers.models import ModelRegistry
 
     registry = ModelRegistry([ModelConfig(name="demo", source="demo")], cache_dir=pathlib.Path(cache_dir))
     registry.get()
     running = await create_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=None, grace_s=0),
                                   LocalBackend(registry))
-    model = running.servicer.admission.model("demo")
+    model = running.servicer.flow.admission.model("demo")
     model.rate, model.queued = 1.0, 1e9  # a queue no call fits behind: every call is refused
     print(running.port, flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

@@ -22,7 +22,7 @@ A scenario file has this shape; every key but `mix` is optional::
       warmup_s: 5                 # unmeasured seconds before each level
       max_requests: 100000        # hard cap per level, warm-up included
       headline: 32                # the level `--compare` takes its top-level ratios at (default: the last)
-    serve:                        # what `--compare` starts: an AppConfig (workers/app.py), models + batching,
+    serve:                        # what `--compare` starts: an AppConfig (workers/serve/app.py), models + batching,
       models: [{name: demo, source: demo}]   # and `server: {torch_threads, cpu_affinity}` for its front door
 
 Everything is validated on load and every mistake is named with its path

@@ -75,7 +75,7 @@ class ProbeIngress:
     async def Explain(self, request: pb.ExplainRequest) -> pb.ExplainResponse:
         from service import codec
         from service.config import Limits
-        from service.serve_backend import ServeBackend
+        from service.backends.serve import ServeBackend
         from service.validation import resolve_model, validate_explain
 
         if self._backend is None:
@@ -110,7 +110,7 @@ def deploy(cache_dir: str) -> None:
     """The demo model as the product deploys it, plus the proxy's ingress application."""
     from ray import serve
 
-    from workers.app import AppConfig, deploy_all
+    from workers.serve.app import AppConfig, deploy_all
     from workers.config import ModelConfig
 
     deploy_all(AppConfig(models=(ModelConfig(name=MODEL, source="demo"),), cache_dir=cache_dir))

@@ -107,7 +107,7 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class CoalesceConfig:
     """Requests for one model and method that reach the backend in the same event-loop
-    turn travel to the replicas as one call (service/coalesce.py); nothing waits for company.
+    turn travel to the replicas as one call (service/backends/coalesce.py); nothing waits for company.
 
     max_requests: members of one call; 1 = every request its own call.
     max_cost: cost units (samples) of one call, so its first member never waits
@@ -153,7 +153,7 @@ class ServerConfig:
     limits: per-request limits.
     decode: how client PNG/JPEG bytes are decoded (isolated worker processes by default).
     admission: refusing by cost and deadline (workers/admission.py).
-    coalesce: requests that travel to the replicas together (service/coalesce.py).
+    coalesce: requests that travel to the replicas together (service/backends/coalesce.py).
     """
 
     host: str = "[::]"

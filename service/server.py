@@ -23,12 +23,13 @@ from grpc_reflection.v1alpha import reflection
 
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
-from service.backend import ExplainBackend
+from service.backends.protocol import ExplainBackend
 from service.config import MIB, DecodeConfig, ServerConfig
 from service.decoding.pool import DecodePool, ImageDecoder, InlineDecoder
 from service.interceptors import BearerTokenInterceptor, MalformedMessageInterceptor, RequestIdInterceptor
 from workers.admission import Admission
 from service.metrics import AdmissionCollector, ServiceMetrics, start_metrics_server
+from service.flow import ExplainFlow, with_default_flag
 from service.servicer import AttributionServicer
 
 if TYPE_CHECKING:
@@ -270,23 +271,25 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
         decoder = make_decoder(config.decode, metrics)
         opened.append(lambda: _close_decoder(decoder))
         admission = Admission(config.admission)
-        servicer = await AttributionServicer.create(backend, config.limits, metrics, config.stream_max_in_flight,
-                                                    decoder, admission, config.max_concurrent_rpcs)
-        metrics.registry.register(AdmissionCollector(admission))
+        models = with_default_flag(await backend.models())  # once: a backend that cannot answer fails here
+        audit_log = None
         if data_dir is not None:
             from service.audit import AuditConfig, AuditLog
 
             audit_config = audit or AuditConfig()
-            servicer.audit = AuditLog(audit_config, audit_config.directory_for(data_dir), registry=metrics.registry)
-            opened.append(servicer.audit.close)
+            audit_log = AuditLog(audit_config, audit_config.directory_for(data_dir), registry=metrics.registry)
+            opened.append(audit_log.close)
+        job_queue = None
         if offline is not None:
             from service.jobs import Jobs, JobsConfig
 
-            servicer.jobs = Jobs.create(data_dir, offline, servicer.models, limits=config.limits,
-                                        config=jobs or JobsConfig(),
-                                        registry=metrics.registry, decoder=decoder)
-            opened.append(servicer.jobs.close)
-            servicer.jobs.runner.audit = servicer.audit
+            job_queue = Jobs.create(data_dir, offline, models, limits=config.limits, config=jobs or JobsConfig(),
+                                    registry=metrics.registry, decoder=decoder, audit=audit_log)
+            opened.append(job_queue.close)
+        flow = ExplainFlow(backend, list(models.values()), config.limits, metrics, decoder, admission,
+                           config.max_concurrent_rpcs, audit=audit_log)
+        servicer = AttributionServicer(flow, config.stream_max_in_flight, jobs=job_queue)
+        metrics.registry.register(AdmissionCollector(admission))
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor(metrics), RequestIdInterceptor()]
         if config.auth_token:
             interceptors.append(BearerTokenInterceptor(config.auth_token))
@@ -326,5 +329,5 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
              " with TLS" if config.tls else "", metrics_port if metrics_port is not None else "no port")
     return RunningServer(server=server, config=config, port=port, backend=backend, servicer=servicer,
                          health=health, metrics=metrics, metrics_port=metrics_port, jobs=servicer.jobs,
-                         audit=servicer.audit, decoder=decoder, _stop_metrics=stop_metrics, _watcher=watcher)
+                         audit=audit_log, decoder=decoder, _stop_metrics=stop_metrics, _watcher=watcher)
 

@@ -1,33 +1,25 @@
-"""The AttributionService RPCs: decode -> validate -> backend -> encode.
+"""The AttributionService RPCs over gRPC: the explain flow, the model descriptions, the job RPCs.
 
-Nothing here is model-specific: the model descriptions come from the backend
-once at start, validation.py turns a request into an ExplainSpec, the backend
-runs it, codec.py encodes the answer. Every failure is classified once by
+Explain and ExplainStream wrap `service.flow.ExplainFlow` (admit -> validate ->
+backend -> encode -> metrics -> audit), which classifies every failure once by
 service/errors.py; a unary call ends with that status, a streamed request
 answers with `ExplainResponse.error` and the stream goes on.
 """
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import time
 import uuid
-from typing import AsyncIterator, Sequence
+from typing import AsyncIterator
 
 import grpc
 
 from service import codec, errors
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
-from service.backend import ExplainBackend
-from service.config import Limits
-from service.decoding.pool import ImageDecoder
-from service.interceptors import REQUEST_ID, MalformedMessage, current_request_id
-from service.metrics import UNKNOWN, ServiceMetrics, Stopwatch
-from workers.admission import Admission
-from service.validation import estimate_cost, resolve_model, validate_explain
-from workers.errors import Cancelled, DeadlineExceeded, Overloaded
+from service.flow import ExplainFlow
+from service.interceptors import MalformedMessage, current_request_id
+from service.validation import resolve_model
 from workers.spec import ModelDescription
 
 log = logging.getLogger(__name__)
@@ -35,13 +27,6 @@ log = logging.getLogger(__name__)
 _JOBS_UNIMPLEMENTED = ("offline jobs (SubmitJob, GetJob, WatchJob, CancelJob, ListJobs) are not enabled on "
                        "this server (it runs without an offline backend); use Explain or ExplainStream")
 _DONE = object()
-
-
-def _with_default_flag(models: Sequence[ModelDescription]) -> dict[str, ModelDescription]:
-    """Models by name, exactly one flagged default (the first when the backend flags none)."""
-    if models and not any(m.is_default for m in models):
-        models = [dataclasses.replace(models[0], is_default=True)] + list(models[1:])
-    return {m.name: m for m in models}
 
 
 def _call_ended(context) -> bool:
@@ -53,33 +38,16 @@ def _call_ended(context) -> bool:
 class AttributionServicer(pb_grpc.AttributionServiceServicer):
     """Serves Explain, ExplainStream, ListModels and GetModel over one backend."""
 
-    def __init__(self, backend: ExplainBackend, models: Sequence[ModelDescription], limits: Limits,
-                 metrics: ServiceMetrics, stream_max_in_flight: int = 8, decoder: ImageDecoder | None = None,
-                 admission: Admission | None = None, max_explains: int = 0):
-        self._backend = backend
-        self._decoder = decoder
-        self._models = _with_default_flag(models)
-        self._limits = limits
-        self._metrics = metrics
+    def __init__(self, flow: ExplainFlow, stream_max_in_flight: int = 8, jobs=None):
+        self.flow = flow
+        self._models = flow.models
+        self._limits = flow.limits
         self._stream_max_in_flight = stream_max_in_flight
-        self.admission = admission or Admission()
-        self._max_explains = max_explains  # concurrent explain calls; 0 = no limit (health is never limited)
-        self._explaining = 0
-        self.jobs = None    # service.jobs.Jobs, when the server runs an offline queue
-        self.audit = None   # service.audit.AuditLog, when the server keeps an audit log
-
-    @classmethod
-    async def create(cls, backend: ExplainBackend, limits: Limits, metrics: ServiceMetrics,
-                     stream_max_in_flight: int = 8, decoder: ImageDecoder | None = None,
-                     admission: Admission | None = None, max_explains: int = 0) -> "AttributionServicer":
-        """Fetches the model descriptions from the backend once and caches them."""
-        return cls(backend, await backend.models(), limits, metrics, stream_max_in_flight, decoder, admission,
-                   max_explains)
+        self.jobs = jobs  # service.jobs.Jobs, when the server runs an offline queue
 
     @property
     def models(self) -> dict[str, ModelDescription]:
         return dict(self._models)
-
 
     # ------------------------------------------------------------ explain --
 
@@ -100,66 +68,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
 
     async def _explain(self, request: pb.ExplainRequest, context,
                        request_id: str) -> pb.ExplainResponse | errors.Status:
-        """One request end to end; a failure comes back as its classified Status."""
-        watch = Stopwatch()
-        request_id = request_id or uuid.uuid4().hex
-        REQUEST_ID.set(request_id)
-        model_label, method_label, status = UNKNOWN, codec.METHOD_NAMES.get(request.method, UNKNOWN), errors.OK
-        ticket, counted = None, False
-        with self._metrics.track_inflight():
-            try:
-                model = resolve_model(request.model, self._models)
-                model_label = model.name
-                if self._max_explains and self._explaining >= self._max_explains:
-                    raise Overloaded(f"this server is answering {self._explaining} explain calls, its limit "
-                                     "(server.max_concurrent_rpcs); retry after the suggested delay",
-                                     retry_after_s=0.1, reason="concurrency")
-                self._explaining += 1
-                counted = True
-                # Before any decoding: a refusal costs microseconds, not a validation.
-                admission = self.admission.model(model.name)
-                estimate = estimate_cost(request, self._limits)
-                if estimate is not None:
-                    ticket = admission.admit(estimate, context.time_remaining())
-                # Off the event loop: image decoding and map encoding are real CPU work,
-                # and the loop must keep serving health checks and other streams.
-                spec = await asyncio.to_thread(validate_explain, request, model, self._limits,
-                                               request_id=request_id, time_remaining=context.time_remaining(),
-                                               decoder=self._decoder)
-                if ticket is None:  # its declared sizes were out of bounds: admitted on the validated cost
-                    ticket = admission.admit(spec.cost, context.time_remaining())
-                else:
-                    ticket.resize(spec.cost)
-                if spec.deadline is not None and time.time() >= spec.deadline:
-                    self._metrics.dropped.labels("front_door").inc()
-                    raise DeadlineExceeded("the deadline passed before the request reached a worker; it was "
-                                           "not computed")
-                result = await self._backend.explain(spec)
-                admission.observe_batch(result.batch_samples, result.compute_ms)
-                ticket.release(completed=True)
-                response = await asyncio.to_thread(codec.encode_result, result, spec, model)
-                self._metrics.observe_result(spec, result)
-                response.timings.total_ms = watch.seconds * 1e3
-                if self.audit is not None:  # after total_ms: the record holds the final response
-                    await self.audit.record_async(spec, response)
-                return response
-            except asyncio.CancelledError:  # the client went away or its deadline passed
-                remaining = context.time_remaining()
-                late = remaining is not None and remaining <= 0
-                status = errors.classify(DeadlineExceeded("the deadline passed") if late
-                                         else Cancelled("the call was cancelled"))
-                raise
-            except Exception as exc:  # every failure is classified here, once; no traceback leaves the server
-                status = errors.classify(exc)
-                if status.reason:
-                    self._metrics.rejected.labels(model_label, status.reason).inc()
-                return status
-            finally:
-                if ticket is not None:
-                    ticket.release(completed=False)  # a no-op when the result already released it
-                if counted:
-                    self._explaining -= 1
-                self._metrics.observe_request(model_label, method_label, status.code_name, watch.seconds)
+        return await self.flow.run(request, request_id, context.time_remaining)
 
     async def ExplainStream(self, request_iterator: AsyncIterator[pb.ExplainRequest],
                             context) -> AsyncIterator[pb.ExplainResponse]:

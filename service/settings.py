@@ -7,7 +7,7 @@
     cache_dir: ""
     server: {...}            # service/config.py ServerConfig, with limits, admission, decode, coalesce
     jobs: {...}              # service/jobs/config.py JobsConfig, with offline
-    audit: {...}             # service/audit.py AuditConfig
+    audit: {...}             # service/audit/log.py AuditConfig
 
 `ServiceConfig.load(path)` reads the file and validates all of it: an unknown key
 at any level is refused with its path (`server.limits.max_itmes`), as is a value
@@ -25,7 +25,7 @@ from typing import Any
 from service.audit import AuditConfig
 from service.config import ServerConfig
 from service.jobs.config import JobsConfig
-from workers.app import AppConfig
+from workers.serve.app import AppConfig
 from workers.config import load_config_file
 from workers.errors import InvalidArgument
 from workers.schema import check

@@ -11,18 +11,24 @@ from service.server import RunningServer, create_server
 class LoopThread:
     """An event loop on a daemon thread: servers live there, tests call them over real sockets."""
 
-    def __init__(self):
+    def __init__(self, name: str = "test-loop"):
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
 
     def call(self, coro, timeout: float = 300.0):
+        """Runs `coro` on the loop and waits for its result, at most `timeout` seconds."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
-        self.loop.close()
+        """Stops the loop and its thread; idempotent."""
+        if self.loop.is_closed():
+            return
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=10)
+        if not self.loop.is_running():
+            self.loop.close()
 
 
 def start_front_door(loop: LoopThread, backend, **kwargs) -> RunningServer:

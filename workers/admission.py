@@ -15,7 +15,7 @@ deadline (`deadline_too_short`), or would push the queued cost past
 judged against `default_deadline_s`. The check needs only the request's
 declared cost (validation.estimate_cost), so it runs before any decoding:
 a refusal costs microseconds. Replicas check again with their own view
-(an instance per replica in workers/deployment.py, deadlines only), because
+(an instance per replica in workers/serve/online.py, deadlines only), because
 several front doors can share them.
 """
 from __future__ import annotations
@@ -98,11 +98,14 @@ class ModelAdmission:
         self._window_start = time.monotonic()
         self._window_cost = 0.0
         self._window_idle = True  # the queue was empty at some point of this window
+        # The rate is seeded from one batch's kernel time until a busy window is measured; one small
+        # batch underestimates what a full one does, so the queue bound waits for a measured rate.
+        self.measured = False
 
     @property
     def bound(self) -> float:
         """The queued cost allowed now."""
-        if self.rate is None:
+        if self.rate is None or not self.measured:
             return float("inf")
         return max(float(self.config.min_queued_cost), self.rate * self.config.target_queue_delay_s)
 
@@ -158,7 +161,8 @@ class ModelAdmission:
                 if not self._window_idle and self._window_cost > 0:
                     measured = self._window_cost / elapsed
                     a = self.config.smoothing
-                    self.rate = measured if self.rate is None else (1 - a) * self.rate + a * measured
+                    self.rate = measured if not self.measured else (1 - a) * self.rate + a * measured
+                    self.measured = True
                 self._window_start, self._window_cost = now, 0.0
                 self._window_idle = self.queued <= 0
             elif self.queued <= 0:

@@ -25,6 +25,7 @@ model's name and source::
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from workers.affinity import check_cores
 from workers.errors import InvalidArgument
-from workers.schema import build, check
+from workers.schema import build, check, refuse_unknown
 
 if TYPE_CHECKING:
     from workers.batching import FoldBudget
@@ -228,6 +229,65 @@ def model_config_from_dict(raw: dict[str, Any], path: str = "models[]") -> Model
         except ValueError as exc:
             raise InvalidArgument.field(f"{where}.cpu_affinity", str(exc).split(": ", 1)[1]) from None
     return build(ModelConfig, raw, where)
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """The worker side of the one config: models, batching, device, cache."""
+
+    models: tuple[ModelConfig, ...] = (ModelConfig(name="demo", source="demo"),)
+    default_model: str = ""
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    # The front door's limits (`server.limits`), which the kernels enforce too; set by ServiceConfig.
+    limits: Limits = field(default_factory=Limits)
+    device: str = "auto"           # auto | cpu | cuda | cuda:N
+    cache_dir: str = ""            # demo model cache; "" = the user's cache directory
+
+    def __post_init__(self):
+        names = [m.name for m in self.models]
+        if not names:
+            raise InvalidArgument.field("models", "configure at least one model")
+        if len(set(names)) != len(names):
+            raise InvalidArgument.field("models", f"model names must be unique: {names}")
+        if self.default_model and self.default_model not in names:
+            raise InvalidArgument.field("default_model", f"{self.default_model!r} is not among {names}")
+
+    @property
+    def default(self) -> str:
+        return self.default_model or self.models[0].name
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> "AppConfig":
+        """The worker sections of a config (models, default_model, batching, device, cache_dir)."""
+        raw = dict(raw or {})
+        refuse_unknown(cls, raw, "")
+        check("limits" not in raw, "limits", "belongs in the server section: server.limits")
+        models = raw.pop("models", None)
+        if models is not None:
+            check(isinstance(models, list), "models", "must be a list of models")
+            models = tuple(model_config_from_dict(m, f"models[{i}]") for i, m in enumerate(models))
+        config = build(cls, raw, "")
+        return config if models is None else dataclasses.replace(config, models=models)
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise InvalidArgument.field("model", f"unknown model {name!r}")
+
+
+def model_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that differ from the defaults: what a config file would say."""
+    out: dict[str, Any] = {"name": cfg.name, "source": cfg.source}
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(cfg, f.name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name not in out and value != default:
+            out[f.name] = dataclasses.asdict(value) if f.name == "input" else (
+                list(value) if isinstance(value, tuple) else value)
+    if "input" in out:
+        out["input"]["mean"], out["input"]["std"] = list(cfg.input.mean), list(cfg.input.std)
+    return out
 
 
 def load_config_file(path: str | pathlib.Path) -> dict[str, Any]:

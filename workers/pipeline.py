@@ -20,48 +20,16 @@ from typing import Callable
 
 import torch
 
-from workers.batching import FoldBudget
-from workers.config import Limits
 from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, InvalidArgument
 from workers.kernels.baselines import make_baseline
 from workers.kernels.cam import CamRequest, explain_cam, validate_cam_request
-from workers.kernels.gradients import GradientLimits, GradientRequest, explain_gradients, validate_gradient_request
-from workers.kernels.hooks import LayerTaps
-from workers.models import LoadedModel
+from workers.kernels.gradients import GradientRequest, explain_gradients, validate_gradient_request
 from workers.postprocess import finish_maps
-from workers.spec import (CAM_METHODS, GRADIENT_METHODS, AttributionMap, ExplainResult, ExplainSpec,
-                          ItemExplanation)
+from workers.spec import CAM_METHODS, GRADIENT_METHODS, ExplainResult, ExplainSpec
+from workers.stages import (TOP_PREDICTIONS, ContextCache, WorkerContext, build_items,  # noqa: F401  (re-exported)
+                            check_finite, kernel_limits, resolve_targets, to_device)
 
 log = logging.getLogger(__name__)
-
-TOP_PREDICTIONS = 5
-
-
-def kernel_limits(limits: Limits, max_rows: int | None = None) -> GradientLimits:
-    """The kernels' caps from the server's limits: rows (items x targets), samples, steps.
-
-    `max_rows` replaces `limits.max_items` where work arrives in chunks of its own size (offline jobs).
-    """
-    return GradientLimits(max_samples=limits.max_samples, max_steps=limits.max_steps,
-                          max_items=max_rows or limits.max_items)
-
-
-@dataclass
-class WorkerContext:
-    """What a replica holds for one model: the model, its taps and its budget."""
-
-    model: LoadedModel
-    taps: LayerTaps
-    budget: FoldBudget = field(default_factory=FoldBudget)
-    limits: GradientLimits = field(default_factory=GradientLimits)
-    dropped: int = 0  # requests dropped after the batch started (deadline passed, caller gone)
-
-    @classmethod
-    def create(cls, model: LoadedModel, budget: FoldBudget | None = None,
-               limits: Limits | None = None, max_rows: int | None = None) -> "WorkerContext":
-        taps = LayerTaps(model.module, model.cam_layers, model_name=model.name)
-        return cls(model, taps, budget or FoldBudget(), kernel_limits(limits or Limits(), max_rows))
-
 
 @dataclass
 class _Work:
@@ -111,13 +79,6 @@ def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
         if outcomes[w.index] is None:
             _guard(outcomes, w, _assemble, ctx, compute_ms, samples, len(specs))
     return outcomes  # type: ignore[return-value]
-
-
-def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Host -> device through pinned memory, so the copy overlaps with queued work."""
-    if device.type == "cuda" and tensor.device.type == "cpu":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _guard(outcomes, work: _Work, stage, *args) -> bool:
@@ -191,22 +152,8 @@ def _resolve(work: _Work, ctx: WorkerContext) -> None:
     target = spec.target
     if target.kind != "indices" and _predicts_in_kernel(work, ctx):  # the top-1, picked in the CAM pass
         targets, k = None, 1
-    elif target.kind == "top_k":
-        k = min(target.k, ctx.model.num_classes)
-        targets = work.probs.topk(k, dim=1).indices.reshape(-1)  # (N*k,) best first per item
-    elif target.kind == "indices":
-        if len(target.indices) not in (1, n):
-            raise InvalidArgument.field("target.class_indices", f"give one index or one per item ({n})")
-        idx = torch.tensor(target.indices, dtype=torch.long, device=device)
-        targets = idx.expand(n) if idx.numel() == 1 else idx
-        k = 1
     else:
-        targets, k = work.probs.argmax(dim=1), 1
-    if targets is not None:
-        bad = (targets < 0) | (targets >= ctx.model.num_classes)
-        if bool(bad.any()):
-            raise InvalidArgument.field("target", f"class indices must be in [0, {ctx.model.num_classes})")
-        targets = targets.to(torch.long)
+        targets, k = resolve_targets(target, work.probs, ctx.model.num_classes, n, device)
     work.item_of_row = torch.arange(n, device=device).repeat_interleave(k)
     work.targets = targets
     inputs = work.inputs if k == 1 else work.inputs.repeat_interleave(k, dim=0)  # (N*k, C, H, W)
@@ -281,48 +228,12 @@ def _run_cam(ctx: WorkerContext, works: list[_Work]) -> None:
                 w.native[variant] = finish_maps(res.native[variant], "none", norm)
 
 
-def check_finite(probs: torch.Tensor, maps: dict[str, torch.Tensor], rows_per_item: int) -> None:
-    """Refuses items whose model output or maps are NaN/Inf: finite inputs the model cannot take.
-
-    probs: `# (N, classes)`; maps: method -> `# (N*k, ...)`, k = rows_per_item.
-    """
-    bad_out = (~torch.isfinite(probs).all(dim=1)).nonzero().flatten().tolist()
-    if bad_out:
-        raise InvalidArgument.field("inputs", f"the model's output is NaN or Inf for items {bad_out[:8]}: the values "
-                                              "are finite but too large for the model in float32; MODEL-space "
-                                              "inputs must be normalized as ModelInfo.input_spec says (typically "
-                                              "a few units), or send pixels with space PIXELS")
-    bad_maps: set[int] = set()
-    for values in maps.values():
-        rows = (~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)).nonzero().flatten()
-        bad_maps.update((rows // rows_per_item).tolist())
-    if bad_maps:
-        raise InvalidArgument.field("inputs", f"the attribution maps of items {sorted(bad_maps)[:8]} overflow float32 "
-                                              "(NaN or Inf gradients): the inputs drive the model far outside its "
-                                              "normal range; MODEL-space inputs must be normalized as "
-                                              "ModelInfo.input_spec says")
-
-
 def _assemble(work: _Work, ctx: WorkerContext, compute_ms: float, samples: int, requests: int) -> ExplainResult:
     spec, model = work.spec, ctx.model
     k = spec.target.per_item if spec.target.kind == "top_k" else 1
     k = min(k, model.num_classes)
     check_finite(work.probs, work.maps, k)
-    top = work.probs.topk(min(TOP_PREDICTIONS, model.num_classes), dim=1)
-    top_classes, top_scores = top.indices.cpu().tolist(), top.values.cpu().tolist()
-    targets = work.targets.cpu().tolist()
-    target_scores = work.probs[work.item_of_row, work.targets].cpu().tolist()
-    completeness = None if work.completeness is None else work.completeness.tolist()
-    items = []
-    for i in range(spec.items):
-        attributions = []
-        for row in range(i * k, (i + 1) * k):
-            for method, maps in work.maps.items():
-                attributions.append(AttributionMap(
-                    method=method, target=targets[row], target_score=target_scores[row], map=maps[row],
-                    native=work.native[method][row] if method in work.native else None,
-                    completeness_error=None if completeness is None else completeness[row]))
-        items.append(ItemExplanation(top_classes[i], top_scores[i], attributions))
+    items = build_items(work.probs, work.targets, k, work.maps, work.native, work.completeness)
     return ExplainResult(request_id=spec.request_id, model=model.name, model_version=model.version,
                          method=spec.method, items=items, compute_ms=compute_ms, batch_samples=samples,
                          batch_requests=requests)

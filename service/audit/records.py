@@ -1,7 +1,7 @@
 """Audit records: the schema (one JSON line per item x map) and how a response becomes lines.
 
-service/audit.py writes these lines; service/audit_verify.py reads them back.
-The schema is documented in service/audit.py.
+service/audit/log.py writes these lines; service/audit/verify.py reads them back.
+The schema is documented in service/audit/log.py.
 """
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ import torch
 from service import codec
 from service.audit.records import INPUTS_DIR, RECORD_FIELDS, SCHEMA_VERSION, log_files
 from workers.errors import AttributionError
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
 from workers.models import ModelRegistry, describe
 from workers.spec import ExplainSpec, MethodParams, ModelDescription, OutputSpec, TargetSpec
 

@@ -142,7 +142,7 @@ async def _target(args: argparse.Namespace) -> AsyncIterator[str]:
         return
     from service.server import create_server
     from service.settings import ServiceConfig
-    from workers.local import LocalBackend
+    from service.backends.local import LocalBackend
     from workers.models import ModelRegistry
 
     config = ServiceConfig.load(args.config, {"host": "127.0.0.1", "port": 0, "metrics_port": None})

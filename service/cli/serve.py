@@ -69,9 +69,9 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
     import torch
     from ray import serve
 
-    from service.serve_backend import ServeBackend
+    from service.backends.serve import ServeBackend
     from service.server import create_server
-    from workers.app import deploy_all
+    from workers.serve.app import deploy_all
 
     app_config, server_config, jobs_config = config.app, config.server, config.jobs
     torch.set_num_threads(server_config.torch_threads)  # the kernels run in the replicas
@@ -83,9 +83,9 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
         ray.init(address=args.address or None, num_cpus=args.num_cpus if owns_ray else None,
                  include_dashboard=False, log_to_driver=False,
                  **({"_node_ip_address": "127.0.0.1"} if owns_ray else {}))
-    from service.jobs.offline_backend import ServeOfflineBackend
+    from service.backends.offline import ServeOfflineBackend
     from service.jobs.store import default_data_dir
-    from workers.offline import deploy_offline
+    from workers.serve.offline import deploy_offline
 
     data_dir = pathlib.Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     deployed = []

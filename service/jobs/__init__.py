@@ -22,7 +22,7 @@ from service.config import Limits
 from service.decoding.pool import ImageDecoder
 from service.jobs.config import JobsConfig
 from service.jobs.metrics import JobMetrics
-from service.jobs.offline_backend import OfflineBackend
+from service.backends.offline import OfflineBackend
 from service.jobs.runner import JobRunner
 from service.jobs.service import JobService
 from service.jobs.store import JobStore, open_store
@@ -43,11 +43,13 @@ class Jobs:
     @classmethod
     def create(cls, data_dir: str | os.PathLike | None, backend: OfflineBackend,
                models: Mapping[str, ModelDescription], *, limits: Limits, config: JobsConfig = JobsConfig(),
-               registry: CollectorRegistry | None = None, decoder: ImageDecoder | None = None) -> "Jobs":
+               registry: CollectorRegistry | None = None, decoder: ImageDecoder | None = None,
+               audit=None) -> "Jobs":
         """Opens `<data_dir>/jobs.sqlite3` (None: the user's data directory) and wires the parts."""
         store = open_store(data_dir, max_attempts=config.max_attempts)
         metrics = JobMetrics(registry, store.counts) if registry is not None else None
-        runner = JobRunner(store, backend, models, limits=limits, config=config, metrics=metrics, decoder=decoder)
+        runner = JobRunner(store, backend, models, limits=limits, config=config, metrics=metrics, decoder=decoder,
+                           audit=audit)
         return cls(store=store, runner=runner, service=JobService(store, runner), metrics=metrics)
 
     async def start(self) -> None:

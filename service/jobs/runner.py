@@ -27,7 +27,7 @@ from service.config import Limits
 from service.jobs.config import JobsConfig
 from service.jobs.events import JobEvents
 from service.jobs.metrics import JobMetrics
-from service.jobs.offline_backend import OfflineBackend
+from service.backends.offline import OfflineBackend
 from service.jobs.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore, StaleAttempt
 from service.decoding.pool import ImageDecoder
 from service.validation import resolve_model, validate_explain
@@ -57,7 +57,7 @@ class JobRunner:
 
     def __init__(self, store: JobStore, backend: OfflineBackend, models: Mapping[str, ModelDescription], *,
                  limits: Limits, config: JobsConfig = JobsConfig(), events: JobEvents | None = None,
-                 metrics: JobMetrics | None = None, decoder: ImageDecoder | None = None):
+                 metrics: JobMetrics | None = None, decoder: ImageDecoder | None = None, audit=None):
         self.store, self.backend, self.config, self.metrics = store, backend, config, metrics
         self.models = dict(models)
         self.limits = config.request_limits(limits)
@@ -66,7 +66,7 @@ class JobRunner:
         self._wake = asyncio.Event()
         self._cancels: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task] = []
-        self.audit = None  # service.audit.AuditLog: a succeeded job's maps are audited like online ones
+        self.audit = audit  # service.audit.AuditLog: a succeeded job's maps are audited like online ones
         self._to_audit: dict[str, tuple[ExplainSpec, pb.ExplainResponse]] = {}
 
     async def start(self, recover: bool = True) -> None:

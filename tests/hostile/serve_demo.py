@@ -13,7 +13,7 @@ import sys
 from service.config import ServerConfig
 from service.server import create_server
 from workers.config import ModelConfig
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
 from workers.models import ModelRegistry
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from loadtests import kernel_bench
+from loadtests import bench_args, kernel_bench
 
 ROW_KEYS = {"method", "seconds", "floor_seconds", "ratio_to_floor", "captum_seconds", "ratio_to_captum",
             "floor_one_chunk_seconds", "ratio_to_floor_one_chunk", "chunks",
@@ -22,12 +22,12 @@ def test_tiny_bench_report_schema(tmp_path, capsys):
 
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     assert {"torch", "threads", "cpu"} <= set(report["machine"])
-    assert report["config"]["samples"] == 2 and report["config"]["methods"] == list(kernel_bench.DEFAULT_METHODS)
+    assert report["config"]["samples"] == 2 and report["config"]["methods"] == list(bench_args.DEFAULT_METHODS)
     methods = [row["method"] for row in report["results"]]
-    assert methods == [*kernel_bench.DEFAULT_METHODS, "fold_8_batch1_vanilla", "fold_8_batch1_smoothgrad"]
+    assert methods == [*bench_args.DEFAULT_METHODS, "fold_8_batch1_vanilla", "fold_8_batch1_smoothgrad"]
     by_method = {row["method"]: row for row in report["results"]}
     assert by_method["smoothgrad"]["rows"] == 2 and by_method["integrated_gradients"]["rows"] == 2
-    for method in kernel_bench.DEFAULT_METHODS:
+    for method in bench_args.DEFAULT_METHODS:
         row = by_method[method]
         assert ROW_KEYS <= set(row)
         assert all(row[key] > 0 for key in ROW_KEYS - {"method", "rows", "chunks"}) and row["chunks"] == 1

@@ -24,10 +24,10 @@ from loadtests.scenario import DEFAULT_SCENARIO, SCENARIO_DIR, ScenarioError, lo
 from service._proto import attribution_pb2 as pb
 from service.metrics import ServiceMetrics
 from service.settings import ServiceConfig
-from workers.app import AppConfig
+from workers.serve.app import AppConfig
 from workers.config import ModelConfig
 from tests.support import LoopThread, start_front_door
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
 from workers.models import ModelRegistry
 from workers.spec import ExplainResult, ExplainSpec
 
@@ -73,13 +73,13 @@ def test_shipped_scenarios_load():
     ServiceConfig.from_dict(headline.serve)  # what --compare would start is a valid config
     # Pinned: the replica on core 1, the front door (and Ray's daemons) on core 0; only where the
     # front door computes passes through from a scenario's server section.
-    started = compare._app_config(headline, None)
+    started = compare.app_config(headline, None)
     assert started["server"] == {"cpu_affinity": [0]} and started["models"][0]["cpu_affinity"] == [1]
-    unpinned = compare._app_config(load_scenario(SCENARIO_DIR / "gradcam_resnet18_unpinned.yaml"), None)
+    unpinned = compare.app_config(load_scenario(SCENARIO_DIR / "gradcam_resnet18_unpinned.yaml"), None)
     assert "server" not in unpinned and unpinned["models"][0]["num_cpus"] == 2
     odd = scenario_from_dict({"mix": [{"method": "grad_cam"}], "serve": {
         "models": [{"name": "demo", "source": "demo"}], "server": {"port": 1, "torch_threads": 2}}})
-    assert compare._app_config(odd, None)["server"] == {"torch_threads": 2}
+    assert compare.app_config(odd, None)["server"] == {"torch_threads": 2}
 
 
 def test_mix_schedule_keeps_the_weights_exactly():
@@ -196,8 +196,8 @@ def test_bad_target_is_refused_before_any_load():
 
 
 def test_smoke_against_the_ray_served_front_door(ray_session, cache_dir):
-    from service.serve_backend import ServeBackend
-    from workers.app import deploy_all, shutdown_all
+    from service.backends.serve import ServeBackend
+    from workers.serve.app import deploy_all, shutdown_all
 
     app = AppConfig(models=(ModelConfig(name="demo", source="demo"),), cache_dir=str(cache_dir or ""))
     deploy_all(app)

@@ -18,10 +18,10 @@ from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.config import ServerConfig
 from service.server import create_server
-from workers.app import AppConfig
+from workers.serve.app import AppConfig
 from workers.config import ModelConfig
 from workers.demo import DemoConfig, make_watermark_dataset
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
 from workers.models import ModelRegistry
 from tests.support import LoopThread
 

@@ -20,7 +20,8 @@ from service.config import ServerConfig
 from service.server import RunningServer, create_server
 from workers.config import ModelConfig
 from workers.demo import DemoConfig, make_watermark_dataset
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
+from tests.support import LoopThread
 from workers.models import ModelRegistry
 
 
@@ -28,14 +29,13 @@ class ServerHarness:
     """A RunningServer on a private event loop thread."""
 
     def __init__(self, config: ServerConfig, backend: Any):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="grpc-server-loop", daemon=True)
-        self._thread.start()
+        self.thread = LoopThread("grpc-server-loop")
+        self.loop = self.thread.loop
         self.backend = backend
         try:
             self.running: RunningServer = self.call(create_server(config, backend))
         except BaseException:
-            self._close_loop()
+            self.thread.close()
             raise
         self.stopped = False
 
@@ -45,20 +45,13 @@ class ServerHarness:
 
     def call(self, coro: Coroutine, timeout: float = 120.0):
         """Runs `coro` on the server's loop and waits for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self.thread.call(coro, timeout)
 
     def stop(self, grace: float = 0.0) -> None:
         if not self.stopped:
             self.stopped = True
             self.call(self.running.stop(grace))
-        self._close_loop()
-
-    def _close_loop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
-        if not self.loop.is_closed() and not self.loop.is_running():
-            self.loop.close()
+        self.thread.close()
 
 
 def test_config(**overrides: Any) -> ServerConfig:

@@ -22,7 +22,7 @@ from service.config import Limits
 from service.validation import validate_explain
 from workers.config import ModelConfig
 from workers.errors import FailedPrecondition, InvalidArgument
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
 from workers.models import ModelRegistry, describe
 from workers.spec import ExplainSpec, MethodParams
 

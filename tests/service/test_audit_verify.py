@@ -11,7 +11,7 @@ import torchvision.io as tvio
 
 from service._proto import attribution_pb2 as pb
 from service.audit import LOG_NAME, AuditConfig, AuditLog
-from service.audit_verify import verify
+from service.audit.verify import verify
 from service.cli import main
 from tests.service.test_audit import backend, explain, model_tensor  # noqa: F401 - backend is a fixture
 from workers import demo

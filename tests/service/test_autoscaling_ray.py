@@ -7,10 +7,10 @@ import time
 import pytest
 
 from service._proto import attribution_pb2 as pb
-from service.serve_backend import ServeBackend
+from service.backends.serve import ServeBackend
 from tests.service.conftest import explain_request
 from tests.support import LoopThread, start_front_door
-from workers.app import AppConfig, app_name, deploy_all, shutdown_all
+from workers.serve.app import AppConfig, app_name, deploy_all, shutdown_all
 from workers.config import ModelConfig
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]

@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from service.coalesce import Coalescer
+from service.backends.coalesce import Coalescer
 from workers.errors import Overloaded, Unavailable
 
 
@@ -180,4 +180,19 @@ def test_close_answers_waiting_members_unavailable():
         await c.close()
         with pytest.raises(Unavailable, match="shutting down"):
             await future
+    run(main())
+
+
+def test_alone_requests_never_share_a_call():
+    async def main():
+        t = Transport()
+        c = Coalescer(t.dispatch, t.receive)
+        futures = [c.submit("scaled", FakeSpec("gradcam"), alone=True) for _ in range(3)]
+        futures.append(c.submit("scaled", FakeSpec("gradcam")))
+        futures.append(c.submit("scaled", FakeSpec("gradcam")))
+        await _turn()
+        assert sorted(len(p.specs) for p in t.sent) == [1, 1, 1, 2]
+        for i, p in enumerate(t.sent):
+            t.answer(i, ["x"] * len(p.specs))
+        assert await asyncio.gather(*futures) == ["x"] * 5
     run(main())

@@ -13,11 +13,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service._proto import attribution_pb2 as pb
 from service.client import AttributionClient, ServiceError
-from service.serve_backend import ServeBackend
+from service.backends.serve import ServeBackend
 from tests.support import LoopThread, start_front_door
-from workers.app import AppConfig, app_name, deploy_all, shutdown_all
+from workers.serve.app import AppConfig, app_name, deploy_all, shutdown_all
 from workers.config import BatchingConfig, ModelConfig
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
 from workers.models import ModelRegistry
 from workers.spec import ExplainSpec, MethodParams
 
@@ -158,7 +158,7 @@ def test_backpressure_answers_resource_exhausted(ray_session, demo_cache_dir, de
 def test_batching_reconfigures_at_runtime(served, ray_session, demo_cache_dir):
     from ray import serve
 
-    from workers.app import build_online_app, model_to_dict
+    from workers.serve.app import build_online_app, model_to_dict
 
     handle = serve.get_app_handle(app_name("demo"))
     before = handle.batching.remote().result()

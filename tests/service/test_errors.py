@@ -14,7 +14,7 @@ from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from tests.service.conftest import explain_request
 from workers import errors as werr
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
 
 CASES = [
     (werr.InvalidArgument.field("noise.samples", "must be 1..256"), grpc.StatusCode.INVALID_ARGUMENT),

@@ -209,7 +209,7 @@ def test_job_limit_is_in_the_contract_and_a_failed_bind_leaves_nothing(demo_regi
     from service.server import create_server
     from tests.service.conftest import test_config
     from tests.support import LoopThread
-    from workers.local import LocalBackend
+    from service.backends.local import LocalBackend
     from workers.offline import LocalOfflineWorker
 
     loop = LoopThread()

@@ -111,7 +111,7 @@ def test_example_config_and_serve_yaml_are_valid(tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
     from service.settings import ServiceConfig
-    from workers.app import AppConfig, serve_yaml
+    from workers.serve.app import AppConfig, serve_yaml
 
     root = pathlib.Path(__file__).resolve().parents[2]
     config = ServiceConfig.load(root / "deploy" / "config.example.yaml")

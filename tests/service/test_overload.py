@@ -30,7 +30,7 @@ def test_admission_refuses_by_queue_bound_and_by_deadline():
     adm = ModelAdmission("m", AdmissionConfig(target_queue_delay_s=1.0, min_queued_cost=4,
                                               deadline_fraction=1.0))
     first = adm.admit(50, remaining_s=None)   # no rate yet: admitted, whatever the cost
-    adm.rate = 100.0                           # 100 cost units per second
+    adm.rate, adm.measured = 100.0, True       # 100 cost units per second, measured
     tickets = [first] + [adm.admit(10, remaining_s=None) for _ in range(5)]
     assert adm.queued == 100 and adm.bound == 100
     with pytest.raises(Overloaded) as full:
@@ -55,7 +55,8 @@ def test_rate_is_measured_only_over_busy_windows(monkeypatch):
     monkeypatch.setattr("workers.admission.time.monotonic", lambda: clock[0])
     adm = ModelAdmission("m", AdmissionConfig(smoothing=1.0))
     adm.observe_batch(10, 100.0)
-    assert adm.rate == 100.0                   # seeded from a batch's kernel rate
+    assert adm.rate == 100.0 and not adm.measured  # seeded from a batch's kernel rate
+    assert adm.bound == float("inf")           # a seed never bounds the queue: one small batch says little
     backlog = [adm.admit(1, None) for _ in range(80)]
     clock[0] += 0.1
     backlog[0].release(True)                   # the window started idle: measures nothing
@@ -65,7 +66,8 @@ def test_rate_is_measured_only_over_busy_windows(monkeypatch):
     for ticket in backlog[2:52]:               # a full window with work queued throughout: 50 units in 2 s
         clock[0] += 0.04
         ticket.release(True)
-    assert adm.rate == pytest.approx(50 / 2.0, rel=0.05)
+    assert adm.rate == pytest.approx(50 / 2.0, rel=0.05) and adm.measured
+    assert adm.bound == pytest.approx(max(64, adm.rate))
 
 
 # ------------------------------------------------------------ through a server --
@@ -191,14 +193,14 @@ class _Context:
 def test_a_request_whose_deadline_passed_in_validation_never_reaches_the_backend(demo_registry, demo_batch):
     from service.config import Limits
     from service.metrics import ServiceMetrics
-    from service.servicer import AttributionServicer
-    from workers.local import LocalBackend
+    from service.backends.local import LocalBackend
+    from service.flow import ExplainFlow
 
     async def run():
         backend = _CountingBackend(LocalBackend(demo_registry))
         metrics = ServiceMetrics()
-        servicer = await AttributionServicer.create(backend, Limits(), metrics)
-        outcome = await servicer._explain(explain_request(demo_batch.images[:2], pb.GRAD_CAM), _Context(), "r1")
+        flow = ExplainFlow(backend, await backend.models(), Limits(), metrics)
+        outcome = await flow.run(explain_request(demo_batch.images[:2], pb.GRAD_CAM), "r1", _Context().time_remaining)
         return backend.calls, outcome, metrics.registry.get_sample_value(
             "attribution_dropped_expired_total", {"stage": "front_door"})
 

@@ -15,12 +15,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.config import Limits
-from service.serve_backend import ServeBackend
+from service.backends.serve import ServeBackend
 from service.server import model_health_name
 from service.validation import validate_explain
 from tests.service.conftest import explain_request
 from tests.support import LoopThread, start_front_door
-from workers.app import AppConfig, app_name, deploy_all, shutdown_all
+from workers.serve.app import AppConfig, app_name, deploy_all, shutdown_all
 from workers.config import BatchingConfig, ModelConfig
 
 pytestmark = pytest.mark.ray

@@ -22,7 +22,7 @@ from service.interceptors import REQUEST_ID, RequestIdLogFilter
 from tests.service.conftest import ServerHarness, explain_request, pixels_tensor, test_config
 from workers.demo import to_model_space
 from workers.errors import InvalidArgument
-from workers.local import LocalBackend
+from service.backends.local import LocalBackend
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

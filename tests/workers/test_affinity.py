@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from workers.affinity import check_cores, pin_process
-from workers.app import AppConfig
+from workers.serve.app import AppConfig
 from workers.config import model_config_from_dict
 from workers.errors import InvalidArgument
 

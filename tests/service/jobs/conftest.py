@@ -1,12 +1,10 @@
-"""Job fixtures: the session's Ray instance, and `start_service`: a real gRPC server on port 0
-(the real servicer, its job RPCs delegated to JobService; see jobs_server.py) on its own
-event loop thread, with the offline worker in-process or on real Ray Serve.
+"""Job fixtures: `start_service`, the shipped server (`create_server` with jobs) on port 0 on its
+own event loop thread, with the offline worker in-process or on real Ray Serve.
 """
 from __future__ import annotations
 
 import asyncio
 import pathlib
-import threading
 from typing import Any, Coroutine
 
 import grpc
@@ -15,8 +13,10 @@ import torch
 
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
+from service.config import ServerConfig
 from service.jobs import JobsConfig
-from tests.service.jobs.jobs_server import start_jobs_server
+from service.server import create_server
+from tests.support import LoopThread
 from workers.config import OfflineConfig
 from workers.offline import LocalOfflineWorker
 
@@ -43,29 +43,36 @@ def job_request(images: torch.Tensor, method: int = pb.SCORE_CAM, priority: int 
 # ----------------------------------------------------------------- server
 
 class ServiceHarness:
-    """A gRPC server with the job RPCs on its own event loop thread; tests talk to it over a socket."""
+    """The shipped server (`service.server.create_server` with jobs and an audit log in `data_dir`) on
+    its own event loop thread; tests talk to it over a socket or call its job service on that loop."""
 
     def __init__(self, online, offline, data_dir: pathlib.Path, config: JobsConfig):
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="jobs-server-loop", daemon=True)
-        self._thread.start()
+        self.thread = LoopThread()
         self.online, self.offline, self.data_dir, self.config = online, offline, data_dir, config
-        self.call(self._start())
+        try:
+            self.server = self.call(create_server(
+                ServerConfig(host="127.0.0.1", port=0, metrics_port=None, grace_s=0.0), online,
+                offline=offline, data_dir=data_dir, jobs=config))
+        except BaseException:
+            self.thread.close()
+            raise
+        self.jobs, self.metrics, self.port = self.server.jobs, self.server.metrics, self.server.port
+        self._channels: list[grpc.Channel] = []
 
-    async def _start(self) -> None:
-        running = await start_jobs_server(self.online, self.offline, self.data_dir, self.config)
-        self.server, self.jobs, self.metrics, self.port = running, running.jobs, running.metrics, running.port
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self.thread.loop
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     def call(self, coro: Coroutine, timeout: float = 120.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return self.thread.call(coro, timeout)
 
     def stub(self) -> pb_grpc.AttributionServiceStub:
         channel = grpc.insecure_channel(self.address)
-        self._channels = getattr(self, "_channels", []) + [channel]
+        self._channels.append(channel)
         return pb_grpc.AttributionServiceStub(channel)
 
     def collect(self, agen, limit: float = 120.0) -> list:
@@ -76,19 +83,14 @@ class ServiceHarness:
         return self.call(drain(), limit)
 
     def stop(self) -> None:
-        if self.loop.is_closed():
+        if self.thread.loop.is_closed():
             return
-
-        async def _stop():
-            await self.server.stop()
-            await self.online.close()
-
-        self.call(_stop())
-        for channel in getattr(self, "_channels", []):
-            channel.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
-        self.loop.close()
+        try:
+            self.call(self.server.stop(0.0))  # jobs back to the queue, backend and audit log closed
+        finally:
+            for channel in self._channels:
+                channel.close()
+            self.thread.close()
 
 
 @pytest.fixture
@@ -98,7 +100,7 @@ def start_service(tmp_path, demo_registry):
     Without backends it runs in-process (LocalBackend + LocalOfflineWorker on the demo
     model); pass ServeBackend / ServeOfflineBackend for the real Ray path.
     """
-    from workers.local import LocalBackend
+    from service.backends.local import LocalBackend
 
     started = []
 

@@ -11,7 +11,7 @@ import pytest
 from service._proto import attribution_pb2 as pb
 from service.jobs import JobsConfig
 from tests.service.jobs.conftest import FAST, job_request
-from workers.app import AppConfig, app_name, deploy_all
+from workers.serve.app import AppConfig, app_name, deploy_all
 from workers.config import BatchingConfig, ModelConfig
 
 FINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
@@ -25,7 +25,7 @@ OFFLINE = dataclasses.replace(FAST, num_cpus=0.5)
 def ray_apps(ray_session, demo_registry, service_cache_dir):
     from ray import serve
 
-    from workers.offline import OFFLINE_APP, deploy_offline
+    from workers.serve.offline import OFFLINE_APP, deploy_offline
 
     config = AppConfig(models=(ONLINE,), device="cpu", cache_dir=str(service_cache_dir or ""),
                        batching=BatchingConfig(batch_wait_timeout_s=0.005))
@@ -38,8 +38,8 @@ def ray_apps(ray_session, demo_registry, service_cache_dir):
 
 @pytest.fixture
 def ray_service(ray_apps, start_service):
-    from service.jobs.offline_backend import ServeOfflineBackend
-    from service.serve_backend import ServeBackend
+    from service.backends.offline import ServeOfflineBackend
+    from service.backends.serve import ServeBackend
 
     config = JobsConfig(offline=OFFLINE, progress_persist_s=0.2, poll_s=0.5)
     return start_service(online=ServeBackend.from_config(ray_apps), offline=ServeOfflineBackend(), config=config)

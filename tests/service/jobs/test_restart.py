@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -15,18 +16,20 @@ from service._proto import attribution_pb2_grpc as pb_grpc
 from service.jobs.store import SqliteJobStore
 from tests.service.jobs.conftest import job_request
 
+START_TIMEOUT_S = 180.0
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 class ServiceProcess:
-    """`python -m tests.service.jobs.jobs_server` on a data dir: a whole service in its own process."""
+    """`python -m tests.service.jobs.serve_local` on a data dir: a whole service in its own process."""
 
     def __init__(self, data_dir, cache_dir):
-        command = [sys.executable, "-m", "tests.service.jobs.jobs_server", "--data-dir", str(data_dir)]
+        command = [sys.executable, "-m", "tests.service.jobs.serve_local", "--data-dir", str(data_dir)]
         if cache_dir is not None:
             command += ["--cache-dir", str(cache_dir)]
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()  # blocks until READY, or "" if the process died
+        ready, _, _ = select.select([self.proc.stdout], [], [], START_TIMEOUT_S)  # bounded: READY or EOF
+        line = self.proc.stdout.readline() if ready else ""
         if not line.startswith("READY "):
             self.proc.kill()
             raise AssertionError(f"service process did not start (exit {self.proc.wait()})")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from typing import AsyncIterator, Protocol
 
-from service.serve_backend import ray_call
+from service.backends.serve import ray_call
 from workers.errors import AttributionError, Unavailable
-from workers.offline import OFFLINE_APP
+from workers.serve.offline import OFFLINE_APP
 from workers.spec import ExplainResult, ExplainSpec
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,8 @@ from workers.batching import FoldBudget
 from workers.config import Limits
 from workers.errors import AttributionError, Unavailable
 from workers.models import ModelRegistry, describe
-from workers.pipeline import WorkerContext, explain_batch
+from workers.pipeline import explain_batch
+from workers.stages import ContextCache, WorkerContext
 from workers.spec import ExplainResult, ExplainSpec, ModelDescription
 
 
@@ -24,15 +25,12 @@ class LocalBackend:
         self.registry = registry
         self.budget = budget or FoldBudget()
         self.limits = limits or Limits()
-        self._contexts: dict[str, WorkerContext] = {}
+        self._contexts = ContextCache(registry, self.budget, self.limits)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="explain")
         self._closed = False
 
     def context(self, name: str = "") -> WorkerContext:
-        model = self.registry.get(name)
-        if model.name not in self._contexts:
-            self._contexts[model.name] = WorkerContext.create(model, self.budget, self.limits)
-        return self._contexts[model.name]
+        return self._contexts.get(name)
 
     async def models(self) -> list[ModelDescription]:
         loop = asyncio.get_running_loop()
@@ -64,5 +62,4 @@ class LocalBackend:
             return
         self._closed = True
         self._pool.shutdown(wait=True)
-        for ctx in self._contexts.values():
-            ctx.taps.close()
+        self._contexts.close()

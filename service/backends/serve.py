@@ -2,7 +2,7 @@
 
 Handles route straight to the model's `OnlineWorker` replicas (Serve picks the
 least-loaded one); requests that arrive together travel as one call
-(service/coalesce.py). Ray's own failures are translated here into the project's
+(service/backends/coalesce.py). Ray's own failures are translated here into the project's
 error tree, so nothing Ray-specific reaches the servicer.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ import logging
 import time
 from typing import Callable
 
-from service.coalesce import Coalescer
-from workers.app import APP_PREFIX, AppConfig, app_name
+from service.backends.coalesce import Coalescer
+from workers.serve.app import APP_PREFIX, AppConfig, app_name
 from workers.errors import (AttributionError, DeadlineExceeded, InternalError, ModelNotFound, Overloaded,
                             Unavailable)
 from workers.spec import ExplainResult, ExplainSpec, ModelDescription
@@ -23,12 +23,14 @@ log = logging.getLogger(__name__)
 
 class ServeBackend:
     def __init__(self, models: list[str], default: str = "", coalesce_max_requests: int = 32,
-                 coalesce_max_cost: int = 256):
+                 coalesce_max_cost: int = 256, autoscaled: frozenset[str] = frozenset()):
         from ray import serve
 
         if not models:
             raise Unavailable("no attribution applications are deployed on this Ray cluster")
         self.default = default or models[0]
+        # Serve's autoscaler counts ongoing requests: these models get one call per request.
+        self._alone = frozenset(autoscaled)
         self._handles = {name: serve.get_app_handle(app_name(name)) for name in models}
         self._closed = False
         self._live: dict[str, int] = {}  # running replicas per model, from `refresh_replicas`
@@ -38,16 +40,21 @@ class ServeBackend:
 
     @classmethod
     def from_config(cls, config: AppConfig, **options) -> "ServeBackend":
-        return cls([m.name for m in config.models], config.default, **options)
+        return cls([m.name for m in config.models], config.default,
+                   autoscaled=frozenset(m.name for m in config.models if m.autoscaling), **options)
 
     @classmethod
     def discover(cls, default: str = "", **options) -> "ServeBackend":
         """Attaches to the running `attribution-*` applications of the connected cluster."""
         from ray import serve
 
-        running = [name[len(APP_PREFIX):] for name, app in serve.status().applications.items()
-                   if name.startswith(APP_PREFIX) and str(app.status).endswith("RUNNING")]
-        return cls(sorted(running), default, **options)
+        running, autoscaled = [], set()
+        for name, app in serve.status().applications.items():
+            if name.startswith(APP_PREFIX) and str(app.status).endswith("RUNNING"):
+                running.append(name[len(APP_PREFIX):])
+                if _autoscales(name):
+                    autoscaled.add(name[len(APP_PREFIX):])
+        return cls(sorted(running), default, autoscaled=frozenset(autoscaled), **options)
 
     def _handle(self, model: str):
         name = model or self.default
@@ -72,7 +79,7 @@ class ServeBackend:
         # A timeout or a cancelled caller cancels the future; the coalescer cancels the Ray
         # request once no member of its call is waiting (a Ray handle never does so by itself).
         try:
-            outcome = await asyncio.wait_for(self.coalescer.submit(name, spec), timeout)
+            outcome = await asyncio.wait_for(self.coalescer.submit(name, spec, alone=name in self._alone), timeout)
         except asyncio.TimeoutError:
             raise DeadlineExceeded("the deadline passed while the request was queued or computing") from None
         if isinstance(outcome, AttributionError):
@@ -115,6 +122,24 @@ class ServeBackend:
     async def close(self) -> None:
         self._closed = True
         await self.coalescer.close()
+
+
+def _autoscales(app: str) -> bool:
+    """Whether a deployment of the running application `app` has an autoscaling config.
+
+    Read from Serve's instance details (what `serve status` and the dashboard show; Ray 2.58's
+    client has no public call for one application's config). Unknown counts as not autoscaling.
+    """
+    try:
+        from ray.serve.context import _get_global_client
+
+        details = _get_global_client().get_serve_details()
+        deployments = details["applications"][app]["deployments"].values()
+        return any((d.get("deployment_config") or {}).get("autoscaling_config") for d in deployments)
+    except Exception as exc:  # an older or newer Serve shape: coalesce as for any model
+        log.warning("cannot read whether %s autoscales (%s); its requests may be coalesced", app,
+                    type(exc).__name__)
+        return False
 
 
 async def ray_call(response, on_replica_lost: Callable[[], None] | None = None):

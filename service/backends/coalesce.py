@@ -18,6 +18,9 @@ Cancellation: a member cancelled before its group is sent is left out of the cal
 once sent, the call is cancelled on the replica when every member is cancelled.
 A member cancelled alone inside a live group is computed (its deadline still
 applies on the replica), and its result is discarded.
+
+Models that autoscale are not coalesced: Serve's autoscaler counts ongoing
+requests per replica, and a coalesced call is one request however many it carries.
 """
 from __future__ import annotations
 
@@ -64,17 +67,21 @@ class Coalescer:
         self.calls = 0      # dispatches made
         self.requests = 0   # members sent in them
 
-    def submit(self, model: str, spec: ExplainSpec) -> asyncio.Future:
-        """The member's future: the replica's outcome (a result or a typed error) or a transport error."""
+    def submit(self, model: str, spec: ExplainSpec, alone: bool = False) -> asyncio.Future:
+        """The member's future: the replica's outcome (a result or a typed error) or a transport error.
+
+        `alone`: a call of its own, never shared (for models whose Serve autoscaling counts requests).
+        """
         loop = asyncio.get_running_loop()
         key = (model, spec.method)
-        group = self._open.get(key)
+        group = None if alone else self._open.get(key)
         if group is not None and (len(group.specs) >= self.max_requests
                                   or group.cost + spec.cost > self.max_cost):
             group = None
         if group is None:
             group = _Group(model)
-            self._open[key] = group
+            if not alone:
+                self._open[key] = group
             loop.call_soon(self._flush, key, group)
         future = loop.create_future()
         group.specs.append(spec)

@@ -1,7 +1,7 @@
 """What the front door needs from the workers, whatever runs them.
 
-`ServeBackend` (service/serve_backend.py) calls Ray Serve deployment handles;
-`LocalBackend` (workers/local.py) runs the same pipeline in this process. Both
+`ServeBackend` (service/backends/serve.py) calls Ray Serve deployment handles;
+`LocalBackend` (service/backends/local.py) runs the same pipeline in this process. Both
 raise only `workers.errors` types, which service/errors.py maps to statuses.
 """
 from __future__ import annotations

@@ -1,0 +1,117 @@
+"""One Explain request end to end, whatever transport carries it.
+
+admit (cost and deadline) -> validate and decode (off the loop) -> the backend ->
+encode (off the loop) -> metrics -> audit. The gRPC servicer (service/servicer.py)
+wraps it for Explain and ExplainStream; everything here speaks `ExplainRequest`,
+`ExplainResponse` and the project's error tree, never a gRPC context.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from typing import Callable, Sequence
+
+from service import codec, errors
+from service._proto import attribution_pb2 as pb
+from service.backends.protocol import ExplainBackend
+from service.config import Limits
+from service.decoding.pool import ImageDecoder
+from service.interceptors import REQUEST_ID
+from service.metrics import UNKNOWN, ServiceMetrics, Stopwatch
+from service.validation import estimate_cost, resolve_model, validate_explain
+from workers.admission import Admission
+from workers.errors import Cancelled, DeadlineExceeded, Overloaded
+from workers.spec import ModelDescription
+
+
+def with_default_flag(models: Sequence[ModelDescription]) -> dict[str, ModelDescription]:
+    """Models by name, exactly one flagged default (the first when the backend flags none)."""
+    if models and not any(m.is_default for m in models):
+        models = [dataclasses.replace(models[0], is_default=True)] + list(models[1:])
+    return {m.name: m for m in models}
+
+
+class ExplainFlow:
+    """The explain path over one backend, its models (described once at start) and its collaborators."""
+
+    def __init__(self, backend: ExplainBackend, models: Sequence[ModelDescription], limits: Limits,
+                 metrics: ServiceMetrics, decoder: ImageDecoder | None = None, admission: Admission | None = None,
+                 max_explains: int = 0, audit=None):
+        self._backend = backend
+        self.models = with_default_flag(models)
+        self.limits = limits
+        self._metrics = metrics
+        self._decoder = decoder
+        self.admission = admission or Admission()
+        self._max_explains = max_explains  # concurrent explain calls; 0 = no limit (health is never limited)
+        self._explaining = 0
+        self.audit = audit  # service.audit.AuditLog, when the server keeps an audit log
+
+    async def run(self, request: pb.ExplainRequest, request_id: str,
+                  time_remaining: Callable[[], float | None]) -> pb.ExplainResponse | errors.Status:
+        """One request end to end; a failure comes back as its classified Status.
+
+        `time_remaining()` is the caller's deadline in seconds from now (None: no deadline).
+        """
+        watch = Stopwatch()
+        request_id = request_id or uuid.uuid4().hex
+        REQUEST_ID.set(request_id)
+        model_label, method_label, status = UNKNOWN, codec.METHOD_NAMES.get(request.method, UNKNOWN), errors.OK
+        ticket, counted = None, False
+        with self._metrics.track_inflight():
+            try:
+                model = resolve_model(request.model, self.models)
+                model_label = model.name
+                if self._max_explains and self._explaining >= self._max_explains:
+                    raise Overloaded(f"this server is answering {self._explaining} explain calls, its limit "
+                                     "(server.max_concurrent_rpcs); retry after the suggested delay",
+                                     retry_after_s=0.1, reason="concurrency")
+                self._explaining += 1
+                counted = True
+                # Before any decoding: a refusal costs microseconds, not a validation.
+                admission = self.admission.model(model.name)
+                estimate = estimate_cost(request, self.limits)
+                if estimate is not None:
+                    ticket = admission.admit(estimate, time_remaining())
+                # Off the event loop: image decoding and map encoding are real CPU work,
+                # and the loop must keep serving health checks and other streams.
+                spec = await asyncio.to_thread(validate_explain, request, model, self.limits,
+                                               request_id=request_id, time_remaining=time_remaining(),
+                                               decoder=self._decoder)
+                if ticket is None:  # its declared sizes were out of bounds: admitted on the validated cost
+                    ticket = admission.admit(spec.cost, time_remaining())
+                else:
+                    ticket.resize(spec.cost)
+                if spec.deadline is not None and time.time() >= spec.deadline:
+                    self._metrics.dropped.labels("front_door").inc()
+                    raise DeadlineExceeded("the deadline passed before the request reached a worker; it was "
+                                           "not computed")
+                result = await self._backend.explain(spec)
+                admission.observe_batch(result.batch_samples, result.compute_ms)
+                ticket.release(completed=True)
+                response = await asyncio.to_thread(codec.encode_result, result, spec, model)
+                self._metrics.observe_result(spec, result)
+                response.timings.total_ms = watch.seconds * 1e3
+                if self.audit is not None:  # after total_ms: the record holds the final response
+                    await self.audit.record_async(spec, response)
+                return response
+            except asyncio.CancelledError:  # the client went away or its deadline passed
+                remaining = time_remaining()
+                late = remaining is not None and remaining <= 0
+                status = errors.classify(DeadlineExceeded("the deadline passed") if late
+                                         else Cancelled("the call was cancelled"))
+                raise
+            except Exception as exc:  # every failure is classified here, once; no traceback leaves the server
+                status = errors.classify(exc)
+                if status.reason:
+                    self._metrics.rejected.labels(model_label, status.reason).inc()
+                return status
+            finally:
+                if ticket is not None:
+                    ticket.release(completed=False)  # a no-op when the result already released it
+                if counted:
+                    self._explaining -= 1
+                self._metrics.observe_request(model_label, method_label, status.code_name, watch.seconds)
+
