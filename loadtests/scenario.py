@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from service._proto import attribution_pb2 as pb
-from workers.methods import CAM_METHODS, METHODS, NOISE_METHODS  # noqa: F401  (views for requests.py)
+from workers.methods import CAM_METHODS, METHODS, NOISE_METHODS, per_item_rows  # noqa: F401  (views for requests.py)
 
 SCENARIO_DIR = pathlib.Path(__file__).parent / "scenarios"
 DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
@@ -105,10 +105,8 @@ class MixEntry:
 
     @property
     def cost(self) -> int:
-        """Samples per request as the service counts them (defaults assumed 32)."""
-        per_item = (self.samples or 32) if self.method in NOISE_METHODS else \
-            (self.steps or 32) if self.method == "integrated_gradients" else 1
-        return self.items * per_item
+        """Samples per request as the service counts them (the method table's rule; defaults assumed 32)."""
+        return self.items * per_item_rows(self.method, self.samples or 32, self.steps or 32)
 
 
 @dataclass(frozen=True)

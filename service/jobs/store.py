@@ -26,108 +26,17 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
+from service.jobs.records import (  # noqa: F401  (the store's vocabulary, re-exported)
+    ALL_STATES, CANCELLED, COLUMNS, FAILED, FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore, NewJob,
+    StaleAttempt, record_from_row)
 from service._proto import attribution_pb2 as pb
 from workers.errors import FailedPrecondition, InvalidArgument, JobNotFound
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = pb.QUEUED, pb.RUNNING, pb.SUCCEEDED, pb.FAILED, pb.CANCELLED
-FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
-ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 # google.rpc.Code INTERNAL: what a job that keeps killing its process fails with.
 _INTERNAL = 13
 _TOKEN_VERSION = 1
-
-
-class StaleAttempt(FailedPrecondition):
-    """The attempt token no longer owns the job: it was requeued, claimed again or finished."""
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """What a submission stores: the validated request, serialized, and what lists show."""
-
-    id: str
-    priority: int
-    idempotency_key: str
-    model: str
-    method: int            # pb.Method
-    num_items: int
-    request: bytes         # serialized ExplainRequest
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """One job as stored. `token` is set while RUNNING: the owning attempt's proof."""
-
-    id: str
-    state: int
-    priority: int
-    idempotency_key: str
-    model: str
-    method: int
-    num_items: int
-    progress: float
-    created: float
-    started: float
-    finished: float
-    attempt: int
-    token: str
-    cancel_requested: bool
-    error_code: int
-    error_message: str
-    seq: int
-
-    @property
-    def final(self) -> bool:
-        return self.state in FINAL_STATES
-
-
-class JobStore(Protocol):
-    """Durable jobs. Every method is blocking and thread-safe; async callers use a thread."""
-
-    def submit(self, job: NewJob) -> tuple[JobRecord, bool]:
-        """Stores `job`, or returns the job already stored under its idempotency key (created=False)."""
-
-    def get(self, job_id: str) -> JobRecord:
-        """The job; `JobNotFound` otherwise."""
-
-    def result(self, job_id: str) -> bytes | None:
-        """The serialized ExplainResponse of a SUCCEEDED job; None otherwise."""
-
-    def request(self, job_id: str) -> bytes:
-        """The serialized ExplainRequest the job runs."""
-
-    def claim(self) -> JobRecord | None:
-        """Atomically marks the next QUEUED job (priority desc, submission asc) RUNNING with a new token."""
-
-    def set_progress(self, job_id: str, token: str, progress: float) -> bool:
-        """Records progress; answers whether cancellation was requested. `StaleAttempt` if not the owner."""
-
-    def finish(self, job_id: str, token: str, state: int, *, error: tuple[int, str] = (0, ""),
-               result: bytes | None = None) -> JobRecord:
-        """Final state (with its result, in one transaction); `StaleAttempt` if not the owner."""
-
-    def release(self, job_id: str, token: str) -> JobRecord:
-        """Gives a RUNNING job back to the queue (graceful stop); `StaleAttempt` if not the owner."""
-
-    def cancel(self, job_id: str) -> JobRecord:
-        """QUEUED -> CANCELLED; RUNNING -> cancel requested; final -> `FailedPrecondition`."""
-
-    def list(self, states: Sequence[int] = (), page_size: int = 50,
-             page_token: str = "") -> tuple[list[JobRecord], str]:
-        """Newest first, filtered by state; the next page's opaque token ("" on the last page)."""
-
-    def counts(self) -> dict[int, int]:
-        """Jobs per state."""
-
-    def recover(self) -> dict[str, int]:
-        """At start: settles the RUNNING jobs a killed process left (requeued, cancelled or failed)."""
-
-    def close(self) -> None:
-        """Releases the store; idempotent."""
-
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -156,19 +65,6 @@ CREATE TABLE IF NOT EXISTS results (
     response BLOB NOT NULL                      -- serialized ExplainResponse
 );
 """
-_COLUMNS = ("id, state, priority, idempotency_key, model, method, num_items, progress, created, started, "
-            "finished, attempt, token, cancel_requested, error_code, error_message, seq")
-
-
-def _record(row: tuple) -> JobRecord:
-    (job_id, state, priority, key, model, method, items, progress, created, started, finished, attempt,
-     token, cancel, code, message, seq) = row
-    return JobRecord(id=job_id, state=state, priority=priority, idempotency_key=key or "", model=model,
-                     method=method, num_items=items, progress=progress, created=created, started=started,
-                     finished=finished, attempt=attempt, token=token or "", cancel_requested=bool(cancel),
-                     error_code=code, error_message=message, seq=seq)
-
-
 def default_data_dir() -> pathlib.Path:
     """`$XDG_DATA_HOME/attribution-service`, else `~/.local/share/attribution-service`."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
@@ -242,10 +138,10 @@ class SqliteJobStore:
         return rows[0] if rows else None
 
     def get(self, job_id: str) -> JobRecord:
-        row = self._one(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))
+        row = self._one(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
         if row is None:
             raise JobNotFound(job_id)
-        return _record(row)
+        return record_from_row(row)
 
     def result(self, job_id: str) -> bytes | None:
         row = self._one("SELECT response FROM results WHERE job_id = ?", (job_id,))
@@ -280,9 +176,9 @@ class SqliteJobStore:
             args.append(before)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         with self._lock:
-            rows = self._db.execute(f"SELECT {_COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?",
+            rows = self._db.execute(f"SELECT {COLUMNS} FROM jobs {clause} ORDER BY seq DESC LIMIT ?",
                                     (*args, page_size + 1)).fetchall()
-        records = [_record(r) for r in rows[:page_size]]
+        records = [record_from_row(r) for r in rows[:page_size]]
         more = len(rows) > page_size
         return records, _encode_page_token(records[-1].seq, wanted) if more else ""
 
@@ -297,8 +193,8 @@ class SqliteJobStore:
                 (job.id, QUEUED, job.priority, key, job.model, job.method, job.num_items, job.request, time.time()))
             created = cursor.rowcount == 1
             column, value = ("id", job.id) if created else ("idempotency_key", key)
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE {column} = ?", (value,)).fetchall()
-        return _record(row[0]), created
+            row = self._db.execute(f"SELECT {COLUMNS} FROM jobs WHERE {column} = ?", (value,)).fetchall()
+        return record_from_row(row[0]), created
 
     def claim(self) -> JobRecord | None:
         token = uuid.uuid4().hex
@@ -307,8 +203,8 @@ class SqliteJobStore:
         row = self._one(
             f"UPDATE jobs SET state = ?, token = ?, attempt = attempt + 1, started = ?, progress = 0 "
             f"WHERE seq = (SELECT seq FROM jobs WHERE state = ? ORDER BY priority DESC, seq ASC LIMIT 1) "
-            f"AND state = ? RETURNING {_COLUMNS}", (RUNNING, token, time.time(), QUEUED, QUEUED))
-        return None if row is None else _record(row)
+            f"AND state = ? RETURNING {COLUMNS}", (RUNNING, token, time.time(), QUEUED, QUEUED))
+        return None if row is None else record_from_row(row)
 
     def set_progress(self, job_id: str, token: str, progress: float) -> bool:
         row = self._one("UPDATE jobs SET progress = MAX(progress, ?) WHERE id = ? AND token = ? AND state = ? "
@@ -326,31 +222,31 @@ class SqliteJobStore:
             row = db.execute(
                 f"UPDATE jobs SET state = ?, finished = ?, progress = {progress}, token = NULL, "
                 f"error_code = ?, error_message = ? WHERE id = ? AND token = ? AND state = ? "
-                f"RETURNING {_COLUMNS}", (state, time.time(), error[0], error[1], job_id, token, RUNNING)
+                f"RETURNING {COLUMNS}", (state, time.time(), error[0], error[1], job_id, token, RUNNING)
             ).fetchall()
             if not row:
                 raise StaleAttempt(f"job {job_id}: attempt {token[:8]} no longer owns it")
             if result is not None:
                 db.execute("INSERT INTO results (job_id, response) VALUES (?, ?)", (job_id, result))
-        return _record(row[0])
+        return record_from_row(row[0])
 
     def release(self, job_id: str, token: str) -> JobRecord:
         row = self._one(f"UPDATE jobs SET state = ?, token = NULL, progress = 0, started = 0 "
-                        f"WHERE id = ? AND token = ? AND state = ? RETURNING {_COLUMNS}",
+                        f"WHERE id = ? AND token = ? AND state = ? RETURNING {COLUMNS}",
                         (QUEUED, job_id, token, RUNNING))
         if row is None:
             raise StaleAttempt(f"job {job_id}: attempt {token[:8]} no longer owns it")
-        return _record(row)
+        return record_from_row(row)
 
     def cancel(self, job_id: str) -> JobRecord:
         with self._lock:
             row = self._db.execute(
                 f"UPDATE jobs SET state = CASE state WHEN ? THEN ? ELSE state END, "
                 f"finished = CASE state WHEN ? THEN ? ELSE finished END, cancel_requested = 1 "
-                f"WHERE id = ? AND state IN (?, ?) RETURNING {_COLUMNS}",
+                f"WHERE id = ? AND state IN (?, ?) RETURNING {COLUMNS}",
                 (QUEUED, CANCELLED, QUEUED, time.time(), job_id, QUEUED, RUNNING)).fetchall()
         if row:
-            return _record(row[0])
+            return record_from_row(row[0])
         job = self.get(job_id)  # JobNotFound, or it is already final
         raise FailedPrecondition(f"job {job_id} is already {pb.JobState.Name(job.state)}; only QUEUED or "
                                  "RUNNING jobs can be cancelled")

@@ -5,9 +5,7 @@ plain synchronous functions that talk to it through real gRPC channels.
 """
 from __future__ import annotations
 
-import asyncio
 import pathlib
-import threading
 from typing import Any, Callable, Coroutine
 
 import grpc
