@@ -64,9 +64,17 @@ def ray_session():
         ray.shutdown()
 
 
+# Fixtures that start another process: the tests that use them are `process` tests.
+PROCESS_FIXTURES = ("local_server", "serve_process", "processes")
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that needs the local Ray (directly or through a fixture) carries the `ray` marker,
-    so `-m "not ray"` leaves them all out without each module having to say so."""
+    and every test that needs a server process the `process` marker, so `-m "not ray and not process"`
+    leaves them all out without each module having to say so."""
     for item in items:
-        if "ray_session" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "ray_session" in names:
             item.add_marker(pytest.mark.ray)
+        if any(name in names for name in PROCESS_FIXTURES):
+            item.add_marker(pytest.mark.process)

@@ -218,6 +218,7 @@ def test_smoke_against_the_ray_served_front_door(ray_session, cache_dir):
         assert row["server"]["mean_batch_samples_per_request"] >= 1
 
 
+@pytest.mark.process
 def test_compare_starts_the_peer_and_times_the_kernel(tmp_path, cache_dir):
     # The peer only: the Ray-backed targets take minutes to start here; the full compare is run by hand.
     scenario = tmp_path / "peer.yaml"

@@ -25,6 +25,7 @@ ARGVS = [["--help"], ["serve", "--help"], ["explain", "--help"], ["models", "--h
          ["serve", "--port", "not-a-number"], ["explain"], ["no-such-command"]]
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("argv", ARGVS, ids=[" ".join(a) for a in ARGVS])
 def test_help_and_argument_errors_import_neither_torch_nor_ray(argv):
     run = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120)

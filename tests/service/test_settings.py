@@ -45,6 +45,7 @@ def test_server_limits_reach_the_workers_and_overrides_apply():
     assert (config.server.port, config.server.host) == (0, "127.0.0.1")
 
 
+@pytest.mark.process
 def test_check_validates_a_file_and_exits(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("models:\n  - {name: demo, source: demo}\nserver: {port: 50051}\n")

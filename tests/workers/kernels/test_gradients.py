@@ -344,6 +344,7 @@ def test_limits_are_inclusive():
 
 # ------------------------------------------------------------- the demo model --
 
+@pytest.mark.slow
 def test_integrated_gradients_is_complete_on_the_demo_model(demo_model, demo_heldout_inputs, demo_heldout):
     x, t = demo_heldout_inputs, demo_heldout.labels
     result = run_one(demo_model, GradientRequest(x, t, "integrated_gradients", steps=32),
@@ -359,6 +360,7 @@ def pointing_game(attributions, boxes):
     return float(hits.float().mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, params", [("smoothgrad", {"samples": 16}),
                                             ("integrated_gradients", {"steps": 16})])
 def test_pointing_game_on_the_demo_model(demo_model, demo_heldout_inputs, demo_heldout, method, params):

@@ -65,6 +65,7 @@ def peer_score_cam(model, layer_module, x, t) -> torch.Tensor:
 
 # ---------------------------------------------------------------- agreement
 
+@pytest.mark.slow
 def test_score_cam_matches_pytorch_grad_cam(demo_model, demo_taps, demo_heldout_inputs, demo_heldout,
                                             resnet):
     x, t = demo_heldout_inputs[:3], demo_heldout.labels[:3]
@@ -106,6 +107,7 @@ def test_occlusion_matches_captum_on_the_demo_model(demo_model, demo_heldout_inp
 
 # ---------------------------------------------------------------- localization
 
+@pytest.mark.slow
 def test_pointing_game_on_the_demo_heldout_set(demo_model, demo_taps, demo_heldout_inputs, demo_heldout):
     x, t, boxes = demo_heldout_inputs, demo_heldout.labels, demo_heldout.boxes
     # 200 images x 225 patches: cache-sized chunks run ~3x faster on a CPU than the
