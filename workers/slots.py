@@ -37,6 +37,11 @@ class ComputeSlots(Generic[T, R]):
         self._tasks: set[asyncio.Task] = set()  # running groups: a reference, so none vanishes mid-run
         self.dropped = 0  # items answered without compute
 
+    @property
+    def idle(self) -> bool:
+        """Nothing computing and nothing waiting."""
+        return self._busy == 0 and not self._backlog
+
     def resize(self, slots: int, max_cost: int) -> None:
         """Takes effect for the next batches; running ones finish as they are."""
         self.slots, self.max_cost = slots, max_cost

@@ -76,6 +76,11 @@ class OnlineWorker:
         self._abandoned: dict[int, tuple[ExplainSpec, float]] = {}
         self.refused = 0
         self.computed = 0
+        # Adaptive batch wait: a request that finds the model idle goes at once (waiting for company
+        # only costs it latency); while the model is busy, batches wait `batch_wait_timeout_s` to fill,
+        # and those that queue behind a busy slot merge in the compute slots anyway.
+        self._waiting = 0      # requests between arrival and the batcher's answer
+        self._wait_now = None  # the batch wait last set on the batcher
         log.info("online worker for %s ready on %s (%d torch threads%s)", cfg.name, self.device,
                  torch.get_num_threads(), f", pinned to cores {list(pinned)}" if pinned else "")
 
@@ -86,6 +91,7 @@ class OnlineWorker:
         self.ctx.budget = FoldBudget(max_bytes=cfg.fold_max_bytes or None, max_rows=cfg.fold_max_rows or None)
         self.explain_batched.set_max_batch_size(cfg.max_batch_samples)
         self.explain_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self._wait_now = cfg.batch_wait_timeout_s
         self.slots.resize(cfg.max_concurrent_batches, cfg.max_batch_samples)
 
     def batching(self) -> dict:
@@ -109,7 +115,13 @@ class OnlineWorker:
                 # Bigger than a whole batch: it runs as a batch of its own.
                 (outcome,) = await self.slots.run([(spec, arrived)])
             else:
-                outcome = await self.explain_batched((spec, arrived))
+                if self._waiting == 0:  # the first to wait decides; company arriving with it keeps it
+                    self._set_batch_wait(0.0 if self.slots.idle else self.config.batch_wait_timeout_s)
+                self._waiting += 1
+                try:
+                    outcome = await self.explain_batched((spec, arrived))
+                finally:
+                    self._waiting -= 1
         except asyncio.CancelledError:  # the front door cancelled: drop the work wherever it waits
             now = time.monotonic()
             for key in [k for k, (_, when) in self._abandoned.items() if now - when > _ABANDONED_KEEP_S]:
@@ -121,6 +133,11 @@ class OnlineWorker:
             self.admission.observe_batch(outcome.batch_samples, outcome.compute_ms)
         ticket.release(completed=isinstance(outcome, ExplainResult))
         return outcome
+
+    def _set_batch_wait(self, seconds: float) -> None:
+        if seconds != self._wait_now:
+            self.explain_batched.set_batch_wait_timeout_s(seconds)
+            self._wait_now = seconds
 
     async def explain_many(self, specs: list[ExplainSpec]) -> list[ExplainResult | AttributionError]:
         """Requests the front door coalesced into one call: each enters the batcher on its own."""
