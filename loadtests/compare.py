@@ -127,7 +127,7 @@ def run_compare(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) ->
     return 0
 
 
-FRONT_DOOR_KEYS = ("torch_threads", "cpu_affinity", "admission", "coalesce")
+FRONT_DOOR_KEYS = ("torch_threads", "cpu_affinity", "admission", "coalesce", "inline_max_bytes")
 
 
 def app_config(scenario: Scenario, path: str | None) -> dict:

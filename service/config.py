@@ -22,6 +22,7 @@ A config file's `server:` section has this shape (every key optional)::
                   min_queued_cost: 64, smoothing: 0.3, max_retry_after_s: 5}
       decode: {isolation: process, workers: 2, timeout_s: 5, memory_mb: 1024, max_uses: 10000, wait_s: 10}
       coalesce: {max_requests: 32, max_cost: 256}   # requests sent to the replicas as one call
+      inline_max_bytes: 65536     # small tensor requests validated/encoded on the event loop; 0 = never
 """
 from __future__ import annotations
 
@@ -154,6 +155,11 @@ class ServerConfig:
     decode: how client PNG/JPEG bytes are decoded (isolated worker processes by default).
     admission: refusing by cost and deadline (workers/admission.py).
     coalesce: requests that travel to the replicas together (service/backends/coalesce.py).
+    inline_max_bytes: while at most two explain calls are in progress, tensor requests (and
+        results without overlays) at most this big are validated (encoded) on the event loop
+        instead of a worker thread, where the hop costs more than the work; under load they go to
+        threads, which overlap with the loop. 0 = always on a thread. Images are always decoded
+        off the loop.
     """
 
     host: str = "[::]"
@@ -174,6 +180,7 @@ class ServerConfig:
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     coalesce: CoalesceConfig = field(default_factory=CoalesceConfig)
+    inline_max_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         check(bool(self.host), "server.host", "must not be empty")
@@ -188,6 +195,7 @@ class ServerConfig:
         check(1 <= self.stream_max_in_flight <= 1024, "server.stream_max_in_flight", "must be 1..1024")
         check(0 <= self.max_concurrent_rpcs <= 1_000_000, "server.max_concurrent_rpcs", "must be 0..1e6")
         check(1 <= self.torch_threads <= 1024, "server.torch_threads", "must be 1..1024")
+        check(0 <= self.inline_max_bytes <= 16 * MIB, "server.inline_max_bytes", "must be 0..16 MiB")
         check(isinstance(self.cpu_affinity, (list, tuple)), "server.cpu_affinity", "must be a list of core numbers")
         try:
             object.__setattr__(self, "cpu_affinity", check_cores(self.cpu_affinity, "server.cpu_affinity"))

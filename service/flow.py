@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 import uuid
 from typing import Callable, Sequence
@@ -26,6 +27,10 @@ from workers.errors import Cancelled, DeadlineExceeded, Overloaded
 from workers.spec import ModelDescription
 
 
+# Calls in progress up to which small requests are validated and encoded on the event loop.
+INLINE_MAX_CALLS = 2
+
+
 def with_default_flag(models: Sequence[ModelDescription]) -> dict[str, ModelDescription]:
     """Models by name, exactly one flagged default (the first when the backend flags none)."""
     if models and not any(m.is_default for m in models):
@@ -38,7 +43,7 @@ class ExplainFlow:
 
     def __init__(self, backend: ExplainBackend, models: Sequence[ModelDescription], limits: Limits,
                  metrics: ServiceMetrics, decoder: ImageDecoder | None = None, admission: Admission | None = None,
-                 max_explains: int = 0, audit=None):
+                 max_explains: int = 0, audit=None, inline_max_bytes: int = 64 * 1024):
         self._backend = backend
         self.models = with_default_flag(models)
         self.limits = limits
@@ -48,6 +53,23 @@ class ExplainFlow:
         self._max_explains = max_explains  # concurrent explain calls; 0 = no limit (health is never limited)
         self._explaining = 0
         self.audit = audit  # service.audit.AuditLog, when the server keeps an audit log
+        # Requests and results at most this big are validated and encoded on the event loop.
+        self.inline_max_bytes = inline_max_bytes
+
+    def _inline(self) -> bool:
+        """Few calls in progress: the loop has time for small work, and a thread hop would cost more.
+        Under load the loop itself is the bottleneck, and worker threads overlap their work with it."""
+        return self.inline_max_bytes > 0 and self._explaining <= INLINE_MAX_CALLS
+
+    def _small_request(self, request: pb.ExplainRequest) -> bool:
+        return (self._inline() and request.inputs.WhichOneof("source") == "tensor"
+                and request.ByteSize() <= self.inline_max_bytes)
+
+    def _small_result(self, spec, result) -> bool:
+        if not self._inline() or spec.output.png_overlay:
+            return False
+        values = sum(a.map.numel() for item in result.items for a in item.attributions)
+        return values * 4 <= self.inline_max_bytes
 
     async def run(self, request: pb.ExplainRequest, request_id: str,
                   time_remaining: Callable[[], float | None]) -> pb.ExplainResponse | errors.Status:
@@ -75,11 +97,12 @@ class ExplainFlow:
                 estimate = estimate_cost(request, self.limits)
                 if estimate is not None:
                     ticket = admission.admit(estimate, time_remaining())
-                # Off the event loop: image decoding and map encoding are real CPU work,
-                # and the loop must keep serving health checks and other streams.
-                spec = await asyncio.to_thread(validate_explain, request, model, self.limits,
-                                               request_id=request_id, time_remaining=time_remaining(),
-                                               decoder=self._decoder)
+                # Off the event loop when it is real CPU work (images to decode, large tensors), so
+                # the loop keeps serving health checks and other streams; a small tensor request is
+                # validated inline, where the thread hop would cost more than the work.
+                validate = functools.partial(validate_explain, request, model, self.limits, request_id=request_id,
+                                             time_remaining=time_remaining(), decoder=self._decoder)
+                spec = validate() if self._small_request(request) else await asyncio.to_thread(validate)
                 if ticket is None:  # its declared sizes were out of bounds: admitted on the validated cost
                     ticket = admission.admit(spec.cost, time_remaining())
                 else:
@@ -91,7 +114,8 @@ class ExplainFlow:
                 result = await self._backend.explain(spec)
                 admission.observe_batch(result.batch_samples, result.compute_ms)
                 ticket.release(completed=True)
-                response = await asyncio.to_thread(codec.encode_result, result, spec, model)
+                encode = functools.partial(codec.encode_result, result, spec, model)
+                response = encode() if self._small_result(spec, result) else await asyncio.to_thread(encode)
                 self._metrics.observe_result(spec, result)
                 response.timings.total_ms = watch.seconds * 1e3
                 if self.audit is not None:  # after total_ms: the record holds the final response

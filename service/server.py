@@ -287,7 +287,7 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
                                     registry=metrics.registry, decoder=decoder, audit=audit_log)
             opened.append(job_queue.close)
         flow = ExplainFlow(backend, list(models.values()), config.limits, metrics, decoder, admission,
-                           config.max_concurrent_rpcs, audit=audit_log)
+                           config.max_concurrent_rpcs, audit=audit_log, inline_max_bytes=config.inline_max_bytes)
         servicer = AttributionServicer(flow, config.stream_max_in_flight, jobs=job_queue)
         metrics.registry.register(AdmissionCollector(admission))
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor(metrics), RequestIdInterceptor()]

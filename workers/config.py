@@ -21,7 +21,8 @@ model's name and source::
         autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8,
                       upscale_delay_s: 5, downscale_delay_s: 60}
     default_model: demo
-    batching: {max_batch_samples: 256, batch_wait_timeout_s: 0.01, max_concurrent_batches: 2}
+    batching: {max_batch_samples: 256, batch_wait_timeout_s: 0.01, max_concurrent_batches: 2,
+               adaptive_wait: true}   # an idle model takes a request at once, without the wait
 """
 from __future__ import annotations
 
@@ -154,6 +155,8 @@ class BatchingConfig:
     max_queued_requests: int = 1024     # per deployment; overflow answers RESOURCE_EXHAUSTED
     fold_max_bytes: int = 0             # memory budget per folded chunk; 0 = derived from the device
     fold_max_rows: int = 0              # cap on rows per chunk; 0 = none
+    # A request to an idle model, after a quiet gap longer than the wait, goes at once (no wait).
+    adaptive_wait: bool = True
 
     def __post_init__(self):
         check(1 <= self.max_batch_samples <= 1_000_000, "batching.max_batch_samples", "must be 1..1e6")

@@ -121,3 +121,14 @@ def test_concurrent_calls_share_handle_calls_and_answer_as_if_alone(deployed, de
     for response in together:
         got = np.frombuffer(response.items[0].attributions[0].map.data, np.float32)
         np.testing.assert_allclose(got, reference, rtol=0, atol=1e-6)
+
+
+def test_batch_wait_adapts_to_an_idle_model_and_to_a_burst(deployed, demo_batch):
+    handle, *_ = deployed
+    time.sleep(0.5)                                   # quiet: longer than the 5 ms wait since the last arrival
+    assert type(handle.explain.remote(_spec(demo_batch.images[:1], 2)).result(timeout_s=60)).__name__ == \
+        "ExplainResult"
+    assert _stats(handle)["batch_wait_s"] == 0.0      # a lone request to an idle model went at once
+    burst = [handle.explain.remote(_spec(demo_batch.images[:1], 2)) for _ in range(12)]
+    assert {type(r.result(timeout_s=120)).__name__ for r in burst} == {"ExplainResult"}
+    assert _stats(handle)["batch_wait_s"] == 0.005    # arrivals close together: batches wait to fill

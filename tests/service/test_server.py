@@ -287,6 +287,6 @@ def test_config_bounds_and_from_dict():
     for bad in ({"port": 70000}, {"tls_cert": "a.pem"}, {"stream_max_in_flight": 0}, {"grace_s": -1},
                 {"limits": {"max_items": 0}}, {"keepalive": {"time_s": 0}}, {"bogus": 1}, {"limits": {"x": 1}},
                 {"max_message_bytes": 10}, {"torch_threads": 0}, {"coalesce": {"max_requests": 0}},
-                {"coalesce": {"max_cost": 0}}, {"coalesce": {"window": 1}}):
+                {"coalesce": {"max_cost": 0}}, {"coalesce": {"window": 1}}, {"inline_max_bytes": -1}):
         with pytest.raises(InvalidArgument):
             ServerConfig.from_dict(bad)

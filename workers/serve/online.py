@@ -76,11 +76,12 @@ class OnlineWorker:
         self._abandoned: dict[int, tuple[ExplainSpec, float]] = {}
         self.refused = 0
         self.computed = 0
-        # Adaptive batch wait: a request that finds the model idle goes at once (waiting for company
-        # only costs it latency); while the model is busy, batches wait `batch_wait_timeout_s` to fill,
-        # and those that queue behind a busy slot merge in the compute slots anyway.
+        # Adaptive batch wait: a request that finds the model idle, after a gap longer than the wait
+        # since the last arrival, goes at once (company is not coming; waiting only costs latency);
+        # while requests arrive closer together than that, batches wait `batch_wait_timeout_s` to fill.
         self._waiting = 0      # requests between arrival and the batcher's answer
         self._wait_now = None  # the batch wait last set on the batcher
+        self._last_arrival = 0.0  # time.time() of the last request that went to the batcher
         log.info("online worker for %s ready on %s (%d torch threads%s)", cfg.name, self.device,
                  torch.get_num_threads(), f", pinned to cores {list(pinned)}" if pinned else "")
 
@@ -101,7 +102,7 @@ class OnlineWorker:
     def describe(self) -> ModelDescription:
         return describe(self.model, self.is_default)
 
-    async def explain(self, spec: ExplainSpec) -> ExplainResult | AttributionError:
+    async def explain(self, spec: ExplainSpec, in_group: bool = False) -> ExplainResult | AttributionError:
         """One request; answers the result or the request's typed error (never raises it)."""
         arrived = time.time()
         remaining = None if spec.deadline is None else spec.deadline - arrived
@@ -115,8 +116,8 @@ class OnlineWorker:
                 # Bigger than a whole batch: it runs as a batch of its own.
                 (outcome,) = await self.slots.run([(spec, arrived)])
             else:
-                if self._waiting == 0:  # the first to wait decides; company arriving with it keeps it
-                    self._set_batch_wait(0.0 if self.slots.idle else self.config.batch_wait_timeout_s)
+                if not in_group:  # a coalesced call decided once for its members
+                    self._adapt_wait(arrived)
                 self._waiting += 1
                 try:
                     outcome = await self.explain_batched((spec, arrived))
@@ -134,6 +135,14 @@ class OnlineWorker:
         ticket.release(completed=isinstance(outcome, ExplainResult))
         return outcome
 
+    def _adapt_wait(self, arrived: float) -> None:
+        """Each arrival decides: at once if the model is idle and nobody came within a wait, else wait."""
+        if self.config.adaptive_wait:
+            wait = self.config.batch_wait_timeout_s
+            quiet = self._waiting == 0 and self.slots.idle and arrived - self._last_arrival > wait
+            self._set_batch_wait(0.0 if quiet else wait)
+        self._last_arrival = arrived
+
     def _set_batch_wait(self, seconds: float) -> None:
         if seconds != self._wait_now:
             self.explain_batched.set_batch_wait_timeout_s(seconds)
@@ -141,7 +150,8 @@ class OnlineWorker:
 
     async def explain_many(self, specs: list[ExplainSpec]) -> list[ExplainResult | AttributionError]:
         """Requests the front door coalesced into one call: each enters the batcher on its own."""
-        return list(await asyncio.gather(*(self.explain(spec) for spec in specs)))
+        self._adapt_wait(time.time())  # once for the call: its members arrive together
+        return list(await asyncio.gather(*(self.explain(spec, in_group=True) for spec in specs)))
 
     def _dead(self, item: tuple[ExplainSpec, float]) -> AttributionError | None:
         spec = item[0]
@@ -155,7 +165,8 @@ class OnlineWorker:
         """Counters for operators and tests: what was refused, dropped (and where), computed."""
         return {"refused": self.refused, "dropped_waiting": self.slots.dropped,
                 "dropped_in_batch": self.ctx.dropped, "computed": self.computed,
-                "service_rate": self.admission.rate, "queued_cost": self.admission.queued}
+                "service_rate": self.admission.rate, "queued_cost": self.admission.queued,
+                "batch_wait_s": self._wait_now}
 
     @serve.batch(max_batch_size=_INITIAL_MAX_BATCH, batch_wait_timeout_s=0.01,
                  max_concurrent_batches=_BATCHER_CONCURRENCY, batch_size_fn=_batch_cost)
