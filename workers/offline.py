@@ -187,7 +187,8 @@ class LocalOfflineWorker:
     """The offline worker in this process (no Ray); the `OfflineBackend` the job runner calls."""
 
     def __init__(self, registry: ModelRegistry, config: OfflineConfig = OfflineConfig(), limits: Limits | None = None):
-        self._contexts = ContextCache(registry, config.budget, limits or Limits(), chunk_rows(config, limits or Limits()))
+        limits = limits or Limits()
+        self._contexts = ContextCache(registry, config.budget, limits, chunk_rows(config, limits))
         self._executor = OfflineExecutor(self._contexts.get, concurrency=config.max_ongoing_requests,
                                          items_per_chunk=config.items_per_chunk)
 

@@ -65,7 +65,7 @@ class LocalBackend:
         return result
 
     async def _explain_batched(self, spec: ExplainSpec) -> ExplainResult:
-        name = self.registry.get(spec.model).name
+        name = self.registry.config(spec.model).name  # a lookup: loading happens on the worker thread
         if name not in self._slots:
             self._slots[name] = ComputeSlots(1, self.max_batch_cost, lambda s: s.cost, self._compute_batch)
         submitted = time.perf_counter()
