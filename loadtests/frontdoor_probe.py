@@ -7,8 +7,11 @@ One run, one local Ray (`ray.init(num_cpus=2)`), the demo model deployed as the 
     front_door   our grpc.aio front door (`service.server.create_server` over `ServeBackend`, metrics on), in
                  its own process as `attribution serve --attach` runs it, called with `service.client` over
                  loopback: gRPC + validation + codec + the same handle call.
-    front_door_single  the same front door in a second process with `server.coalesce.max_requests: 1`: one
-                 handle call per request, as before coalescing (service/backends/coalesce.py).
+    front_door_single  the same front door in a second process with `server.coalesce.max_requests: 1` and no
+                 bound on calls in flight: one handle call per request, as before coalescing
+                 (service/backends/coalesce.py).
+    --variant NAME=JSON  more front doors, each in its own process, with these `server` settings (e.g.
+                 `unbounded='{"coalesce": {"max_in_flight_per_replica": 0}}'`), measured interleaved with the rest.
     serve_proxy  Ray Serve's gRPC proxy -> an ingress deployment (`ProbeIngress`: validate, the model's
                  handle, encode) -> the model. Measured only when the proxy answers at all.
 
@@ -16,8 +19,9 @@ Serve's proxy is tried three ways, each on a fresh Serve instance, and what happ
 generated `add_AttributionServiceServicer_to_server` (as Serve documents); with the same handlers minus
 `add_registered_method_handlers` (`add_attribution_service_generic_only`); and with that plus an alias that
 lets pickle find our message classes (`add_attribution_service_for_serve_proxy`), the configuration measured.
-Both servers are asked for grpc.health.v1, reflection and Serve's Healthz. Prints p50/p99 latency and
-throughput per concurrency, the ratios to direct, and the front door's CPU time per request.
+Both servers are asked for grpc.health.v1, reflection and Serve's Healthz (`--no-serve-proxy` skips the
+proxy). Prints p50/p99 latency and throughput per concurrency, the ratios to direct, and each front door's
+CPU time per request.
 
     python -m loadtests.frontdoor_probe --requests 400 --concurrency 1,16 --json out/frontdoor.json
 """
@@ -52,7 +56,7 @@ CHILD_START_TIMEOUT_S = 180.0
 
 # ------------------------------------------------------------ the front door child --
 
-async def _front_door_child(ray_address: str, ready_file: str, coalesce: int) -> None:
+async def _front_door_child(ray_address: str, ready_file: str, settings: dict) -> None:
     """Our front door, attached to the parent's Ray: what `attribution serve --attach` runs."""
     import ray
 
@@ -61,8 +65,8 @@ async def _front_door_child(ray_address: str, ready_file: str, coalesce: int) ->
     from service.server import create_server
 
     ray.init(address=ray_address, log_to_driver=False)
-    server = await create_server(ServerConfig(host="127.0.0.1", port=0, metrics_port=0, metrics_host="127.0.0.1"),
-                                 ServeBackend([MODEL], coalesce_max_requests=coalesce))
+    config = ServerConfig.from_dict(dict(settings, host="127.0.0.1", port=0, metrics_port=0, metrics_host="127.0.0.1"))
+    server = await create_server(config, ServeBackend([MODEL], **config.coalesce.backend_options()))
     pathlib.Path(ready_file).write_text(json.dumps({"port": server.port, "metrics_port": server.metrics_port}))
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,13 +79,13 @@ async def _front_door_child(ray_address: str, ready_file: str, coalesce: int) ->
 class FrontDoorProcess:
     """The child above, started by us and stopped by us (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, ray_address: str, workdir: pathlib.Path, coalesce: int = 32):
-        self.ready = workdir / f"front_door_{coalesce}.ready.json"
-        self.log_path = workdir / f"front_door_{coalesce}.log"
+    def __init__(self, ray_address: str, workdir: pathlib.Path, name: str, settings: dict):
+        self.ready = workdir / f"{name}.ready.json"
+        self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.frontdoor_probe", "--front-door-child",
                                       str(self.ready), "--ray-address", ray_address,
-                                      "--child-coalesce", str(coalesce)],
+                                      "--child-settings", json.dumps(settings)],
                                      stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> dict:
@@ -168,9 +172,9 @@ class Counted:
         return self.call(k)
 
 
-async def make_calls(front_door_port: int, single_port: int, proxy_port: int | None,
+async def make_calls(front_door_ports: dict[str, int], proxy_port: int | None,
                      requests: list[pb.ExplainRequest]) -> tuple:
-    """The three paths as `call(k)` coroutines, and the clients to close afterwards."""
+    """Every path as a `call(k)` coroutine, and the clients to close afterwards."""
     from service.client import AsyncAttributionClient
     from service.config import Limits
     from service.backends.serve import ServeBackend
@@ -179,20 +183,21 @@ async def make_calls(front_door_port: int, single_port: int, proxy_port: int | N
     backend = ServeBackend([MODEL])
     (described,) = await backend.models()
     specs = [validate_explain(r, described, Limits()) for r in requests]
-    ours = AsyncAttributionClient(f"127.0.0.1:{front_door_port}", timeout=CALL_TIMEOUT_S)
-    single = AsyncAttributionClient(f"127.0.0.1:{single_port}", timeout=CALL_TIMEOUT_S)
 
     async def direct(k: int) -> int:
         return (await backend.explain(specs[k % len(specs)])).batch_requests
 
-    async def front_door(k: int) -> int:
-        return int((await ours.explain_request(requests[k % len(requests)])).timings["batch_requests"])
+    def through(client: AsyncAttributionClient) -> Callable[[int], Awaitable[int]]:
+        async def call(k: int) -> int:
+            return int((await client.explain_request(requests[k % len(requests)])).timings["batch_requests"])
+        return call
 
-    async def front_door_single(k: int) -> int:
-        return int((await single.explain_request(requests[k % len(requests)])).timings["batch_requests"])
-
-    calls = {"direct": direct, "front_door": Counted(front_door), "front_door_single": Counted(front_door_single)}
-    closers = [ours.close, single.close]
+    calls: dict = {"direct": direct}
+    closers = []
+    for name, port in front_door_ports.items():
+        client = AsyncAttributionClient(f"127.0.0.1:{port}", timeout=CALL_TIMEOUT_S)
+        calls[name] = Counted(through(client))
+        closers.append(client.close)
     if proxy_port is not None:
         from service.client import Explanation
 
@@ -259,24 +264,26 @@ def probe_proxy(servicer_function: str, cache_dir: str, request: pb.ExplainReque
         serve.shutdown()
 
 
-async def run_measured(args: argparse.Namespace, workdir: pathlib.Path, proxy_port: int) -> dict:
-    """Serve (proxy with the shim) is up and the apps deployed: check the proxy, start our front door, measure."""
+async def run_measured(args: argparse.Namespace, workdir: pathlib.Path, proxy_port: int | None) -> dict:
+    """Serve is up and the apps deployed: check the proxy (when asked), start our front doors, measure."""
     import ray
 
     from service.backends.serve import ServeBackend
 
     (described,) = await ServeBackend([MODEL]).models()
     requests = build_requests(described.channels, described.height, described.width)
-    shim = {"servicer_function": SHIM_SERVICER, "proxies": proxy_status(),
-            "explain": await asyncio.to_thread(try_proxy_explain, proxy_port, requests[0]),
-            "wire_services": await asyncio.to_thread(wire_services, proxy_port)}
+    shim = None
+    if proxy_port is not None:
+        shim = {"servicer_function": SHIM_SERVICER, "proxies": proxy_status(),
+                "explain": await asyncio.to_thread(try_proxy_explain, proxy_port, requests[0]),
+                "wire_services": await asyncio.to_thread(wire_services, proxy_port)}
     gcs = ray.get_runtime_context().gcs_address
-    children = {"front_door": FrontDoorProcess(gcs, workdir), "front_door_single": FrontDoorProcess(gcs, workdir, 1)}
+    children = {name: FrontDoorProcess(gcs, workdir, name, settings) for name, settings in args.variants.items()}
     try:
         ready = {name: await asyncio.to_thread(child.wait_ready) for name, child in children.items()}
         ours = await asyncio.to_thread(wire_services, ready["front_door"]["port"])
-        calls, closers = await make_calls(ready["front_door"]["port"], ready["front_door_single"]["port"],
-                                          proxy_port if shim["explain"]["ok"] else None, requests)
+        calls, closers = await make_calls({name: r["port"] for name, r in ready.items()},
+                                          proxy_port if shim and shim["explain"]["ok"] else None, requests)
         cpu_before = {name: child.cpu_seconds() for name, child in children.items()}
         try:
             table = await measure(calls, args.requests, args.concurrency, args.rounds, args.warmup)
@@ -289,8 +296,8 @@ async def run_measured(args: argparse.Namespace, workdir: pathlib.Path, proxy_po
             await asyncio.to_thread(child.stop)
     return {"model": {"name": described.name, "input": [described.channels, described.height, described.width]},
             "serve_proxy_shim": shim, "front_door_wire_services": ours, "table": table,
-            "front_door_cpu_ms_per_request": _per_request(cpu["front_door"], calls["front_door"]),
-            "front_door_single_cpu_ms_per_request": _per_request(cpu["front_door_single"], calls["front_door_single"])}
+            "front_door_variants": args.variants,
+            "front_door_cpu_ms_per_request": {name: _per_request(cpu[name], calls[name]) for name in children}}
 
 
 def _per_request(cpu_s: float, counted: "Counted") -> float | None:
@@ -310,21 +317,24 @@ def run(args: argparse.Namespace) -> dict:
     one = build_request(np.zeros((1, 3, 64, 64), np.uint8), method="grad_cam", model=MODEL)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
     try:
-        attempts = [probe_proxy(fn, cache_dir, one) for fn in (STOCK_SERVICER, GENERIC_SERVICER)]
+        attempts = ([probe_proxy(fn, cache_dir, one) for fn in (STOCK_SERVICER, GENERIC_SERVICER)]
+                    if args.serve_proxy else [])
         proxy_port = start_serve(SHIM_SERVICER)
         try:
             deploy(cache_dir)
             with tempfile.TemporaryDirectory(prefix="frontdoor-probe-") as tmp:
-                measured = asyncio.run(run_measured(args, pathlib.Path(tmp), proxy_port))
+                measured = asyncio.run(run_measured(args, pathlib.Path(tmp),
+                                                    proxy_port if args.serve_proxy else None))
         finally:
             serve.shutdown()
     finally:
         ray.shutdown()
     overhead = ratios(measured["table"])
-    print_findings(attempts + [measured["serve_proxy_shim"]], measured["front_door_wire_services"])
+    if args.serve_proxy:
+        print_findings(attempts + [measured["serve_proxy_shim"]], measured["front_door_wire_services"])
     print_table(measured["table"], overhead)
-    print(f"front door CPU per request: {measured['front_door_cpu_ms_per_request']} ms coalescing, "
-          f"{measured['front_door_single_cpu_ms_per_request']} ms one call per request")
+    for name, ms in measured["front_door_cpu_ms_per_request"].items():
+        print(f"{name} CPU per request: {ms} ms  ({json.dumps(args.variants[name])})")
     return {"kind": "frontdoor_probe", "machine": report.machine(), "seconds": round(time.time() - started, 1),
             "load": {"requests": args.requests, "concurrency": args.concurrency, "rounds": args.rounds,
                      "warmup": args.warmup, "method": "grad_cam", "batch": 1},
@@ -366,11 +376,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="OUT", help="write the results here")
     parser.add_argument("--front-door-child", metavar="READY_FILE", help=argparse.SUPPRESS)
     parser.add_argument("--ray-address", help=argparse.SUPPRESS)
-    parser.add_argument("--child-coalesce", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help='another front door with these server settings, e.g. '
+                             'unbounded=\'{"coalesce": {"max_in_flight_per_replica": 0}}\' (repeatable)')
+    parser.add_argument("--no-serve-proxy", dest="serve_proxy", action="store_false",
+                        help="skip Ray Serve's gRPC proxy (measure our front doors only)")
+    parser.add_argument("--child-settings", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.front_door_child:
-        asyncio.run(_front_door_child(args.ray_address, args.front_door_child, args.child_coalesce))
+        asyncio.run(_front_door_child(args.ray_address, args.front_door_child, json.loads(args.child_settings)))
         return 0
+    args.variants = {"front_door": {},
+                     "front_door_single": {"coalesce": {"max_requests": 1, "max_in_flight_per_replica": 0}}}
+    for text in args.variant:
+        name, sep, settings = text.partition("=")
+        try:
+            from service.config import ServerConfig
+
+            variant = json.loads(settings) if sep else None
+            ServerConfig.from_dict(variant)
+        except Exception as exc:  # noqa: BLE001 - any bad variant is a usage error
+            parser.error(f"--variant {text!r}: expected NAME={{server settings as JSON}} ({exc})")
+        if not name.isidentifier() or name in args.variants or name == "direct":
+            parser.error(f"--variant {text!r}: the name must be a new identifier")
+        args.variants[name] = variant
     if not 1 <= args.requests <= 100_000 or not 1 <= args.rounds <= 100 or not 1 <= args.warmup <= 10_000:
         parser.error("--requests 1..100000, --rounds 1..100, --warmup 1..10000")
     payload = run(args)

@@ -21,7 +21,7 @@ A config file's `server:` section has this shape (every key optional)::
       admission: {enabled: true, target_queue_delay_s: 1, default_deadline_s: 30, deadline_fraction: 0.5,
                   min_queued_cost: 64, smoothing: 0.3, max_retry_after_s: 5}
       decode: {isolation: process, workers: 2, timeout_s: 5, memory_mb: 1024, max_uses: 10000, wait_s: 10}
-      coalesce: {max_requests: 32, max_cost: 256}   # requests sent to the replicas as one call
+      coalesce: {max_requests: 32, max_cost: 256, max_in_flight_per_replica: 4}   # requests sent as one call
       inline_max_bytes: 65536     # small tensor requests validated/encoded on the event loop; 0 = never
 """
 from __future__ import annotations
@@ -107,23 +107,31 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class CoalesceConfig:
-    """Requests for one model and method that reach the backend in the same event-loop
-    turn travel to the replicas as one call (service/backends/coalesce.py); nothing waits for company.
+    """Requests for one model and method travel to the replicas as one call
+    (service/backends/coalesce.py): those of one event-loop turn, or, while the model's
+    calls in flight are at their bound, all that arrive until one returns.
 
     max_requests: members of one call; 1 = every request its own call.
     max_cost: cost units (samples) of one call, so its first member never waits
         behind a second replica batch.
+    max_in_flight_per_replica: calls in flight per running replica of a model; while
+        all are taken, requests gather here and go together when one returns
+        (0: no bound, each loop turn's requests go at once). Autoscaled models are never bounded.
     """
 
     max_requests: int = 32
     max_cost: int = 256
+    max_in_flight_per_replica: int = 4
 
     def __post_init__(self) -> None:
         check(1 <= self.max_requests <= 4096, "server.coalesce.max_requests", "must be 1..4096")
         check(1 <= self.max_cost <= 1_000_000, "server.coalesce.max_cost", "must be 1..1000000")
+        check(0 <= self.max_in_flight_per_replica <= 1024, "server.coalesce.max_in_flight_per_replica",
+              "must be 0..1024 (0: no bound)")
 
     def backend_options(self) -> dict[str, int]:
-        return {"coalesce_max_requests": self.max_requests, "coalesce_max_cost": self.max_cost}
+        return {"coalesce_max_requests": self.max_requests, "coalesce_max_cost": self.max_cost,
+                "max_in_flight_per_replica": self.max_in_flight_per_replica}
 
 
 @dataclass(frozen=True)
@@ -155,11 +163,12 @@ class ServerConfig:
     decode: how client PNG/JPEG bytes are decoded (isolated worker processes by default).
     admission: refusing by cost and deadline (workers/admission.py).
     coalesce: requests that travel to the replicas together (service/backends/coalesce.py).
-    inline_max_bytes: while at most two explain calls are in progress, tensor requests (and
-        results without overlays) at most this big are validated (encoded) on the event loop
-        instead of a worker thread, where the hop costs more than the work; under load they go to
-        threads, which overlap with the loop. 0 = always on a thread. Images are always decoded
-        off the loop.
+    inline_max_bytes: while at most `inline_max_calls` explain calls are in progress, tensor
+        requests (and results without overlays) at most this big are validated (encoded) on the
+        event loop instead of a worker thread, where the hop costs more than the work. 0 = always
+        on a thread. Images are always decoded off the loop.
+    inline_max_calls: calls in progress up to which small work stays on the event loop; beyond,
+        it goes to worker threads (0 = no bound: small work is always inline).
     """
 
     host: str = "[::]"
@@ -181,6 +190,7 @@ class ServerConfig:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     coalesce: CoalesceConfig = field(default_factory=CoalesceConfig)
     inline_max_bytes: int = 64 * 1024
+    inline_max_calls: int = 0
 
     def __post_init__(self) -> None:
         check(bool(self.host), "server.host", "must not be empty")
@@ -196,6 +206,7 @@ class ServerConfig:
         check(0 <= self.max_concurrent_rpcs <= 1_000_000, "server.max_concurrent_rpcs", "must be 0..1e6")
         check(1 <= self.torch_threads <= 1024, "server.torch_threads", "must be 1..1024")
         check(0 <= self.inline_max_bytes <= 16 * MIB, "server.inline_max_bytes", "must be 0..16 MiB")
+        check(0 <= self.inline_max_calls <= 1_000_000, "server.inline_max_calls", "must be 0..1000000")
         check(isinstance(self.cpu_affinity, (list, tuple)), "server.cpu_affinity", "must be a list of core numbers")
         try:
             object.__setattr__(self, "cpu_affinity", check_cores(self.cpu_affinity, "server.cpu_affinity"))

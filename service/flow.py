@@ -27,10 +27,6 @@ from workers.errors import Cancelled, DeadlineExceeded, Overloaded
 from workers.spec import ModelDescription
 
 
-# Calls in progress up to which small requests are validated and encoded on the event loop.
-INLINE_MAX_CALLS = 2
-
-
 def with_default_flag(models: Sequence[ModelDescription]) -> dict[str, ModelDescription]:
     """Models by name, exactly one flagged default (the first when the backend flags none)."""
     if models and not any(m.is_default for m in models):
@@ -43,7 +39,7 @@ class ExplainFlow:
 
     def __init__(self, backend: ExplainBackend, models: Sequence[ModelDescription], limits: Limits,
                  metrics: ServiceMetrics, decoder: ImageDecoder | None = None, admission: Admission | None = None,
-                 max_explains: int = 0, audit=None, inline_max_bytes: int = 64 * 1024):
+                 max_explains: int = 0, audit=None, inline_max_bytes: int = 64 * 1024, inline_max_calls: int = 0):
         self._backend = backend
         self.models = with_default_flag(models)
         self.limits = limits
@@ -55,11 +51,12 @@ class ExplainFlow:
         self.audit = audit  # service.audit.AuditLog, when the server keeps an audit log
         # Requests and results at most this big are validated and encoded on the event loop.
         self.inline_max_bytes = inline_max_bytes
+        self.inline_max_calls = inline_max_calls  # ... while at most this many calls are in progress (0: always)
 
     def _inline(self) -> bool:
         """Few calls in progress: the loop has time for small work, and a thread hop would cost more.
         Under load the loop itself is the bottleneck, and worker threads overlap their work with it."""
-        return self.inline_max_bytes > 0 and self._explaining <= INLINE_MAX_CALLS
+        return self.inline_max_bytes > 0 and (self.inline_max_calls <= 0 or self._explaining <= self.inline_max_calls)
 
     def _small_request(self, request: pb.ExplainRequest) -> bool:
         return (self._inline() and request.inputs.WhichOneof("source") == "tensor"

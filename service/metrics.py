@@ -108,6 +108,37 @@ class AdmissionCollector:
         yield from (rate, queued, bound)
 
 
+class CoalescerCollector:
+    """Handle calls to the replicas (service/backends/coalesce.py), read at scrape time."""
+
+    def __init__(self, coalescer) -> None:
+        self._coalescer = coalescer  # service.backends.coalesce.Coalescer
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        c = self._coalescer
+        calls = CounterMetricFamily("attribution_handle_calls", "Calls made to the replicas; requests per call = "
+                                    "attribution_handle_call_requests_total / this.")
+        calls.add_metric([], c.calls)
+        requests = CounterMetricFamily("attribution_handle_call_requests", "Requests carried by those calls.")
+        requests.add_metric([], c.requests)
+        dropped = CounterMetricFamily("attribution_handle_call_dropped", "Requests whose deadline passed or whose "
+                                      "caller cancelled while they waited for a call slot; never sent.")
+        dropped.add_metric([], c.dropped)
+        in_flight = GaugeMetricFamily("attribution_handle_calls_in_flight", "Calls sent and not answered yet.",
+                                      labels=["model"])
+        limit = GaugeMetricFamily("attribution_handle_call_limit", "Calls in flight allowed (a few per running "
+                                  "replica); 0 = no bound.", labels=["model"])
+        waiting = GaugeMetricFamily("attribution_handle_call_waiting", "Requests waiting for a call slot.",
+                                    labels=["model"])
+        for model in c.models():
+            in_flight.add_metric([model], c.in_flight(model))
+            limit.add_metric([model], c.limit(model))
+            waiting.add_metric([model], c.waiting(model))
+        yield from (calls, requests, dropped, in_flight, limit, waiting)
+
+
 class Stopwatch:
     """Seconds since creation, on the monotonic clock."""
 

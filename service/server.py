@@ -28,7 +28,7 @@ from service.config import MIB, DecodeConfig, ServerConfig
 from service.decoding.pool import DecodePool, ImageDecoder, InlineDecoder
 from service.interceptors import BearerTokenInterceptor, MalformedMessageInterceptor, RequestIdInterceptor
 from workers.admission import Admission
-from service.metrics import AdmissionCollector, ServiceMetrics, start_metrics_server
+from service.metrics import AdmissionCollector, CoalescerCollector, ServiceMetrics, start_metrics_server
 from service.flow import ExplainFlow, with_default_flag
 from service.servicer import AttributionServicer
 
@@ -287,9 +287,12 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
                                     registry=metrics.registry, decoder=decoder, audit=audit_log)
             opened.append(job_queue.close)
         flow = ExplainFlow(backend, list(models.values()), config.limits, metrics, decoder, admission,
-                           config.max_concurrent_rpcs, audit=audit_log, inline_max_bytes=config.inline_max_bytes)
+                           config.max_concurrent_rpcs, audit=audit_log, inline_max_bytes=config.inline_max_bytes,
+                           inline_max_calls=config.inline_max_calls)
         servicer = AttributionServicer(flow, config.stream_max_in_flight, jobs=job_queue)
         metrics.registry.register(AdmissionCollector(admission))
+        if getattr(backend, "coalescer", None) is not None:
+            metrics.registry.register(CoalescerCollector(backend.coalescer))
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor(metrics), RequestIdInterceptor()]
         if config.auth_token:
             interceptors.append(BearerTokenInterceptor(config.auth_token))

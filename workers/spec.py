@@ -2,18 +2,52 @@
 
 `service/validation.py` turns a wire request into an `ExplainSpec` (every limit
 checked there); the workers run it and answer an `ExplainResult`. Both are plain
-picklable dataclasses of CPU tensors, so they travel through Ray unchanged.
+picklable dataclasses of CPU tensors, so they travel through Ray unchanged; their
+tensor fields are pickled as NumPy arrays (`TensorFields`), which Ray carries as
+out-of-band buffers, where a torch tensor's own pickling serializes its storage
+through `torch.save` (about ten times the CPU, on both sides of every call).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 # The method views the workers use, all from the one table (workers/methods.py).
 from workers.methods import (  # noqa: F401  (re-exported views)
     ALL_METHODS, CAM_METHODS, GRADIENT_METHODS, NOISE_METHODS, OFFLINE_ONLY_METHODS, per_item_rows)
+
+_NUMPY_DTYPES = {torch.float32, torch.float16, torch.float64, torch.uint8, torch.int64, torch.int32, torch.bool}
+
+
+class TensorFields:
+    """Pickles the instance's CPU tensor fields as NumPy arrays and restores them as tensors.
+
+    Restored arrays that are read-only (Ray hands out views of its object buffers) are
+    copied, so a worker may write its tensors as it could before.
+    """
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        names = []
+        for name, value in state.items():
+            if (type(value) is torch.Tensor and value.device.type == "cpu" and not value.requires_grad
+                    and value.dtype in _NUMPY_DTYPES):
+                state[name] = value.contiguous().numpy()
+                names.append(name)
+        if names:
+            state["__tensor_fields__"] = tuple(names)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        for name in state.pop("__tensor_fields__", ()):
+            array = state[name]
+            state[name] = torch.from_numpy(array if array.flags.writeable else np.array(array))
+        self.__dict__.update(state)  # frozen dataclasses too: no __setattr__ involved
+
 
 REDUCTIONS = ("abs_max", "sum", "none")
 NORMALIZATIONS = ("none", "max_abs", "min_max")
@@ -37,7 +71,7 @@ class TargetSpec:
 
 
 @dataclass(frozen=True)
-class MethodParams:
+class MethodParams(TensorFields):
     """Every method's parameters, defaults filled in; a method reads its own."""
 
     absolute: bool = False                 # vanilla
@@ -72,7 +106,7 @@ def request_cost(method: str, items: int, targets_per_item: int, samples: int, s
 
 
 @dataclass
-class ExplainSpec:
+class ExplainSpec(TensorFields):
     """One validated request. `inputs` is model space, float32, CPU, (N, C, H, W)."""
 
     model: str
@@ -101,7 +135,7 @@ class ExplainSpec:
 
 
 @dataclass
-class AttributionMap:
+class AttributionMap(TensorFields):
     """One map: float32 CPU tensor, (H, W) or (C, H, W) at input resolution."""
 
     method: str

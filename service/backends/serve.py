@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 class ServeBackend:
     def __init__(self, models: list[str], default: str = "", coalesce_max_requests: int = 32,
-                 coalesce_max_cost: int = 256, autoscaled: frozenset[str] = frozenset()):
+                 coalesce_max_cost: int = 256, autoscaled: frozenset[str] = frozenset(),
+                 max_in_flight_per_replica: int = 4):
         from ray import serve
 
         if not models:
@@ -36,7 +37,17 @@ class ServeBackend:
         self._live: dict[str, int] = {}  # running replicas per model, from `refresh_replicas`
         # Set when a call finds a replica gone, so health is re-read at once (service/server.py).
         self.replicas_changed = asyncio.Event()
-        self.coalescer = Coalescer(self._dispatch, self._call, coalesce_max_requests, coalesce_max_cost)
+        self.max_in_flight_per_replica = max_in_flight_per_replica
+        self.coalescer = Coalescer(self._dispatch, self._call, coalesce_max_requests, coalesce_max_cost,
+                                   limit=self._call_limit)
+
+    def _call_limit(self, model: str) -> int:
+        """Calls in flight allowed for `model`: a few per running replica (0 = unbounded).
+
+        Autoscaled models are not bounded: Serve scales them on the requests it sees ongoing."""
+        if model in self._alone or self.max_in_flight_per_replica <= 0:
+            return 0
+        return self.max_in_flight_per_replica * max(1, self._live.get(model, 1))
 
     @classmethod
     def from_config(cls, config: AppConfig, **options) -> "ServeBackend":

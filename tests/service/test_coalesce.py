@@ -196,3 +196,119 @@ def test_alone_requests_never_share_a_call():
             t.answer(i, ["x"] * len(p.specs))
         assert await asyncio.gather(*futures) == ["x"] * 5
     run(main())
+
+
+# ----------------------------------------------------- calls in flight per model --
+
+def test_while_every_call_slot_is_taken_requests_gather_and_go_together_when_one_returns():
+    async def main():
+        t = Transport()
+        c = Coalescer(t.dispatch, t.receive, limit=lambda model: 1)
+        first = c.submit("m", FakeSpec("gradcam"))
+        await _turn()
+        assert len(t.sent) == 1 and c.in_flight("m") == 1
+        later = []
+        for _ in range(3):  # arriving in separate loop turns while the one slot is taken
+            later.append(c.submit("m", FakeSpec("gradcam")))
+            await _turn()
+        assert len(t.sent) == 1 and c.waiting("m") == 3
+        t.answer(0, ["a"])
+        assert await first == "a"
+        await _turn()
+        assert [len(p.specs) for p in t.sent] == [1, 3] and c.waiting("m") == 0
+        t.answer(1, ["b", "c", "d"])
+        assert await asyncio.gather(*later) == ["b", "c", "d"]
+        assert (c.calls, c.requests, c.in_flight("m")) == (2, 4, 0)
+    run(main())
+
+
+def test_a_bound_on_one_model_leaves_another_model_alone():
+    async def main():
+        t = Transport()
+        c = Coalescer(t.dispatch, t.receive, limit=lambda model: 1 if model == "busy" else 0)
+        c.submit("busy", FakeSpec("gradcam"))
+        await _turn()
+        c.submit("busy", FakeSpec("gradcam"))
+        await _turn()
+        c.submit("free", FakeSpec("gradcam"))
+        await _turn()
+        c.submit("free", FakeSpec("gradcam"))
+        await _turn()
+        assert [p.model for p in t.sent] == ["busy", "free", "free"]
+        assert c.waiting("busy") == 1
+    run(main())
+
+
+def test_waiting_groups_go_oldest_first_and_full_groups_close():
+    async def main():
+        t = Transport()
+        c = Coalescer(t.dispatch, t.receive, max_requests=2, limit=lambda model: 1)
+        c.submit("m", FakeSpec("gradcam"))
+        await _turn()
+        for _ in range(3):
+            c.submit("m", FakeSpec("gradcam"))
+        c.submit("m", FakeSpec("smoothgrad", cost=8))
+        await _turn()
+        t.answer(0, ["x"])
+        await _turn()
+        # one slot: the oldest waiting group (two Grad-CAM requests, full) goes first, alone
+        assert [(p.specs[0].method, len(p.specs)) for p in t.sent] == [("gradcam", 1), ("gradcam", 2)]
+        t.answer(1, ["x", "x"])
+        await _turn()
+        t.answer(2, ["x"] * len(t.sent[2].specs))
+        await _turn()
+        assert [(p.specs[0].method, len(p.specs)) for p in t.sent[2:]] == [("gradcam", 1), ("smoothgrad", 1)]
+    run(main())
+
+
+def test_a_request_that_ends_while_waiting_for_a_slot_never_reaches_the_transport():
+    async def main():
+        t = Transport()
+        c = Coalescer(t.dispatch, t.receive, limit=lambda model: 1)
+        c.submit("m", FakeSpec("gradcam"))
+        await _turn()
+        timed_out = c.submit("m", FakeSpec("gradcam"))
+        kept = c.submit("m", FakeSpec("gradcam"))
+        await _turn()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(timed_out, 0.01)  # what ServeBackend.explain does at a deadline
+        assert c.dropped == 1
+        t.answer(0, ["a"])
+        await _turn()
+        assert [len(p.specs) for p in t.sent] == [1, 1]
+        t.answer(1, ["k"])
+        assert await kept == "k"
+    run(main())
+
+
+def test_a_failed_call_frees_its_slot():
+    async def main():
+        t = Transport()
+        c = Coalescer(t.dispatch, t.receive, limit=lambda model: 1)
+        first = c.submit("m", FakeSpec("gradcam"))
+        await _turn()
+        second = c.submit("m", FakeSpec("gradcam"))
+        await _turn()
+        t.sent[0].future.set_exception(Unavailable("replica died"))
+        with pytest.raises(Unavailable):
+            await first
+        await _turn()
+        assert len(t.sent) == 2 and c.in_flight("m") == 1
+        t.answer(1, ["b"])
+        assert await second == "b"
+    run(main())
+
+
+def test_close_fails_requests_waiting_for_a_slot():
+    async def main():
+        t = Transport()
+        c = Coalescer(t.dispatch, t.receive, limit=lambda model: 1)
+        c.submit("m", FakeSpec("gradcam"))
+        await _turn()
+        waiting = c.submit("m", FakeSpec("gradcam"))
+        await _turn()
+        await c.close()
+        with pytest.raises(Unavailable, match="shutting down"):
+            await waiting
+        assert len(t.sent) == 1
+    run(main())

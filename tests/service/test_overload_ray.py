@@ -5,6 +5,7 @@ assertions say what was computed, not how long anything took.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 
@@ -132,3 +133,39 @@ def test_batch_wait_adapts_to_an_idle_model_and_to_a_burst(deployed, demo_batch)
     burst = [handle.explain.remote(_spec(demo_batch.images[:1], 2)) for _ in range(12)]
     assert {type(r.result(timeout_s=120)).__name__ for r in burst} == {"ExplainResult"}
     assert _stats(handle)["batch_wait_s"] == 0.005    # arrivals close together: batches wait to fill
+
+
+def test_requests_held_for_a_call_slot_expire_in_the_front_door_without_reaching_the_replica(deployed, demo_batch):
+    """With one call in flight per replica, a long call holds the slot: requests behind it wait in the front
+    door, and those whose deadline passes there are never sent (the replica's counters do not move)."""
+    from workers.errors import DeadlineExceeded
+
+    handle, _, _ = deployed
+    backend = ServeBackend(["demo"], max_in_flight_per_replica=1)
+    loop = LoopThread()
+    try:
+        async def scenario():
+            await backend.refresh_replicas()
+            busy = asyncio.ensure_future(backend.explain(_spec(demo_batch.images, 128)))
+            await asyncio.sleep(0.05)
+            assert backend.coalescer.in_flight("demo") == 1
+            short = [asyncio.ensure_future(backend.explain(_spec(demo_batch.images[:1], 8,
+                                                                  deadline=time.time() + 0.2)))
+                     for _ in range(5)]
+            await asyncio.sleep(0)
+            outcomes = await asyncio.gather(*short, return_exceptions=True)
+            return await busy, outcomes
+
+        before = _stats(handle)
+        sent_before = backend.coalescer.requests
+        result, outcomes = loop.call(scenario(), timeout=120)
+        after = _stats(handle)
+    finally:
+        loop.call(backend.close())
+        loop.close()
+    assert type(result).__name__ == "ExplainResult"
+    assert [type(o) for o in outcomes] == [DeadlineExceeded] * 5
+    assert backend.coalescer.dropped == 5 and backend.coalescer.requests - sent_before == 1
+    assert after["computed"] - before["computed"] == 1
+    untouched = ("refused", "dropped_waiting", "dropped_in_batch")
+    assert {k: after[k] - before[k] for k in untouched} == dict.fromkeys(untouched, 0), (before, after)

@@ -1,0 +1,62 @@
+"""The request and result dataclasses cross Ray pickled: tensors travel as NumPy arrays and come back as
+writable tensors with the same values, dtypes and shapes."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import torch
+
+from workers.spec import AttributionMap, ExplainResult, ExplainSpec, ItemExplanation, MethodParams
+
+
+def _roundtrip(obj):
+    return pickle.loads(pickle.dumps(obj, protocol=5))
+
+
+def test_a_spec_round_trips_with_its_input_and_custom_baseline_as_tensors():
+    inputs = torch.randn(2, 3, 8, 8)
+    baseline = torch.zeros(1, 3, 8, 8)
+    spec = ExplainSpec(model="m", method="integrated_gradients", inputs=inputs,
+                       params=MethodParams(baseline="custom", baseline_tensor=baseline), seed=7)
+    back = _roundtrip(spec)
+    assert type(back.inputs) is torch.Tensor and torch.equal(back.inputs, inputs)
+    assert type(back.params.baseline_tensor) is torch.Tensor and torch.equal(back.params.baseline_tensor, baseline)
+    assert back.params.baseline == "custom" and back.seed == 7 and back.cost == spec.cost
+    back.inputs.add_(1.0)  # writable, and not the sender's memory
+    assert torch.equal(spec.inputs, inputs)
+
+
+def test_tensors_are_pickled_as_numpy_not_through_torch_save():
+    spec = ExplainSpec(model="m", method="grad_cam", inputs=torch.rand(1, 3, 64, 64))
+    payload = pickle.dumps(spec, protocol=5)
+    assert b"torch._utils" not in payload and b"_rebuild_tensor" not in payload
+
+
+def test_a_read_only_buffer_becomes_a_writable_tensor():
+    amap = AttributionMap(method="grad_cam", target=3, target_score=0.5, map=torch.rand(4, 4), native=None)
+    state = amap.__getstate__()
+    state["map"] = np.frombuffer(state["map"].tobytes(), dtype=np.float32).reshape(4, 4)  # read-only, as Ray gives
+    assert not state["map"].flags.writeable
+    restored = AttributionMap.__new__(AttributionMap)
+    restored.__setstate__(state)
+    restored.map.mul_(2.0)
+    assert restored.native is None and restored.target == 3
+
+
+def test_results_with_float16_and_non_contiguous_maps_keep_values_and_dtypes():
+    half = torch.rand(3, 5, 5).half()
+    strided = torch.rand(6, 6).t()
+    result = ExplainResult(request_id="r", model="m", model_version="1", method="vanilla", items=[
+        ItemExplanation([1], [0.9], [AttributionMap("vanilla", 1, 0.9, half, native=strided)])])
+    back = copy.deepcopy(result)
+    amap = back.items[0].attributions[0]
+    assert amap.map.dtype == torch.float16 and torch.equal(amap.map, half)
+    assert torch.equal(amap.native, strided)
+
+
+def test_tensors_that_need_grad_or_have_no_numpy_dtype_are_left_to_torch():
+    spec = ExplainSpec(model="m", method="vanilla", inputs=torch.rand(1, 3, 2, 2, dtype=torch.bfloat16))
+    back = _roundtrip(spec)
+    assert back.inputs.dtype == torch.bfloat16 and torch.equal(back.inputs, spec.inputs)
