@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure saturation S, then offer 2x, 4x and 8x S open loop with the scenario's "
                              "deadlines (default scenario: loadtests/scenarios/overload.yaml); starts the service "
                              "itself unless --server is given")
+    target.add_argument("--multiples", metavar="M1,M2,...", default="2,4,8",
+                        help="--overload: the offered loads, as multiples of S (default 2,4,8)")
     target.add_argument("--config", metavar="FILE",
                         help="--compare: the service config (models, batching) to start; default: the "
                              "scenario's `serve` section")

@@ -103,7 +103,8 @@ def _level_row(result: LevelResult, saturation: float, health: dict) -> dict:
             "health_checks": health["checks"], "health_failures": health["failures"]}
 
 
-async def run_overload(address: str, scenario: Scenario, load: LoadSpec, echo=print) -> dict:
+async def run_overload(address: str, scenario: Scenario, load: LoadSpec, echo=print,
+                       multiples: tuple[float, ...] = MULTIPLES) -> dict:
     models = await fetch_models(address)
     prepared = encode_requests(scenario, models)
     concurrency = int(load.levels[0]) if load.mode == "closed" else 16
@@ -117,7 +118,7 @@ async def run_overload(address: str, scenario: Scenario, load: LoadSpec, echo=pr
         echo(f"saturation S = {saturation:.1f} req/s ({concurrency} closed-loop clients); lone p50 "
              f"{normal_ms:.1f} ms")
         levels = []
-        for multiple in MULTIPLES:
+        for multiple in multiples:
             stop = asyncio.Event()
             prober = asyncio.create_task(_prober(address, stop))
             result = await gen.run_open(saturation * multiple, load.duration_s, load.warmup_s, load.max_requests)
@@ -158,12 +159,25 @@ def _with_deadline(scenario: Scenario, deadline_ms: float) -> Scenario:
     return dataclasses.replace(scenario, mix=mix)
 
 
+def parse_multiples(text: str) -> tuple[float, ...]:
+    """`2,4,8` -> (2.0, 4.0, 8.0); each in (1, 64]."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values or any(not 1 < v <= 64 for v in values):
+        raise LoadgenError(f"--multiples {text!r}: give multiples of S above 1 and at most 64, e.g. 2,4,8")
+    return values
+
+
 def run(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) -> int:
     from loadtests.compare import TargetProcess, app_config
 
+    multiples = parse_multiples(getattr(args, "multiples", "2,4,8"))
+
     started = report.now() if hasattr(report, "now") else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if args.server:
-        payload = asyncio.run(run_overload(args.server, scenario, load))
+        payload = asyncio.run(run_overload(args.server, scenario, load, multiples=multiples))
     else:
         app_raw = app_config(scenario, args.config)
         with tempfile.TemporaryDirectory(prefix="loadtest-overload-") as tmp:
@@ -171,7 +185,8 @@ def run(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) -> int:
             try:
                 ready = target.wait_ready()
                 print(f"[service] serving on 127.0.0.1:{ready['port']}")
-                payload = asyncio.run(run_overload(f"127.0.0.1:{ready['port']}", scenario, load))
+                payload = asyncio.run(run_overload(f"127.0.0.1:{ready['port']}", scenario, load,
+                                                   multiples=multiples))
             finally:
                 target.stop()
     payload["started_at"] = started

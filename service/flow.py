@@ -39,7 +39,8 @@ class ExplainFlow:
 
     def __init__(self, backend: ExplainBackend, models: Sequence[ModelDescription], limits: Limits,
                  metrics: ServiceMetrics, decoder: ImageDecoder | None = None, admission: Admission | None = None,
-                 max_explains: int = 0, audit=None, inline_max_bytes: int = 64 * 1024, inline_max_calls: int = 0):
+                 max_explains: int = 0, audit=None, inline_max_bytes: int = 64 * 1024, inline_max_calls: int = 0,
+                 shedder=None):
         self._backend = backend
         self.models = with_default_flag(models)
         self.limits = limits
@@ -52,6 +53,7 @@ class ExplainFlow:
         # Requests and results at most this big are validated and encoded on the event loop.
         self.inline_max_bytes = inline_max_bytes
         self.inline_max_calls = inline_max_calls  # ... while at most this many calls are in progress (0: always)
+        self.shedder = shedder  # service.loop_lag.LagShedder: refuses while this process's loop runs late
 
     def _inline(self) -> bool:
         """Few calls in progress: the loop has time for small work, and a thread hop would cost more.
@@ -87,6 +89,11 @@ class ExplainFlow:
                     raise Overloaded(f"this server is answering {self._explaining} explain calls, its limit "
                                      "(server.max_concurrent_rpcs); retry after the suggested delay",
                                      retry_after_s=0.1, reason="concurrency")
+                if self.shedder is not None and self.shedder.should_shed():
+                    lag = self.shedder.lag.lag
+                    raise Overloaded(f"this front door is saturated (its event loop runs {lag * 1e3:.0f} ms late); "
+                                     "retry after the suggested delay, or on another instance",
+                                     retry_after_s=min(1.0, max(0.05, 4 * lag)), reason="front_door_busy")
                 self._explaining += 1
                 counted = True
                 # Before any decoding: a refusal costs microseconds, not a validation.

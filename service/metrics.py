@@ -52,7 +52,8 @@ class ServiceMetrics:
                                      "crashed (a file killed it), timeout (a file took too long; killed), "
                                      "protocol (it answered out of protocol; killed).", ["event"], registry=reg)
         self.rejected = Counter("attribution_rejected", "Explain calls refused before any work, by model and reason: "
-                                "queue_full, deadline_too_short (admission), concurrency (max_concurrent_rpcs), "
+                                "queue_full, deadline_too_short (admission), front_door_busy (this process saturated), "
+                                "concurrency (max_concurrent_rpcs), "
                                 "backpressure (a replica's queue), no_replica.", ["model", "reason"], registry=reg)
         self.dropped = Counter("attribution_dropped_expired", "Requests dropped because their deadline passed or "
                                "their caller cancelled, by the stage that dropped them (front door here; "
@@ -87,8 +88,9 @@ class ServiceMetrics:
 class AdmissionCollector:
     """The admission controllers' state per model, read at scrape time."""
 
-    def __init__(self, admission) -> None:
+    def __init__(self, admission, lag=None) -> None:
         self._admission = admission  # workers.admission.Admission
+        self._lag = lag              # service.loop_lag.LoopLag, the front door's own saturation signal
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
@@ -106,6 +108,12 @@ class AdmissionCollector:
             queued.add_metric([name], model.queued)
             bound.add_metric([name], -1.0 if model.rate is None else model.bound)
         yield from (rate, queued, bound)
+        if self._lag is not None:
+            lag = GaugeMetricFamily("attribution_event_loop_lag_seconds", "How late the front door's event loop "
+                                    "runs (smoothed); above server.admission.max_loop_lag_s new Explain calls are "
+                                    "refused (reason front_door_busy).")
+            lag.add_metric([], self._lag.lag)
+            yield lag
 
 
 class CoalescerCollector:

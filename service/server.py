@@ -28,6 +28,7 @@ from service.config import MIB, DecodeConfig, ServerConfig
 from service.decoding.pool import DecodePool, ImageDecoder, InlineDecoder
 from service.interceptors import BearerTokenInterceptor, MalformedMessageInterceptor, RequestIdInterceptor
 from workers.admission import Admission
+from service.loop_lag import LagShedder, LoopLag
 from service.metrics import AdmissionCollector, CoalescerCollector, ServiceMetrics, start_metrics_server
 from service.flow import ExplainFlow, with_default_flag
 from service.servicer import AttributionServicer
@@ -123,6 +124,7 @@ class RunningServer:
     decoder: ImageDecoder | None = None
     _stop_metrics: Callable[[], None] | None = field(default=None, repr=False)
     _watcher: asyncio.Task | None = field(default=None, repr=False)
+    _lag: LoopLag | None = field(default=None, repr=False)
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -149,6 +151,8 @@ class RunningServer:
                 await self._watcher
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        if self._lag is not None:
+            await self._lag.stop()
         try:
             if self.jobs is not None:  # running jobs go back to the queue
                 await self.jobs.stop()
@@ -286,11 +290,14 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
             job_queue = Jobs.create(data_dir, offline, models, limits=config.limits, config=jobs or JobsConfig(),
                                     registry=metrics.registry, decoder=decoder, audit=audit_log)
             opened.append(job_queue.close)
+        lag = LoopLag()
+        shedder = (LagShedder(lag, config.admission.max_loop_lag_s)
+                   if config.admission.enabled and config.admission.max_loop_lag_s > 0 else None)
         flow = ExplainFlow(backend, list(models.values()), config.limits, metrics, decoder, admission,
                            config.max_concurrent_rpcs, audit=audit_log, inline_max_bytes=config.inline_max_bytes,
-                           inline_max_calls=config.inline_max_calls)
+                           inline_max_calls=config.inline_max_calls, shedder=shedder)
         servicer = AttributionServicer(flow, config.stream_max_in_flight, jobs=job_queue)
-        metrics.registry.register(AdmissionCollector(admission))
+        metrics.registry.register(AdmissionCollector(admission, lag))
         if getattr(backend, "coalescer", None) is not None:
             metrics.registry.register(CoalescerCollector(backend.coalescer))
         interceptors: list[grpc.aio.ServerInterceptor] = [MalformedMessageInterceptor(metrics), RequestIdInterceptor()]
@@ -311,6 +318,8 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
                                                               config.metrics_host)
             opened.append(stop_metrics)
         await server.start()
+        lag.start()
+        opened.append(lag.stop)
     except BaseException:
         for close in reversed(opened):
             try:
@@ -332,5 +341,6 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
              " with TLS" if config.tls else "", metrics_port if metrics_port is not None else "no port")
     return RunningServer(server=server, config=config, port=port, backend=backend, servicer=servicer,
                          health=health, metrics=metrics, metrics_port=metrics_port, jobs=servicer.jobs,
-                         audit=audit_log, decoder=decoder, _stop_metrics=stop_metrics, _watcher=watcher)
+                         audit=audit_log, decoder=decoder, _stop_metrics=stop_metrics, _watcher=watcher,
+                         _lag=lag)
 

@@ -43,6 +43,9 @@ class AdmissionConfig:
     min_queued_cost: the queue bound's floor, so a cold or low estimate never refuses everything.
     smoothing: weight of each new one-second rate measurement in the estimate, 0..1.
     max_retry_after_s: the longest RetryInfo delay suggested.
+    max_loop_lag_s: the front door's own saturation bound (service/loop_lag.py): while its event loop
+        runs later than this, a growing share of new Explain calls is refused (all of them at twice
+        it); 0 = off.
     """
 
     enabled: bool = True
@@ -52,6 +55,7 @@ class AdmissionConfig:
     min_queued_cost: int = 64
     smoothing: float = 0.3
     max_retry_after_s: float = 5.0
+    max_loop_lag_s: float = 0.05
 
     def __post_init__(self) -> None:
         check(0.01 <= self.target_queue_delay_s <= 600, "server.admission.target_queue_delay_s",
@@ -61,6 +65,8 @@ class AdmissionConfig:
         check(1 <= self.min_queued_cost <= 1 << 30, "server.admission.min_queued_cost", "must be 1..2**30")
         check(0.1 <= self.deadline_fraction <= 1, "server.admission.deadline_fraction", "must be 0.1..1")
         check(0 < self.smoothing <= 1, "server.admission.smoothing", "must be in (0, 1]")
+        check(self.max_loop_lag_s == 0 or 0.001 <= self.max_loop_lag_s <= 60, "server.admission.max_loop_lag_s",
+              "must be 0 (off) or 0.001..60 seconds")
         check(0.01 <= self.max_retry_after_s <= 600, "server.admission.max_retry_after_s",
                "must be 0.01..600 seconds")
 
