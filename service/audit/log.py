@@ -6,8 +6,13 @@ rotated by size (`audit.jsonl.1` is the newest rotated file). A full queue
 either blocks the caller or counts the request's records as dropped: a record
 is never lost without `attribution_audit_dropped_total` saying so.
 
-One record (schema 1) per item x map; RECORD_FIELDS lists the keys and JSON types:
-    schema, ts         SCHEMA_VERSION; RFC 3339 UTC time the response was recorded
+One record (schema 2) per item x map; RECORD_FIELDS lists the keys and JSON types:
+    schema             SCHEMA_VERSION (verify also reads schema 1, which lacks the four fields marked *)
+    path *             "online" (Explain, ExplainStream) or "offline" (a job): how a re-run computes it
+    guarantee, tolerance *   what a re-run is held to: "summary_within_tolerance" with tolerance 1e-3,
+                       i.e. the re-run map's summary agrees within 1e-3 x the map's largest |value|
+                       (a map may differ in its last bits with its batch and the worker's threads)
+    ts                 RFC 3339 UTC time the response was recorded
     received_ts        RFC 3339 UTC time the server received the request
     entry_id           hex, one per recorded request (request ids are client-chosen and may repeat)
     request_id, items  the request's id and item count
@@ -26,6 +31,8 @@ One record (schema 1) per item x map; RECORD_FIELDS lists the keys and JSON type
     native_map_sha256  of the native-resolution map's bytes, or null
     completeness_error IG only, else null
     queue_ms, compute_ms, total_ms, batch_samples, batch_requests   the response's timings
+    map_summary *      {grid: [planes, rows, cols], values, abs_max}: the map averaged over at most 8x8
+                       cells per plane (6 significant digits), and its largest |value|
 Non-finite floats are written as strings ("nan", "inf"): JSON has no NaN.
 """
 from __future__ import annotations
@@ -154,23 +161,26 @@ class AuditLog:
 
     # ------------------------------------------------------------ callers --
 
-    def record(self, spec: ExplainSpec, response: pb.ExplainResponse) -> bool:
-        """Queues the request's records; True when queued. Blocks only under when_full="block"."""
-        entry, done = self._admit(spec, response)
+    def record(self, spec: ExplainSpec, response: pb.ExplainResponse, path: str = "online") -> bool:
+        """Queues the request's records; True when queued. Blocks only under when_full="block".
+
+        path: "offline" for a job's result (verify re-runs it the offline way)."""
+        entry, done = self._admit(spec, response, path)
         return done if done is not None else self._wait_for_room(entry)
 
-    async def record_async(self, spec: ExplainSpec, response: pb.ExplainResponse) -> bool:
+    async def record_async(self, spec: ExplainSpec, response: pb.ExplainResponse, path: str = "online") -> bool:
         """`record` for the event loop: a blocking wait for room happens on a worker thread."""
-        entry, done = self._admit(spec, response)
+        entry, done = self._admit(spec, response, path)
         if done is not None:
             return done
         return await asyncio.get_running_loop().run_in_executor(None, self._wait_for_room, entry)
 
-    def _admit(self, spec: ExplainSpec, response: pb.ExplainResponse) -> tuple[Entry | None, bool | None]:
+    def _admit(self, spec: ExplainSpec, response: pb.ExplainResponse,
+               path: str) -> tuple[Entry | None, bool | None]:
         """(entry, True/False when settled) or (entry, None): the queue is full and the policy blocks."""
         if not self.wants(spec) or response.HasField("error") or not response.items:
             return None, False
-        entry = Entry(time.time(), spec, response, map_count(response))
+        entry = Entry(time.time(), spec, response, map_count(response), path)
         queued = self._offer(entry)
         if queued is None and self.config.when_full == "drop":
             queued = self._drop(entry, "buffer_full")

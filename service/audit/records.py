@@ -22,9 +22,16 @@ from service import codec
 from service._proto import attribution_pb2 as pb
 from workers.spec import ExplainSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 LOG_NAME = "audit.jsonl"
 INPUTS_DIR = "inputs"
+# What a record guarantees (`guarantee`): a re-run on the same model version, config and hardware gives a
+# map whose pooled summary (`map_summary`) agrees within `tolerance` x the map's largest |value|. Not
+# bit-exact: a map can differ in its last bits with what it was batched with and the worker's thread count.
+GUARANTEE = "summary_within_tolerance"
+TOLERANCE = 1e-3
+SUMMARY_GRID = 8   # the summary averages the map over at most this many cells per side
 
 # Every record key and its JSON types; verify refuses a record that breaks this.
 RECORD_FIELDS: dict[str, tuple[type, ...]] = {
@@ -37,6 +44,16 @@ RECORD_FIELDS: dict[str, tuple[type, ...]] = {
     "completeness_error": (float, str, type(None)), "queue_ms": (float,), "compute_ms": (float,),
     "total_ms": (float,), "batch_samples": (int,), "batch_requests": (int,),
 }
+SCHEMA_1_FIELDS = dict(RECORD_FIELDS)
+# Schema 2 (written now): how the map was computed and what a re-run is held to, and the map's summary.
+RECORD_FIELDS = {"schema": (int,), "path": (str,), "guarantee": (str,), "tolerance": (float,),
+                 **{k: v for k, v in SCHEMA_1_FIELDS.items() if k != "schema"}, "map_summary": (dict,)}
+
+
+def fields_for(schema: Any) -> dict[str, tuple[type, ...]] | None:
+    """The keys and JSON types a record of `schema` has; None for a schema this code cannot read."""
+    return {1: SCHEMA_1_FIELDS, 2: RECORD_FIELDS}.get(schema) if type(schema) is int else None
+PATHS = ("online", "offline")
 
 
 def should_audit(spec: ExplainSpec, server_default: bool) -> bool:
@@ -79,6 +96,40 @@ class Entry(NamedTuple):
     spec: ExplainSpec
     response: pb.ExplainResponse
     records: int
+    path: str = "online"   # "offline": computed by a job, re-run the offline way
+
+
+def decode_map(tensor: pb.Tensor) -> np.ndarray:
+    """A wire map as float64 `# (H, W)` or `# (C, H, W)`, in its own units (uint8 maps as 0..255)."""
+    dtype = {pb.FLOAT16: np.float16, pb.UINT8: np.uint8}.get(tensor.dtype, np.float32)
+    return np.frombuffer(tensor.data, dtype=dtype).reshape([int(d) for d in tensor.shape]).astype(np.float64)
+
+
+def map_summary(values: np.ndarray) -> dict[str, Any]:
+    """The map averaged over a grid of at most SUMMARY_GRID cells per side (per channel), and its scale.
+
+    Cells split the height and width as evenly as they go (`np.array_split`), so any size works."""
+    planes = values.reshape((-1,) + values.shape[-2:])
+    rows = min(SUMMARY_GRID, planes.shape[1])
+    cols = min(SUMMARY_GRID, planes.shape[2])
+    cells = [[float(cell.mean()) for band in np.array_split(plane, rows, axis=0)
+              for cell in np.array_split(band, cols, axis=1)] for plane in planes]
+    return {"grid": [len(planes), rows, cols], "values": [_number(round_sig(v)) for plane in cells for v in plane],
+            "abs_max": _number(float(np.abs(values).max()) if values.size else 0.0)}
+
+
+def round_sig(x: float, digits: int = 6) -> float:
+    return float(f"{x:.{digits}g}")
+
+
+def summaries_agree(logged: dict[str, Any], rerun: dict[str, Any], tolerance: float) -> tuple[bool, float]:
+    """(agree, the largest difference as a fraction of the logged map's largest |value|)."""
+    if logged.get("grid") != rerun.get("grid") or len(logged.get("values", ())) != len(rerun.get("values", ())):
+        return False, float("inf")
+    scale = float(logged.get("abs_max", 0.0) or 0.0)
+    worst = max((abs(float(a) - float(b)) for a, b in zip(logged["values"], rerun["values"])), default=0.0)
+    relative = worst / scale if scale > 0 else (0.0 if worst == 0 else float("inf"))
+    return relative <= tolerance, relative
 
 
 def map_count(response: pb.ExplainResponse) -> int:
@@ -93,7 +144,8 @@ def _request_fields(entry: Entry, baseline: dict | None) -> dict[str, Any]:
     params["also"] = list(params["also"])
     params["baseline_tensor"] = baseline
     target_spec = {"kind": spec.target.kind, "indices": list(spec.target.indices), "k": spec.target.k}
-    return {"schema": SCHEMA_VERSION, "ts": rfc3339(entry.ts), "received_ts": rfc3339(spec.received_at),
+    return {"schema": SCHEMA_VERSION, "path": entry.path, "guarantee": GUARANTEE, "tolerance": TOLERANCE,
+            "ts": rfc3339(entry.ts), "received_ts": rfc3339(spec.received_at),
             "entry_id": uuid.uuid4().hex, "request_id": resp.request_id or spec.request_id,
             "items": len(resp.items), "model": resp.model or spec.model, "model_version": resp.model_version,
             "method": spec.method, "seed": int(spec.seed), "target_spec": target_spec, "params": params,
@@ -128,7 +180,8 @@ def record_lines(entry: Entry, input_refs: list[str | None], baseline: dict | No
                 "map_shape": [int(d) for d in attr.map.shape],
                 "native_map_sha256": codec.map_sha256(attr.native_map.data) if attr.HasField("native_map") else None,
                 "completeness_error": (_number(attr.completeness_error) if attr.HasField("completeness_error")
-                                       else None), **timings})[1:])
+                                       else None), **timings,
+                "map_summary": map_summary(decode_map(attr.map))})[1:])
     return lines
 
 

@@ -1,12 +1,18 @@
-"""`attribution audit verify`: re-run logged explanations and check their map hashes.
+"""`attribution audit verify`: re-run logged explanations and check their maps.
 
-Each (sampled) record is re-run in-process through `LocalBackend` from its
-recorded parameters, on its recorded input, and the map is encoded by the
-same codec function the servicer uses, so the sha256 must match bit for bit.
+Each (sampled) record is re-run in-process from its recorded parameters, on its
+recorded input, the way it was computed (`path`: online records through the
+batch kernels, job records through the offline chunked executor), and the map is
+encoded by the same codec function the servicer uses. A record holds a re-run to
+its `guarantee`: an identical map hash is `ok`; otherwise the map's pooled summary
+must agree within `tolerance` x the map's largest |value| (`ok_within_tolerance`),
+because a map's last bits can depend on what it was batched with and on the
+worker's thread count. Schema 1 records carry no summary and need the same hash.
 A request is re-run whole: SmoothGrad noise and noise baselines are drawn for
 all of a request's items at once, so an item alone would get other noise.
 Inputs come from the audit store (`input_ref`, `<log dir>/inputs/`) or from a
-directory the client kept (.npy arrays or PNG/JPEG files, matched by hash).
+directory the client kept (.npy arrays or PNG/JPEG files, matched by hash); a
+record whose input is in neither is `skipped`, with the reason, not failed.
 """
 from __future__ import annotations
 
@@ -23,16 +29,22 @@ import numpy as np
 import torch
 
 from service import codec
-from service.audit.records import INPUTS_DIR, RECORD_FIELDS, SCHEMA_VERSION, log_files
+from service.audit.records import (INPUTS_DIR, READABLE_SCHEMAS, decode_map, fields_for, log_files, map_summary,
+                                   summaries_agree)
 from workers.errors import AttributionError
 from service.backends.local import LocalBackend
 from workers.models import ModelRegistry, describe
+from workers.offline import run_offline
 from workers.spec import ExplainSpec, MethodParams, ModelDescription, OutputSpec, TargetSpec
 
-STATUSES = ("ok", "mismatch", "model_version_mismatch", "missing_input", "rerun_error", "invalid_record")
+# Passing checks; `skipped` neither passes nor fails (the reason says what would let it be checked).
+PASSING = ("ok", "ok_within_tolerance")
+STATUSES = PASSING + ("skipped", "mismatch", "model_version_mismatch", "rerun_error", "invalid_record")
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+_NO_INPUT = ("the input is neither in the audit store (audit.store_inputs is off by default) nor among the "
+             "files given with --inputs")
 # What the server computed a map from; records that agree on these re-run together.
-_RUN_KEYS = ("entry_id", "model", "model_version", "method", "seed", "target_spec", "params", "output")
+_RUN_KEYS = ("entry_id", "path", "model", "model_version", "method", "seed", "target_spec", "params", "output")
 
 
 @dataclass
@@ -53,23 +65,39 @@ class VerifyReport:
     checks: list[RecordCheck] = field(default_factory=list)
 
     @property
+    def checked(self) -> list[RecordCheck]:
+        """The checks that were made: every one but the skipped."""
+        return [c for c in self.checks if c.status != "skipped"]
+
+    @property
     def ok(self) -> bool:
-        """True when something was checked and every check matched."""
-        return bool(self.checks) and all(c.status == "ok" for c in self.checks)
+        """True when at least one record was checked and every checked record passed."""
+        checked = self.checked
+        return bool(checked) and all(c.status in PASSING for c in checked)
+
+    @property
+    def verdict(self) -> str:
+        """PASS, FAIL, or NOTHING CHECKED (every record skipped, or none found)."""
+        if not self.checked:
+            return "NOTHING CHECKED"
+        return "PASS" if self.ok else "FAIL"
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(c.status for c in self.checks))
 
     def summary(self) -> str:
-        counts = ", ".join(f"{n} {status}" for status, n in sorted(self.counts().items())) or "nothing checked"
-        lines = [f"audit verify: {len(self.checks)} checked of {self.records} records: {counts}"]
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(self.counts().items())) or "no records"
+        lines = [f"audit verify: {len(self.checks)} of {self.records} records looked at: {counts}"]
+        problems = [c for c in self.checks if c.status not in PASSING and c.status != "skipped"]
         lines += [f"  {c.source} request {c.request_id!r} item {c.item} map {c.map_index}: {c.status}: {c.detail}"
-                  for c in self.checks if c.status != "ok"]
-        lines.append("PASS" if self.ok else "FAIL")
+                  for c in problems]
+        skipped = Counter(c.detail for c in self.checks if c.status == "skipped")
+        lines += [f"  skipped {n}: {reason}" for reason, n in skipped.most_common()]
+        lines.append(self.verdict)
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "records": self.records, "counts": self.counts(),
+        return {"ok": self.ok, "verdict": self.verdict, "records": self.records, "counts": self.counts(),
                 "checks": [dataclasses.asdict(c) for c in self.checks]}
 
 
@@ -99,9 +127,11 @@ def _problem(record: Any) -> str:
     """Why a parsed line is not a usable record; "" when it is."""
     if not isinstance(record, dict):
         return "not a JSON object"
-    if record.get("schema") != SCHEMA_VERSION:
-        return f"schema {record.get('schema')!r}; this verifier reads schema {SCHEMA_VERSION}"
-    for key, types in RECORD_FIELDS.items():
+    fields = fields_for(record.get("schema"))
+    if fields is None:
+        return (f"schema {record.get('schema')!r}; this verifier reads schema "
+                f"{', '.join(map(str, READABLE_SCHEMAS))}")
+    for key, types in fields.items():
         value = record.get(key, ...)
         if value is ... or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             return f"field {key!r} missing or not {'/'.join(t.__name__ for t in types)}"
@@ -159,6 +189,22 @@ class InputFinder:
             self._index_client(model)
         return self._client.get(sha)
 
+    def has(self, logged: "_Logged", backend: LocalBackend) -> bool:
+        """Whether the record's own input can be found (cheap: files' existence, the client index)."""
+        r = logged.record
+        sha, ref = r["input_sha256"], r["input_ref"]
+        if ref and (logged.log_dir / ref).is_file():
+            return True
+        if any((d / f"{sha}.npy").is_file() for d in [logged.log_dir / INPUTS_DIR, *self.store_dirs]):
+            return True
+        if self.client_dir is None:
+            return False
+        try:
+            self._index_client(describe(backend.context(r["model"]).model))
+        except AttributionError:  # a model this server no longer has: its re-run reports it
+            return True
+        return sha in self._client
+
     def _index_client(self, model: ModelDescription) -> None:
         """Hashes every item the client kept, read each way the server could have read it."""
         key = (model.channels, model.height, model.width, model.mean, model.std)
@@ -206,7 +252,7 @@ def _client_items(path: pathlib.Path, model: ModelDescription) -> list[torch.Ten
 
 
 def _run_key(record: dict[str, Any]) -> str:
-    return json.dumps({k: record[k] for k in _RUN_KEYS}, sort_keys=True)
+    return json.dumps({k: record.get(k, "online" if k == "path" else None) for k in _RUN_KEYS}, sort_keys=True)
 
 
 def spec_from_record(record: dict[str, Any], inputs: torch.Tensor, baseline: torch.Tensor | None) -> ExplainSpec:
@@ -239,7 +285,7 @@ def _gather(group: list[_Logged], entry: list[_Logged], finder: InputFinder,
         sha, ref, log_dir = shas[i]
         item = finder.find(sha, ref, log_dir, model)
         if item is None:
-            return None, None, f"no input with sha256 {sha} (item {i}) in the store or --inputs"
+            return None, None, _NO_INPUT
         items.append(item.reshape(model.channels, model.height, model.width))
     baseline = None
     info = first["params"].get("baseline_tensor")
@@ -257,12 +303,31 @@ def _compare(logged: _Logged, response) -> RecordCheck:
         return logged.check("mismatch", "the re-run produced no such map")
     item = response.items[r["item"]]
     attr = item.attributions[r["map_index"]]
-    native = codec.map_sha256(attr.native_map.data) if attr.HasField("native_map") else None
-    got = {"map_sha256": attr.map_sha256, "input_sha256": item.input_sha256, "target": int(attr.target),
+    got = {"input_sha256": item.input_sha256, "target": int(attr.target),
            "map_method": codec.METHOD_NAMES.get(attr.method, ""), "map_dtype": codec.DTYPE_NAMES.get(attr.map.dtype),
-           "map_shape": [int(d) for d in attr.map.shape], "native_map_sha256": native}
+           "map_shape": [int(d) for d in attr.map.shape]}
     diffs = [f"{k}: logged {r[k]!r}, re-run {v!r}" for k, v in got.items() if r[k] != v]
-    return logged.check("mismatch", "; ".join(diffs)) if diffs else logged.check("ok")
+    if diffs:
+        return logged.check("mismatch", "; ".join(diffs))
+    native = codec.map_sha256(attr.native_map.data) if attr.HasField("native_map") else None
+    if attr.map_sha256 == r["map_sha256"] and native == r["native_map_sha256"]:
+        return logged.check("ok")
+    if "map_summary" not in r:  # schema 1: bit-exact or nothing
+        return logged.check("mismatch", f"map_sha256: logged {r['map_sha256']}, re-run {attr.map_sha256} "
+                                        "(a schema 1 record carries no summary to compare within a tolerance)")
+    agree, relative = summaries_agree(r["map_summary"], map_summary(decode_map(attr.map)), float(r["tolerance"]))
+    if agree:
+        return logged.check("ok_within_tolerance", f"map differs in its last bits; summary within {relative:.2g} "
+                                                   f"of its largest |value| (tolerance {r['tolerance']:g})")
+    return logged.check("mismatch", f"the map's summary differs by {relative:.3g} of its largest |value|, more "
+                                    f"than the record's tolerance {r['tolerance']:g}")
+
+
+def _recompute(backend: LocalBackend, spec: ExplainSpec, path: str):
+    """The ExplainResult the server would compute for `spec` on `path` ("online" or "offline")."""
+    if path == "offline":
+        return run_offline(backend.context(spec.model), spec)
+    return backend.explain_sync(spec)
 
 
 def _rerun(group: list[_Logged], entry: list[_Logged], backend: LocalBackend,
@@ -277,9 +342,9 @@ def _rerun(group: list[_Logged], entry: list[_Logged], backend: LocalBackend,
         model = describe(loaded)
         inputs, baseline, missing = _gather(group, entry, finder, model)
         if inputs is None:
-            return [g.check("missing_input", missing) for g in group]
+            return [g.check("skipped", missing) for g in group]
         spec = spec_from_record(first, inputs, baseline)
-        response = codec.encode_result(backend.explain_sync(spec), spec, model)
+        response = codec.encode_result(_recompute(backend, spec, first.get("path", "online")), spec, model)
     except AttributionError as exc:
         return [g.check("rerun_error", f"{type(exc).__name__}: {exc.message}") for g in group]
     except (TypeError, ValueError, KeyError) as exc:  # a record whose parameters no spec accepts
@@ -292,23 +357,30 @@ def verify(log_paths: Iterable[str | pathlib.Path], backend: LocalBackend | Mode
            store_dirs: Iterable[str | pathlib.Path] = ()) -> VerifyReport:
     """Re-runs every (or `sample` randomly chosen, from `seed`) record of the logs; see VerifyReport.
 
+    A sample is drawn from the records whose input is at hand (stored, or among `inputs_dir`'s files);
+    the others are reported as skipped, so a log that mostly cannot be checked still gets `sample` checks.
     store_dirs: further audit stores to search for inputs (each log's own `inputs/` always is).
     """
     logged, invalid = read_records(expand_paths(log_paths))
     report = VerifyReport(records=len(logged), checks=list(invalid))
-    chosen = logged
-    if sample is not None and sample < len(logged):
-        chosen = [logged[i] for i in sorted(random.Random(seed).sample(range(len(logged)), sample))]
-    entries: dict[str, list[_Logged]] = defaultdict(list)
-    for item in logged:
-        entries[item.record["entry_id"]].append(item)
-    groups: dict[str, list[_Logged]] = defaultdict(list)
-    for item in chosen:
-        groups[_run_key(item.record)].append(item)
     finder = InputFinder([pathlib.Path(d) for d in store_dirs], pathlib.Path(inputs_dir) if inputs_dir else None)
     owned = isinstance(backend, ModelRegistry)
     runner = LocalBackend(backend) if owned else backend
     try:
+        chosen = logged
+        if sample is not None and sample < len(logged):
+            at_hand = [item for item in logged if finder.has(item, runner)]
+            missing = [item for item in logged if not finder.has(item, runner)]
+            report.checks.extend(item.check("skipped", _NO_INPUT) for item in missing)
+            if sample < len(at_hand):
+                at_hand = [at_hand[i] for i in sorted(random.Random(seed).sample(range(len(at_hand)), sample))]
+            chosen = at_hand
+        entries: dict[str, list[_Logged]] = defaultdict(list)
+        for item in logged:
+            entries[item.record["entry_id"]].append(item)
+        groups: dict[str, list[_Logged]] = defaultdict(list)
+        for item in chosen:
+            groups[_run_key(item.record)].append(item)
         for group in groups.values():
             report.checks.extend(_rerun(group, entries[group[0].record["entry_id"]], runner, finder))
     finally:

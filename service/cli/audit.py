@@ -10,14 +10,20 @@ import sys
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """`attribution audit verify ...` under the `audit` command's parser."""
     sub = parser.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
-    v = sub.add_parser("verify", help="re-run logged explanations and compare map hashes",
-                       description="Re-runs logged explanations from their recorded parameters and checks "
-                                   "that each map's sha256 matches. Exit code 0 when every checked record matches.")
+    v = sub.add_parser("verify", help="re-run logged explanations and compare their maps",
+                       description="Re-runs logged explanations from their recorded parameters, the way each "
+                                   "was computed (online or as a job), and checks each map against its record: "
+                                   "the same sha256, or a summary within the record's stated tolerance. Records "
+                                   "whose input is not at hand are skipped, with the reason. Exit code 0: PASS "
+                                   "(something was checked and all of it passed); 1: FAIL or nothing checked; "
+                                   "2: a usage error (no such log, a bad config).")
     v.add_argument("logs", nargs="*", metavar="LOG", help="log files or audit directories "
                                                           "(default: the configured audit directory)")
     v.add_argument("--sample", type=int, metavar="N", help="check N randomly chosen records (default: all)")
     v.add_argument("--seed", type=int, default=0, help="seed of the sample")
-    v.add_argument("--inputs", metavar="DIR", help="inputs the client kept: .npy arrays or PNG/JPEG files")
+    v.add_argument("--inputs", metavar="DIR", help="the inputs as the client sent them (.npy arrays or PNG/JPEG "
+                                                    "files, searched recursively and matched by hash); needed "
+                                                    "unless the server stored inputs (audit.store_inputs)")
     v.add_argument("--config", metavar="FILE", help="the server's YAML/JSON config file (models, audit)")
     v.add_argument("--data-dir", metavar="DIR", help="the server's data directory (audit log and stored inputs)")
     v.add_argument("--device", help="cpu | cuda | cuda:N (default: the config's); use the server's hardware")
@@ -38,6 +44,14 @@ def run(args: argparse.Namespace) -> int:
         audit_dir = config.audit.directory_for(args.data_dir or default_data_dir())
         if args.sample is not None and args.sample < 1:
             raise ValueError("--sample must be at least 1")
+        for log in args.logs:
+            if not pathlib.Path(log).exists():
+                raise ValueError(f"no such log file or directory: {log}")
+        if not args.logs and not audit_dir.is_dir():
+            raise ValueError(f"no audit log at {audit_dir} (the default; has a server run with this data "
+                             "directory? give the log's path, or --data-dir)")
+        if args.inputs and not pathlib.Path(args.inputs).is_dir():
+            raise ValueError(f"--inputs {args.inputs}: not a directory")
         registry = ModelRegistry(list(app.models), app.default, device=select_device(args.device or app.device),
                                  cache_dir=pathlib.Path(app.cache_dir) if app.cache_dir else None)
     except (AttributionError, OSError, ValueError) as exc:

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--local", action="store_true", help="run in-process on the configured models (no Ray)")
     parser.add_argument("--config", help="config file for --local (default: the demo model)")
     parser.add_argument("--demo", type=int, default=0, metavar="N", help="explain N generated demo images")
+    parser.add_argument("--save-inputs", type=pathlib.Path, metavar="DIR",
+                        help="also write every input as sent (the demo images too) here, e.g. for "
+                             "`attribution audit verify --inputs DIR`")
     parser.add_argument("--model", default="", help="model name (default: the server's default)")
     parser.add_argument("--method", default="grad_cam", help="e.g. grad_cam, smoothgrad, integrated_gradients")
     target = parser.add_mutually_exclusive_group()
@@ -74,6 +77,15 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     return named
 
 
+def _save_input(path: pathlib.Path, data: bytes) -> None:
+    """Writes `data` at `path`, or beside it under a content-hashed name when another file is there."""
+    if path.exists() and path.read_bytes() != data:
+        import hashlib
+
+        path = path.with_name(f"{path.stem}.{hashlib.sha256(data).hexdigest()[:12]}{path.suffix}")
+    path.write_bytes(data)
+
+
 def _overlay_path(args: argparse.Namespace, name: str, count: int) -> pathlib.Path | None:
     if args.output is None:
         return None
@@ -84,6 +96,10 @@ def _overlay_path(args: argparse.Namespace, name: str, count: int) -> pathlib.Pa
 
 async def _explain_all(args: argparse.Namespace) -> int:
     inputs = _inputs(args)
+    if args.save_inputs is not None:
+        args.save_inputs.mkdir(parents=True, exist_ok=True)
+        for name, data in inputs:
+            _save_input(args.save_inputs / pathlib.Path(name).name, data)
     params = {k: getattr(args, k) for k in _PARAM_FLAGS if getattr(args, k) is not None}
     failures = 0
     async with _target(args) as address:

@@ -149,7 +149,7 @@ class JobRunner:
             audited = self._to_audit.pop(job.id, None)
         if audited is not None and self.audit is not None and final.state == SUCCEEDED:
             # Only once the result is durable: a job redone after a crash is logged once.
-            await self.audit.record_async(*audited)
+            await self.audit.record_async(*audited, path="offline")
         self.publish(final)
         if self.metrics is not None:
             self.metrics.observe_finished(codec.METHOD_NAMES.get(final.method, "unknown"), final.state,

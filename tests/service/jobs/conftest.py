@@ -46,13 +46,13 @@ class ServiceHarness:
     """The shipped server (`service.server.create_server` with jobs and an audit log in `data_dir`) on
     its own event loop thread; tests talk to it over a socket or call its job service on that loop."""
 
-    def __init__(self, online, offline, data_dir: pathlib.Path, config: JobsConfig):
+    def __init__(self, online, offline, data_dir: pathlib.Path, config: JobsConfig, audit=None):
         self.thread = LoopThread()
         self.online, self.offline, self.data_dir, self.config = online, offline, data_dir, config
         try:
             self.server = self.call(create_server(
                 ServerConfig(host="127.0.0.1", port=0, metrics_port=None, grace_s=0.0), online,
-                offline=offline, data_dir=data_dir, jobs=config))
+                offline=offline, data_dir=data_dir, jobs=config, audit=audit))
         except BaseException:
             self.thread.close()
             raise
@@ -104,11 +104,12 @@ def start_service(tmp_path, demo_registry):
 
     started = []
 
-    def start(online=None, offline=None, config: JobsConfig | None = None, data_dir=None) -> ServiceHarness:
+    def start(online=None, offline=None, config: JobsConfig | None = None, data_dir=None,
+              audit=None) -> ServiceHarness:
         config = config or JobsConfig(offline=FAST, progress_persist_s=0.0, poll_s=0.5)
         harness = ServiceHarness(online or LocalBackend(demo_registry),
                                  offline or LocalOfflineWorker(demo_registry, config.offline),
-                                 data_dir or tmp_path / "data", config)
+                                 data_dir or tmp_path / "data", config, audit=audit)
         started.append(harness)
         return harness
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import uuid
 
@@ -255,3 +256,28 @@ def test_metrics_count_states_durations_and_samples(start_service, demo_batch):
                if s.name.endswith("_total")}
     assert samples["score_cam"] == pytest.approx(2.0) and samples["occlusion"] > 0
     cancel(h, blocker.id)
+
+
+def test_audit_verify_passes_on_a_mix_of_online_calls_and_jobs(start_service, demo_batch, demo_registry):
+    """The issue's acceptance: a server that served online calls and offline jobs leaves a log that
+    `audit verify` passes, job records re-run the offline way."""
+    from service.audit import AuditConfig, log_files
+    from service.audit.verify import verify
+    from tests.service.conftest import explain_request
+
+    h = start_service(audit=AuditConfig(store_inputs=True))
+    stub = h.stub()
+    images = demo_batch.images[:2]
+    for method in (pb.GRAD_CAM, pb.GRAD_CAM_PLUS_PLUS, pb.INTEGRATED_GRADIENTS):
+        stub.Explain(explain_request(images, method), timeout=60)
+    jobs = [submit(h, job_request(images)), submit(h, job_request(images[:1], method=pb.GRAD_CAM))]
+    for job in jobs:
+        assert wait_for(h, job.id, lambda j: j.state in FINAL).state == pb.SUCCEEDED
+    audit_dir = h.data_dir / "audit"
+    h.stop()  # the writer flushes on close
+    records = [json.loads(line) for path in log_files(audit_dir) for line in path.read_text().splitlines()]
+    assert {r["path"] for r in records} == {"online", "offline"}
+    assert {r["method"] for r in records if r["path"] == "offline"} == {"score_cam", "grad_cam"}
+    report = verify([audit_dir], demo_registry)
+    assert report.verdict == "PASS", report.summary()
+    assert len(report.checks) == len(records) and not report.counts().get("skipped")
