@@ -71,10 +71,25 @@ class ServiceError(grpc.RpcError):
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations += [(v.field, v.description) for v in bad.field_violations]
-        return cls(exc.code(), exc.details() or "", violations)
+        message = exc.details() or ""
+        if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in message:
+            # gRPC's own message-size refusal, before the service sees the request
+            message += ("; send PNG/JPEG bytes instead of raw tensors, downscale the images, or send fewer "
+                        "items per request (the server's limit: server.max_message_bytes)")
+        return cls(exc.code(), message, violations)
 
 
 # ------------------------------------------------------------- requests --
+
+def enum_names(enum_type) -> list[str]:
+    """The lower-case names `build_request` accepts for an enum (aliases not included)."""
+    return [k.lower() for k in enum_type.keys() if not k.endswith("UNSPECIFIED")]
+
+
+def enum_from_name(enum_type, value: Any) -> int:
+    """The enum value for a name or int; ValueError naming the choices otherwise."""
+    return _enum(enum_type, value)
+
 
 def _enum(enum_type, value: Any) -> int:
     """An enum value from an int or a (case-insensitive) name such as "smoothgrad" or "nhwc"."""
@@ -83,7 +98,7 @@ def _enum(enum_type, value: Any) -> int:
     name = str(value).upper()
     name = _ALIASES.get((enum_type.DESCRIPTOR.name, name), name)
     if name not in enum_type.keys():
-        choices = ", ".join(k.lower() for k in enum_type.keys() if not k.endswith("UNSPECIFIED"))
+        choices = ", ".join(enum_names(enum_type))
         raise ValueError(f"unknown {enum_type.DESCRIPTOR.name} {value!r}; one of: {choices}")
     return enum_type.Value(name)
 

@@ -7,8 +7,20 @@ the parser imports only those modules, which import torch and Ray inside `run`:
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
+from typing import Sequence
+
+
+class CliError(Exception):
+    """A mistake the person at the terminal can fix: printed as one line, exit code 2."""
+
+
+def suggest(value: str, names: Sequence[str]) -> str:
+    """'; did you mean X?' for the closest known name ('' when none is close)."""
+    close = difflib.get_close_matches(value.replace("-", "_").lower(), list(names), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
 
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 _COMMANDS = {
@@ -52,8 +64,43 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_import_error", None):
         print(f"attribution {args.command}: unavailable: {args._import_error}", file=sys.stderr)
         return 2
-    result = importlib.import_module(args._module).run(args)
+    name = f"attribution {args.command}"
+    try:
+        result = importlib.import_module(args._module).run(args)
+    except CliError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        print(f"{name}: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        import grpc
+
+        if not (isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None))):
+            raise  # a bug: its traceback is what a report needs
+        print(f"{name}: {service_error_line(exc, args)}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
+
+
+def service_error_line(exc, args: argparse.Namespace) -> str:
+    """One line for a failed call, with what to check where the code says it."""
+    import grpc
+
+    server = getattr(args, "server", None) or "the server"
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"cannot reach {server}: {exc.details()} (is the service running there? `attribution serve` starts it)"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{server} refused the credentials: {exc.details()} (give --token)"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"{server} did not answer in time: {exc.details()} (raise --timeout)"
+    return f"{code.name}: {exc.details()}"
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ _PARAM_FLAGS = ("samples", "noise_fraction", "steps", "rule", "baseline", "layer
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", type=pathlib.Path, help="PNG/JPEG files")
+    parser.add_argument("images", nargs="*", type=pathlib.Path, help="PNG/JPEG files, or folders of them")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--server", help="HOST:PORT of a running service")
     where.add_argument("--local", action="store_true", help="run in-process on the configured models (no Ray)")
@@ -46,24 +46,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stride", type=int, help="occlusion stride")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    parser.add_argument("-o", "--output", type=pathlib.Path, help="overlay PNG file (one input) or directory")
+    parser.add_argument("-o", "--output", type=pathlib.Path,
+                        help="overlay PNG file (one input, one map) or directory (<stem>.<method>[.t<class>].png)")
     parser.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds")
     parser.add_argument("--token", help="bearer token")
+    parser.add_argument("--ca", default=None, help="PEM root certificates: use TLS (with --server)")
+
+
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def run(args: argparse.Namespace) -> int:
+    from service.cli import CliError
+
     if not args.images and not args.demo:
-        print("attribution explain: give image files or --demo N", file=sys.stderr)
-        return 2
+        raise CliError("give image files (or folders of them) or --demo N")
     if not args.server and not args.local:
-        print("attribution explain: give --server HOST:PORT or --local", file=sys.stderr)
-        return 2
-    return asyncio.run(_explain_all(args))
+        raise CliError("give --server HOST:PORT or --local")
+    _check_names(args)
+    inputs = _inputs(args)
+    if args.output is not None and args.output.suffix.lower() == ".png" and len(inputs) > 1:
+        raise CliError(f"-o {args.output} names one overlay file, but there are {len(inputs)} inputs; "
+                       "give a directory")
+    progress = {"done": 0, "total": len(inputs), "written": []}
+    try:
+        return asyncio.run(_explain_all(args, inputs, progress))
+    except KeyboardInterrupt:
+        written = f"; overlays in {args.output}" if progress["written"] else ""
+        print(f"attribution explain: interrupted after {progress['done']} of {progress['total']} inputs{written}",
+              file=sys.stderr)
+        return 130
+
+
+def _check_names(args: argparse.Namespace) -> None:
+    """Method, baseline and rule names checked before anything starts, with a suggestion."""
+    from service._proto import attribution_pb2 as pb
+    from service.cli import CliError, suggest
+    from service.client import enum_names
+
+    known = {"--method": (args.method, enum_names(pb.Method)),
+             "--baseline": (args.baseline, [b for b in enum_names(pb.BaselineKind) if b != "custom"]),
+             "--rule": (args.rule, enum_names(pb.IntegrationRule))}
+    for flag, (value, names) in known.items():
+        try:
+            if value is not None:
+                enum_value(flag, value)
+        except ValueError:
+            hint = suggest(value, names)
+            raise CliError(f"{flag} {value!r} is not known{f' ({hint[2:]})' if hint else ''}; one of: "
+                           f"{', '.join(names)}") from None
+
+
+def enum_value(flag: str, value: str) -> int:
+    from service._proto import attribution_pb2 as pb
+    from service.client import enum_from_name
+
+    return enum_from_name({"--method": pb.Method, "--baseline": pb.BaselineKind,
+                           "--rule": pb.IntegrationRule}[flag], value)
 
 
 def _inputs(args: argparse.Namespace) -> list[tuple[str, bytes]]:
-    named = [(str(p), p.read_bytes()) for p in args.images]
+    """(name, bytes) of every input: files as given, folders as their images (sorted), then demo images."""
+    from service.cli import CliError
+
+    files: list[pathlib.Path] = []
+    for path in args.images:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+            if not found:
+                raise CliError(f"{path}: a folder with no PNG or JPEG files")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CliError(f"{path}: no such file or folder")
+    try:
+        named = [(str(p), p.read_bytes()) for p in files]
+    except OSError as exc:
+        raise CliError(f"{exc.filename}: cannot read it ({exc.strerror})") from None
     if args.demo:
         import torch
         from torchvision.io import encode_png
@@ -86,68 +147,132 @@ def _save_input(path: pathlib.Path, data: bytes) -> None:
     path.write_bytes(data)
 
 
-def _overlay_path(args: argparse.Namespace, name: str, count: int) -> pathlib.Path | None:
+def output_stems(names: list[str]) -> list[str]:
+    """A distinct file stem per input: its own stem, or stem-<nearest folder names that tell them apart>."""
+    paths = [pathlib.Path(n) for n in names]
+    stems = [p.stem for p in paths]
+    out = list(stems)
+    for stem in {s for s in stems if stems.count(s) > 1}:
+        group = [i for i, s in enumerate(stems) if s == stem]
+        parents = {i: [p for p in paths[i].parent.parts if p not in ("/", ".", "")] for i in group}
+        named = {i: stem for i in group}
+        for depth in range(1, max(len(v) for v in parents.values()) + 1):
+            named = {i: "-".join([stem] + parents[i][::-1][:depth]) for i in group}
+            if len(set(named.values())) == len(group):
+                break
+        for i in group:
+            out[i] = named[i]
+    seen: dict[str, int] = {}
+    unique = []
+    for stem in out:  # still equal (the same path given twice): number them
+        seen[stem] = seen.get(stem, 0) + 1
+        unique.append(stem if out.count(stem) == 1 else f"{stem}-{seen[stem]}")
+    return unique
+
+
+def _overlay_paths(args: argparse.Namespace, stem: str, count: int, maps: list) -> list[pathlib.Path | None]:
+    """Where each map's overlay goes: `-o file.png` for one input and one map, else `<dir>/<stem>.<method>[.tN].png`."""
     if args.output is None:
-        return None
-    if count == 1 and args.output.suffix.lower() == ".png":
-        return args.output
-    return args.output / f"{pathlib.Path(name).stem}.{args.method}.png"
+        return [None] * len(maps)
+    if count == 1 and len(maps) == 1 and args.output.suffix.lower() == ".png":
+        return [args.output]
+    base = args.output.with_suffix("") if args.output.suffix.lower() == ".png" else args.output
+    if len(maps) == 1:
+        return [base / f"{stem}.{maps[0].method}.png"]
+    return [base / f"{stem}.{m.method}.t{m.target}.png" for m in maps]
 
 
-async def _explain_all(args: argparse.Namespace) -> int:
-    inputs = _inputs(args)
+async def _explain_all(args: argparse.Namespace, inputs: list[tuple[str, bytes]], progress: dict) -> int:
+    import uuid
+
     if args.save_inputs is not None:
         args.save_inputs.mkdir(parents=True, exist_ok=True)
         for name, data in inputs:
             _save_input(args.save_inputs / pathlib.Path(name).name, data)
     params = {k: getattr(args, k) for k in _PARAM_FLAGS if getattr(args, k) is not None}
+    stems = output_stems([name for name, _ in inputs])
+    run_id = uuid.uuid4().hex[:8]  # request ids unique per run: <run>-<index>-<stem>
     failures = 0
     async with _target(args) as address:
-        async with AsyncAttributionClient(address, token=args.token, timeout=args.timeout) as client:
+        async with AsyncAttributionClient(address, token=args.token, timeout=args.timeout,
+                                          root_certificates=args.ca if args.server else None) as client:
+            labels = await _labels(client, args.model)
             gate = asyncio.Semaphore(max(1, args.concurrency))
 
-            async def one(name: str, data: bytes) -> dict[str, Any]:
+            async def one(index: int, name: str, data: bytes) -> dict[str, Any]:
                 request = build_request(images=[data], method=args.method, model=args.model, target=args.target,
-                                        top_k=args.top_k, seed=args.seed, request_id=pathlib.Path(name).stem,
+                                        top_k=args.top_k, seed=args.seed,
+                                        request_id=f"{run_id}-{index:04d}-{stems[index]}"[:128],
                                         png_overlay=args.output is not None, **params)
                 async with gate:
                     try:
                         result = await client.explain_request(request, timeout=args.timeout)
                     except ServiceError as exc:
                         return {"input": name, "error": exc.code().name, "message": exc.details()}
-                return _report(args, name, result, _overlay_path(args, name, len(inputs)))
+                return _report(args, name, result, stems[index], len(inputs), labels, progress)
 
-            for row in await asyncio.gather(*(one(n, d) for n, d in inputs)):
-                failures += "error" in row
-                print(json.dumps(row) if args.json else _line(row), flush=True)
+            tasks = [asyncio.ensure_future(one(i, n, d)) for i, (n, d) in enumerate(inputs)]
+            try:
+                for finished in asyncio.as_completed(tasks):  # each line as soon as its answer is in
+                    row = await finished
+                    progress["done"] += 1
+                    failures += "error" in row
+                    print(json.dumps(row) if args.json else _line(row, progress), flush=True)
+            finally:
+                for task in tasks:
+                    task.cancel()
     return 1 if failures else 0
 
 
-def _report(args, name: str, result, overlay: pathlib.Path | None) -> dict[str, Any]:
+async def _labels(client: AsyncAttributionClient, model: str) -> tuple[str, ...]:
+    """The model's class names, when it has them (for readable lines); () when not or unknown."""
+    try:
+        for info in await client.models(timeout=10):
+            if info.name == model or (not model and info.is_default):
+                return tuple(info.class_labels)
+    except ServiceError:
+        pass
+    return ()
+
+
+def _named(index: int, labels: tuple[str, ...]) -> str:
+    return f"{index} {labels[index]!r}" if 0 <= index < len(labels) and labels[index] else str(index)
+
+
+def _report(args, name: str, result, stem: str, count: int, labels: tuple[str, ...], progress: dict) -> dict[str, Any]:
     item = result.items[0]
     first = item.attributions[0]
-    if overlay is not None and first.png_overlay:
-        overlay.parent.mkdir(parents=True, exist_ok=True)
-        overlay.write_bytes(first.png_overlay)
+    written = []
+    for attr, path in zip(item.attributions, _overlay_paths(args, stem, count, item.attributions)):
+        if path is not None and attr.png_overlay:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(attr.png_overlay)
+            written.append(str(path))
+    progress["written"].extend(written)
     t = result.timings
     return {"input": name, "request_id": result.request_id, "model": result.model,
             "model_version": result.model_version, "method": first.method, "target": first.target,
+            "target_label": _named(first.target, labels), "targets": [a.target for a in item.attributions],
             "target_score": round(first.target_score, 6), "predicted": item.predicted_classes[0],
+            "predicted_label": _named(item.predicted_classes[0], labels),
             "predicted_score": round(item.predicted_scores[0], 6), "queue_ms": round(t["queue_ms"], 3),
             "compute_ms": round(t["compute_ms"], 3), "total_ms": round(t["total_ms"], 3),
             "batch_size": int(t["batch_requests"]), "batch_samples": int(t["batch_samples"]),
             "completeness_error": first.completeness_error, "map_sha256": first.map_sha256,
-            "input_sha256": item.input_sha256, "overlay": str(overlay) if overlay and first.png_overlay else None}
+            "input_sha256": item.input_sha256, "overlays": written,
+            "overlay": written[0] if written else None}
 
 
-def _line(row: dict[str, Any]) -> str:
+def _line(row: dict[str, Any], progress: dict) -> str:
+    counter = f"[{progress['done']}/{progress['total']}] " if progress["total"] > 1 else ""
     if "error" in row:
-        return f"{row['input']}: {row['error']}: {row['message']}"
+        return f"{counter}{row['input']}: {row['error']}: {row['message']}"
     extra = f" completeness={row['completeness_error']:.4f}" if row["completeness_error"] is not None else ""
-    saved = f" -> {row['overlay']}" if row["overlay"] else ""
-    return (f"{row['input']}: predicted {row['predicted']} ({row['predicted_score']:.3f}), {row['method']} "
-            f"target {row['target']}, queue {row['queue_ms']:.1f} ms, compute {row['compute_ms']:.1f} ms, "
-            f"batch {row['batch_size']}{extra}, map {row['map_sha256'][:12]}{saved}")
+    targets = f" (maps for {row['targets']})" if len(row["targets"]) > 1 else ""
+    saved = f" -> {', '.join(row['overlays'])}" if row["overlays"] else ""
+    return (f"{counter}{row['input']}: predicted {row['predicted_label']} ({row['predicted_score']:.3f}), "
+            f"{row['method']} target {row['target_label']}{targets}, queue {row['queue_ms']:.1f} ms, compute "
+            f"{row['compute_ms']:.1f} ms, batch {row['batch_size']}{extra}, map {row['map_sha256'][:12]}{saved}")
 
 
 @contextlib.asynccontextmanager

@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _ACTIONS[args.jobs_command](client.stub, args, metadata)
     except grpc.RpcError as exc:
-        print(f"attribution jobs {args.jobs_command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        from service.cli import service_error_line
+
+        print(f"attribution jobs {args.jobs_command}: {service_error_line(exc, args)}", file=sys.stderr)
         return 1
     except (OSError, ValueError, TypeError) as exc:  # unreadable input files, bad option values
         print(f"attribution jobs {args.jobs_command}: {exc}", file=sys.stderr)
@@ -125,13 +127,18 @@ def _get(stub, args: argparse.Namespace, metadata) -> int:
 def _watch(stub, args: argparse.Namespace, metadata) -> int:
     job = None
     request = pb.WatchJobRequest(id=args.id, include_result=bool(args.output))
-    for event in stub.WatchJob(request, metadata=metadata):  # no deadline: jobs may run all night
-        job = event.job
-        if args.json:
-            print(json.dumps(job_dict(job)), flush=True)
-        else:
-            print(f"\r{progress_line(job)}", end="" if job.state not in _FINAL else "\n", file=sys.stderr,
-                  flush=True)
+    try:
+        for event in stub.WatchJob(request, metadata=metadata):  # no deadline: jobs may run all night
+            job = event.job
+            if args.json:
+                print(json.dumps(job_dict(job)), flush=True)
+            else:
+                print(f"\r{progress_line(job)}", end="" if job.state not in _FINAL else "\n", file=sys.stderr,
+                      flush=True)
+    except KeyboardInterrupt:
+        print(f"\nstopped watching; job {args.id} goes on on the server "
+              f"(`attribution jobs watch {args.id}` picks it up again, `jobs cancel` stops it)", file=sys.stderr)
+        return 130
     written = _write_outputs(job, args.output)
     if not args.json:
         _print_job(job, args, written)

@@ -34,25 +34,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", help="gRPC bind address (default [::])")
     parser.add_argument("--port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090; 0 = any)")
+    parser.add_argument("--metrics-host", help="/metrics bind address (default: --host when given, else 0.0.0.0)")
     parser.add_argument("--data-dir", help="jobs, results and audit logs (default: the user's data directory)")
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     parser.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
     parser.add_argument("--attach", action="store_true", help="front already-deployed applications only")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own start-up logs too")
     parser.add_argument("--check", action="store_true",
                         help="validate the config (every section, every key) and exit: 0 valid, 2 not")
 
 
 def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The `server:` keys the command line sets (--host, --port, --metrics-port)."""
+    """The `server:` keys the command line sets (--host, --port, --metrics-port, --metrics-host).
+
+    --host alone moves /metrics too: `--host 127.0.0.1` keeps the whole server on loopback."""
+    metrics_host = args.metrics_host
+    if metrics_host is None and args.host is not None:
+        metrics_host = "0.0.0.0" if args.host in ("[::]", "::", "0.0.0.0") else args.host.strip("[]")
     return {key: value for key, value in (("host", args.host), ("port", args.port),
-                                          ("metrics_port", args.metrics_port)) if value is not None}
+                                          ("metrics_port", args.metrics_port), ("metrics_host", metrics_host))
+            if value is not None}
 
 
 def run(args: argparse.Namespace) -> int:
     from service.settings import ServiceConfig
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # Ray's and Serve's internal start-up chatter; warnings and errors still show
+        for name in ("ray", "ray.serve"):  # a filter, not a level: Serve sets its logger's level as it starts
+            logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
     try:  # all of it, before Ray starts: a bad key costs nothing to find
         config = ServiceConfig.load(args.config, server_overrides(args))
     except InvalidArgument as exc:
@@ -74,15 +85,25 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
     from workers.serve.app import deploy_all
 
     app_config, server_config, jobs_config = config.app, config.server, config.jobs
+    _check_ports(server_config)  # a port in use is found now, not after Ray and the replicas have started
     torch.set_num_threads(server_config.torch_threads)  # the kernels run in the replicas
     # Before Ray starts: the raylet and the other daemons it spawns inherit the cores.
     pin_process(server_config.cpu_affinity, "server.cpu_affinity")
     owns_ray = not ray.is_initialized() and not args.address and not args.attach
     if not ray.is_initialized():
-        # A Ray of our own is local to this machine: its daemons listen on loopback only.
-        ray.init(address=args.address or None, num_cpus=args.num_cpus if owns_ray else None,
-                 include_dashboard=False, log_to_driver=False,
-                 **({"_node_ip_address": "127.0.0.1"} if owns_ray else {}))
+        from service.cli import CliError
+
+        print("attribution: starting a local Ray instance" if owns_ray
+              else f"attribution: connecting to Ray at {args.address or 'the running cluster'}", flush=True)
+        try:
+            # A Ray of our own is local to this machine: its daemons listen on loopback only.
+            ray.init(address=args.address or None, num_cpus=args.num_cpus if owns_ray else None,
+                     include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.INFO if args.verbose else logging.WARNING,
+                     **({"_node_ip_address": "127.0.0.1"} if owns_ray else {}))
+        except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+            raise CliError(f"Ray did not start: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r} "
+                           "(its logs: /tmp/ray/session_latest/logs; --verbose shows its start-up)") from None
     from service.backends.offline import ServeOfflineBackend
     from service.jobs.store import default_data_dir
     from workers.serve.offline import deploy_offline
@@ -94,6 +115,8 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
             backend = ServeBackend.discover(app_config.default if args.config else "",
                                             **server_config.coalesce.backend_options())
         else:
+            print(f"attribution: deploying {', '.join(m.name for m in app_config.models)} on Ray Serve (a demo "
+                  "model is trained on its first start, about a minute; then it loads from the cache)", flush=True)
             deployed = deploy_all(app_config)
             deployed.append(deploy_offline(app_config, jobs_config.offline))
             backend = ServeBackend.from_config(app_config, **server_config.coalesce.backend_options())
@@ -117,6 +140,30 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
             ray.shutdown()
     print("attribution: stopped", flush=True)
     return 0
+
+
+def _check_ports(server_config) -> None:
+    """Refuses to start when the gRPC or metrics port is taken (CliError names it and what to change)."""
+    import socket
+
+    from service.cli import CliError
+
+    wanted = [("gRPC", server_config.host, server_config.port, "--port or server.port")]
+    if server_config.metrics_port:
+        wanted.append(("metrics", server_config.metrics_host, server_config.metrics_port,
+                       "--metrics-port or server.metrics_port"))
+    for what, host, port, knob in wanted:
+        if not port:
+            continue
+        host = host.strip("[]") or "::"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise CliError(f"the {what} port {port} on {host} is not free ({exc.strerror}): is another "
+                               f"server running? choose another with {knob}") from None
 
 
 async def _wait_for_signal() -> None:

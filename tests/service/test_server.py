@@ -244,6 +244,12 @@ def test_message_size_cap(start_server):
                 stub.Explain(big, timeout=30)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        from service.client import AttributionClient, ServiceError
+
+        with AttributionClient(harness.address, timeout=30) as client:  # the client says what to change
+            with pytest.raises(ServiceError) as said:
+                client.explain_request(big, retry=False)
+        assert said.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "send PNG/JPEG" in said.value.details()
     finally:
         harness.stop()
 

@@ -1,0 +1,134 @@
+"""The console script as a person meets it: ordinary mistakes get one clear line and a non-zero exit, never a
+traceback; outputs are named so that nothing overwrites anything. Each case runs the real `attribution`
+command in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from torchvision.io import encode_png
+
+pytestmark = pytest.mark.process
+
+CLI = [sys.executable, "-m", "service.cli"]
+
+
+def attribution(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    done = subprocess.run(CLI + list(args), capture_output=True, text=True, timeout=timeout)
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr
+    return done
+
+
+@pytest.fixture(scope="module")
+def local_config(demo_cache_dir, demo_model, tmp_path_factory) -> str:
+    """`--config` for `explain --local`: the demo model from the suite's cache (built once)."""
+    path = tmp_path_factory.mktemp("cli") / "config.json"
+    path.write_text(json.dumps({"models": [{"name": "demo", "source": "demo"}], "cache_dir": str(demo_cache_dir)}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def images(demo_heldout, tmp_path_factory) -> pathlib.Path:
+    """Two folders holding a PNG each, with the same file name."""
+    root = tmp_path_factory.mktemp("images")
+    for i, folder in enumerate(("a", "b")):
+        (root / folder).mkdir()
+        pixels = (demo_heldout.images[i] * 255).round().to(torch.uint8)
+        (root / folder / "photo.png").write_bytes(encode_png(pixels).numpy().tobytes())
+    return root
+
+
+def test_a_missing_file_or_an_empty_folder_is_named(tmp_path, local_config):
+    done = attribution("explain", str(tmp_path / "nope.png"), "--local", "--config", local_config)
+    assert done.returncode == 2 and "nope.png: no such file or folder" in done.stderr
+    done = attribution("explain", str(tmp_path), "--local", "--config", local_config)
+    assert done.returncode == 2 and "a folder with no PNG or JPEG files" in done.stderr
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--method", "gradcam"], "did you mean 'grad_cam'?"),
+    (["--method", "integrated_gradients", "--baseline", "blured"], "did you mean 'blurred'?"),
+    (["--method", "integrated_gradients", "--rule", "simpson"], "--rule 'simpson' is not known"),
+])
+def test_misspelled_names_get_a_suggestion(images, local_config, flags, said):
+    done = attribution("explain", str(images / "a"), "--local", "--config", local_config, *flags)
+    assert done.returncode == 2 and said in done.stderr
+
+
+def test_folders_are_explained_and_same_named_files_do_not_overwrite(images, local_config, tmp_path):
+    out = tmp_path / "out"
+    done = attribution("explain", str(images), "--local", "--config", local_config, "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.strip().splitlines()) == 2 and "[2/2]" in done.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["photo-a.grad_cam.png", "photo-b.grad_cam.png"]
+    ids = [json.loads(line)["request_id"] for line in attribution(
+        "explain", str(images), "--local", "--config", local_config, "--json").stdout.splitlines()]
+    assert len(set(ids)) == 2
+
+
+def test_every_top_k_map_is_saved_and_one_file_takes_one_input(images, local_config, tmp_path):
+    out = tmp_path / "top"
+    done = attribution("explain", str(images / "a"), "--local", "--config", local_config, "--top-k", "3",
+                       "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert len(list(out.glob("photo.grad_cam.t*.png"))) == 3
+    done = attribution("explain", str(images), "--local", "--config", local_config, "-o", str(tmp_path / "one.png"))
+    assert done.returncode == 2 and "names one overlay file" in done.stderr
+    assert not (tmp_path / "one.png").exists()
+
+
+def test_no_server_running_is_said_in_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    done = attribution("models", "--server", f"127.0.0.1:{port}", "--timeout", "5")
+    assert done.returncode == 1 and "cannot reach" in done.stderr and "is the service running" in done.stderr
+
+
+def test_a_second_server_on_a_used_port_is_refused_before_ray_starts():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = attribution("serve", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0", timeout=120)
+    assert done.returncode == 2 and f"port {port} on 127.0.0.1 is not free" in done.stderr
+
+
+def test_ctrl_c_during_explain_says_what_was_done(local_config, tmp_path):
+    proc = subprocess.Popen(CLI + ["explain", "--demo", "400", "--local", "--config", local_config,
+                                   "--method", "smoothgrad", "--samples", "64", "--concurrency", "1",
+                                   "-o", str(tmp_path / "out")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # one result is in: interrupt mid-run
+        assert first.startswith("[1/400]"), first
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in out + err, err
+    assert "interrupted after" in err and "of 400 inputs" in err and "overlays in" in err
+
+
+def test_jobs_watch_without_a_server_is_one_line():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(CLI + ["jobs", "watch", "--server", f"127.0.0.1:{port}", "job-1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in out + err, err
+    assert proc.returncode == 1 and "cannot reach" in err
