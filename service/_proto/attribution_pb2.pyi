@@ -434,17 +434,19 @@ class GetModelRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("request", "priority", "idempotency_key")
+    __slots__ = ("request", "priority", "idempotency_key", "item_names")
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    ITEM_NAMES_FIELD_NUMBER: _ClassVar[int]
     request: ExplainRequest
     priority: int
     idempotency_key: str
-    def __init__(self, request: _Optional[_Union[ExplainRequest, _Mapping]] = ..., priority: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    item_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request: _Optional[_Union[ExplainRequest, _Mapping]] = ..., priority: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., item_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "state", "progress", "priority", "idempotency_key", "model", "method", "num_items", "created_unix_s", "started_unix_s", "finished_unix_s", "error", "result")
+    __slots__ = ("id", "state", "progress", "priority", "idempotency_key", "model", "method", "num_items", "created_unix_s", "started_unix_s", "finished_unix_s", "error", "result", "item_names")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -458,6 +460,7 @@ class Job(_message.Message):
     FINISHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    ITEM_NAMES_FIELD_NUMBER: _ClassVar[int]
     id: str
     state: JobState
     progress: float
@@ -471,7 +474,8 @@ class Job(_message.Message):
     finished_unix_s: float
     error: ExplainError
     result: ExplainResponse
-    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., priority: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., num_items: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., started_unix_s: _Optional[float] = ..., finished_unix_s: _Optional[float] = ..., error: _Optional[_Union[ExplainError, _Mapping]] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ...) -> None: ...
+    item_names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., progress: _Optional[float] = ..., priority: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., model: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., num_items: _Optional[int] = ..., created_unix_s: _Optional[float] = ..., started_unix_s: _Optional[float] = ..., finished_unix_s: _Optional[float] = ..., error: _Optional[_Union[ExplainError, _Mapping]] = ..., result: _Optional[_Union[ExplainResponse, _Mapping]] = ..., item_names: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("id", "include_result")

@@ -98,7 +98,8 @@ def _submit(stub, args: argparse.Namespace, metadata) -> int:
                             target=args.target, normalization=args.normalization, png_overlay=args.overlay,
                             **params)
     job = stub.SubmitJob(pb.SubmitJobRequest(request=request, priority=args.priority,
-                                             idempotency_key=args.idempotency_key),
+                                             idempotency_key=args.idempotency_key,
+                                             item_names=_item_names(args.inputs)),
                          timeout=args.timeout, metadata=metadata)
     if args.watch:
         args.id = job.id
@@ -201,18 +202,43 @@ def _print_job(job: pb.Job, args: argparse.Namespace, written: list[str] | None 
         print(f"  wrote {path}")
 
 
+def _item_names(paths: list[str]) -> list[str]:
+    """One name per item: the file for an image, `file[i]` for each item of a stacked .npy array."""
+    if not all(p.endswith(".npy") for p in paths):
+        return [str(p)[-256:] for p in paths]
+    names = []
+    for p in paths:
+        count = np.load(p, mmap_mode="r").shape[0] if np.load(p, mmap_mode="r").ndim == 4 else 1
+        names += [p[-250:]] if count == 1 else [f"{p[-240:]}[{i}]" for i in range(count)]
+    return names
+
+
 def _write_outputs(job: pb.Job | None, directory: pathlib.Path | None) -> list[str] | None:
-    """Each map as `item<i>_<method>_class<target>.npy` (+ `.png` overlay) in `directory`."""
+    """Each map as `<input stem>_<method>_class<target>.npy` (+ `.png` overlay) in `directory` (`item<i>` when
+    the job has no item names), and `manifest.json`: per item its name, input hash, top classes and files."""
+    from service.cli.explain import output_stems
+
     if directory is None or job is None or job.state != pb.SUCCEEDED:
         return None
     directory.mkdir(parents=True, exist_ok=True)
-    written = []
+    names = list(job.item_names) if len(job.item_names) == len(job.result.items) else []
+    stems = output_stems(names) if names else [f"item{i:04d}" for i in range(len(job.result.items))]
+    written, manifest = [], []
     for i, item in enumerate(job.result.items):
+        files = []
         for a in item.attributions:
-            stem = directory / f"item{i:04d}_{pb.Method.Name(a.method).lower()}_class{a.target}"
+            stem = directory / f"{stems[i]}_{pb.Method.Name(a.method).lower()}_class{a.target}"
             np.save(f"{stem}.npy", array_from_tensor(a.map))
-            written.append(f"{stem}.npy")
+            files.append(f"{stem.name}.npy")
             if a.png_overlay:
                 pathlib.Path(f"{stem}.png").write_bytes(a.png_overlay)
-                written.append(f"{stem}.png")
+                files.append(f"{stem.name}.png")
+        manifest.append({"item": i, "name": names[i] if names else None, "input_sha256": item.input_sha256,
+                         "predicted_classes": list(item.predicted_classes),
+                         "predicted_scores": [round(x, 6) for x in item.predicted_scores], "files": files})
+        written += [str(directory / f) for f in files]
+    (directory / "manifest.json").write_text(json.dumps({"job": job.id, "model": job.result.model,
+                                                         "model_version": job.result.model_version,
+                                                         "items": manifest}, indent=2) + "\n")
+    written.append(str(directory / "manifest.json"))
     return written

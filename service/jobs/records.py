@@ -33,6 +33,7 @@ class NewJob:
     method: int            # pb.Method
     num_items: int
     request: bytes         # serialized ExplainRequest
+    item_names: str = "[]"  # JSON list of the submitted item names ([] when none)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class JobRecord:
     error_code: int
     error_message: str
     seq: int
+    item_names: str = "[]"  # JSON list
 
     @property
     def final(self) -> bool:

@@ -8,6 +8,7 @@ current state first, then every change in order, ending after a final state.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import uuid
 from typing import AsyncIterator
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
 MAX_KEY_CHARS = 128
+MAX_ITEM_NAME_CHARS = 256
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 
 
@@ -31,7 +33,7 @@ def job_proto(job: JobRecord, result: bytes | None = None) -> pb.Job:
     out = pb.Job(id=job.id, state=job.state, progress=job.progress, priority=job.priority,
                  idempotency_key=job.idempotency_key, model=job.model, method=job.method,
                  num_items=job.num_items, created_unix_s=job.created, started_unix_s=job.started,
-                 finished_unix_s=job.finished)
+                 finished_unix_s=job.finished, item_names=json.loads(job.item_names or "[]"))
     if job.state == FAILED:
         out.error.CopyFrom(pb.ExplainError(code=job.error_code, message=job.error_message))
     if result is not None:
@@ -58,18 +60,26 @@ class JobService:
             raise InvalidArgument.field("priority", f"must be {MIN_PRIORITY}..{MAX_PRIORITY}, got {request.priority}")
         if len(key) > MAX_KEY_CHARS or not key.isprintable():
             raise InvalidArgument.field("idempotency_key", f"must be at most {MAX_KEY_CHARS} printable characters")
+        names = list(request.item_names)
+        if any(len(n) > MAX_ITEM_NAME_CHARS or not n.isprintable() for n in names):
+            raise InvalidArgument.field("item_names", f"each must be at most {MAX_ITEM_NAME_CHARS} printable "
+                                                      "characters")
         model = resolve_model(request.request.model, self.runner.models)
         job_id = uuid.uuid4().hex
         # Validated now so a bad request fails the call, not the job; off the loop: images decode here.
         spec = await asyncio.to_thread(validate_explain, request.request, model, self.runner.limits, offline=True,
                                        decoder=self.runner.decoder,
                                        request_id=job_id)
+        if names and len(names) != spec.items:
+            raise InvalidArgument.field("item_names", f"has {len(names)} names for {spec.items} items; give one "
+                                                      "per item, or none")
         stored = pb.ExplainRequest()
         stored.CopyFrom(request.request)
         # Pinned, so the job runs the same model and keeps its request id whatever the defaults become.
         stored.request_id, stored.model = spec.request_id, model.name
         new = NewJob(id=job_id, priority=request.priority, idempotency_key=key, model=model.name,
-                     method=request.request.method, num_items=spec.items, request=stored.SerializeToString())
+                     method=request.request.method, num_items=spec.items, request=stored.SerializeToString(),
+                     item_names=json.dumps(names))
         job, created = await asyncio.to_thread(self.store.submit, new)
         if created:
             self.runner.wake()

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     token TEXT,                                 -- the RUNNING attempt's token
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error_code INTEGER NOT NULL DEFAULT 0,
-    error_message TEXT NOT NULL DEFAULT ''
+    error_message TEXT NOT NULL DEFAULT '',
+    item_names TEXT NOT NULL DEFAULT '[]'      -- JSON list of the submitted item names
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS results (
@@ -101,6 +102,13 @@ class SqliteJobStore:
         # synchronous FULL: a committed final state survives power loss, not only a process kill.
         self._db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;"
                                + _SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since a store was created: added in place, with their defaults."""
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        if "item_names" not in present:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN item_names TEXT NOT NULL DEFAULT '[]'")
 
     def _take_lock(self):
         handle = open(f"{self.path}.lock", "a+")
@@ -188,9 +196,10 @@ class SqliteJobStore:
         key = job.idempotency_key or None
         with self._lock:
             cursor = self._db.execute(
-                "INSERT INTO jobs (id, state, priority, idempotency_key, model, method, num_items, request, created)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
-                (job.id, QUEUED, job.priority, key, job.model, job.method, job.num_items, job.request, time.time()))
+                "INSERT INTO jobs (id, state, priority, idempotency_key, model, method, num_items, request, created,"
+                " item_names) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+                (job.id, QUEUED, job.priority, key, job.model, job.method, job.num_items, job.request, time.time(),
+                 job.item_names))
             created = cursor.rowcount == 1
             column, value = ("id", job.id) if created else ("idempotency_key", key)
             row = self._db.execute(f"SELECT {COLUMNS} FROM jobs WHERE {column} = ?", (value,)).fetchall()

@@ -42,8 +42,12 @@ def test_submit_watch_get_list_cancel(start_service, images, tmp_path, capsys):
     assert events[-1]["id"] == job["id"] and events[-1]["state"] == "SUCCEEDED"
     assert [e["progress"] for e in events] == sorted(e["progress"] for e in events)
     npy, png = sorted(outputs.glob("*.npy")), sorted(outputs.glob("*.png"))
-    assert [p.name.split("_class")[0] for p in npy] == ["item0000_score_cam", "item0001_score_cam"]
+    assert [p.name.split("_class")[0] for p in npy] == ["image0_score_cam", "image1_score_cam"]
     assert [p.stem for p in png] == [p.stem for p in npy]  # one overlay per map
+    manifest = json.loads((outputs / "manifest.json").read_text())
+    assert [m["name"] for m in manifest["items"]] == images and manifest["job"] == job["id"]
+    assert [m["files"] for m in manifest["items"]] == [[p.name, p.with_suffix(".png").name] for p in npy]
+    assert events[-1]["item_names"] == images
     assert all(np.load(p).shape == (64, 64) and np.load(p).dtype == np.float32 for p in npy)
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in png)
 

@@ -181,6 +181,14 @@ def test_submit_refuses_bad_requests(start_service, demo_batch):
         submit(h, job_request(one, pb.METHOD_UNSPECIFIED))
     with pytest.raises(InvalidArgument, match="score_cam.layer"):
         submit(h, job_request(one, score_cam=pb.ScoreCamParams(layer="fc")))
+    miscounted = job_request(demo_batch.images[:2])
+    miscounted.item_names.append("only-one.png")
+    with pytest.raises(InvalidArgument, match="1 names for 2 items"):
+        submit(h, miscounted)
+    unprintable = job_request(one)
+    unprintable.item_names.append("bad\nname")
+    with pytest.raises(InvalidArgument, match="item_names"):
+        submit(h, unprintable)
     bad_model = job_request(one)
     bad_model.request.model = "resnet"
     with pytest.raises(ModelNotFound):

@@ -248,3 +248,26 @@ def test_one_store_per_data_directory(tmp_path):
 def test_database_is_in_wal_mode(store, tmp_path):
     with sqlite3.connect(tmp_path / "jobs.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_store_made_before_item_names_is_migrated_in_place(tmp_path):
+    """A jobs.db written without the item_names column opens, keeps its jobs, and stores names for new ones."""
+    import sqlite3
+
+    path = tmp_path / "jobs.db"
+    old = SqliteJobStore(path)
+    job, _ = old.submit(NewJob(id="old", priority=0, idempotency_key="", model="demo", method=1, num_items=1,
+                               request=b""))
+    old.close()
+    db = sqlite3.connect(path)
+    db.execute("ALTER TABLE jobs DROP COLUMN item_names")
+    db.commit()
+    db.close()
+    store = SqliteJobStore(path)
+    try:
+        assert store.get("old").item_names == "[]"
+        new, _ = store.submit(NewJob(id="new", priority=0, idempotency_key="", model="demo", method=1, num_items=2,
+                                     request=b"", item_names='["a.png", "b.png"]'))
+        assert store.get("new").item_names == '["a.png", "b.png"]'
+    finally:
+        store.close()
