@@ -19,7 +19,7 @@ A config file's `server:` section has this shape (every key optional)::
       limits: {max_items: 64, max_samples: 256, max_steps: 512, max_top_k: 10,
                max_image_pixels: 16777216, max_request_id_chars: 128}
       admission: {enabled: true, target_queue_delay_s: 1, default_deadline_s: 30, deadline_fraction: 0.5,
-                  min_queued_cost: 64, smoothing: 0.3, max_retry_after_s: 5, max_loop_lag_s: 0.05}
+                  min_queued_cost: 64, smoothing: 0.3, max_retry_after_s: 5, max_loop_lag_s: 0}
       decode: {isolation: process, workers: 2, timeout_s: 5, memory_mb: 1024, max_uses: 10000, wait_s: 10}
       coalesce: {max_requests: 32, max_cost: 256, max_in_flight_per_replica: 4}   # requests sent as one call
       inline_max_bytes: 65536     # small tensor requests validated/encoded on the event loop; 0 = never

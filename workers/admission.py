@@ -45,7 +45,7 @@ class AdmissionConfig:
     max_retry_after_s: the longest RetryInfo delay suggested.
     max_loop_lag_s: the front door's own saturation bound (service/loop_lag.py): while its event loop
         runs later than this, a growing share of new Explain calls is refused (all of them at twice
-        it); 0 = off.
+        it); 0 = off, the default (docs/architecture.md says why).
     """
 
     enabled: bool = True
@@ -55,7 +55,7 @@ class AdmissionConfig:
     min_queued_cost: int = 64
     smoothing: float = 0.3
     max_retry_after_s: float = 5.0
-    max_loop_lag_s: float = 0.05
+    max_loop_lag_s: float = 0.0
 
     def __post_init__(self) -> None:
         check(0.01 <= self.target_queue_delay_s <= 600, "server.admission.target_queue_delay_s",

@@ -47,7 +47,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     parser.add_argument("-o", "--output", type=pathlib.Path,
-                        help="overlay PNG file (one input, one map) or directory (<stem>.<method>[.t<class>].png)")
+                        help="overlay PNG file (one input, one map) or directory (<stem>.<method>[.t<class>].png); "
+                             "overlays are drawn at each photo's own resolution")
+    look = parser.add_argument_group("overlays (with -o)")
+    look.add_argument("--colormap", default="inferno", help="inferno, viridis, gray, or coolwarm (signed maps)")
+    look.add_argument("--alpha", type=float, default=0.5, help="weight of the colours over the photo, 0..1")
+    look.add_argument("--legend", action="store_true", help="a strip under each overlay: class, score, method")
+    look.add_argument("--panel", action="store_true", help="image | map | overlay side by side")
+    look.add_argument("--format", choices=("png", "html"), default="png",
+                      help="html: also an index.html gallery of every overlay in the -o directory")
     parser.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds")
     parser.add_argument("--token", help="bearer token")
@@ -65,11 +73,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.server and not args.local:
         raise CliError("give --server HOST:PORT or --local")
     _check_names(args)
+    args.style = _style(args)
     inputs = _inputs(args)
     if args.output is not None and args.output.suffix.lower() == ".png" and len(inputs) > 1:
         raise CliError(f"-o {args.output} names one overlay file, but there are {len(inputs)} inputs; "
                        "give a directory")
-    progress = {"done": 0, "total": len(inputs), "written": []}
+    if args.format == "html" and (args.output is None or args.output.suffix.lower() == ".png"):
+        raise CliError("--format html writes index.html into the -o directory; give -o DIR")
+    progress = {"done": 0, "total": len(inputs), "written": [], "gallery": []}
     try:
         return asyncio.run(_explain_all(args, inputs, progress))
     except KeyboardInterrupt:
@@ -203,13 +214,13 @@ async def _explain_all(args: argparse.Namespace, inputs: list[tuple[str, bytes]]
                 request = build_request(images=[data], method=args.method, model=args.model, target=args.target,
                                         top_k=args.top_k, seed=args.seed,
                                         request_id=f"{run_id}-{index:04d}-{stems[index]}"[:128],
-                                        png_overlay=args.output is not None, **params)
+                                        **params)
                 async with gate:
                     try:
                         result = await client.explain_request(request, timeout=args.timeout)
                     except ServiceError as exc:
                         return {"input": name, "error": exc.code().name, "message": exc.details()}
-                return _report(args, name, result, stems[index], len(inputs), labels, progress)
+                return _report(args, name, data, result, stems[index], len(inputs), labels, progress)
 
             tasks = [asyncio.ensure_future(one(i, n, d)) for i, (n, d) in enumerate(inputs)]
             try:
@@ -217,11 +228,46 @@ async def _explain_all(args: argparse.Namespace, inputs: list[tuple[str, bytes]]
                     row = await finished
                     progress["done"] += 1
                     failures += "error" in row
+                    if "error" in row:
+                        progress["gallery"].append(_failed_entry(row))
                     print(json.dumps(row) if args.json else _line(row, progress), flush=True)
             finally:
                 for task in tasks:
                     task.cancel()
+                if args.format == "html" and progress["gallery"]:
+                    _write_gallery(args, progress["gallery"])
     return 1 if failures else 0
+
+
+def _gallery_dir(args: argparse.Namespace) -> pathlib.Path:
+    return args.output.parent if args.output.suffix.lower() == ".png" else args.output
+
+
+def _failed_entry(row: dict[str, Any]):
+    from service import render
+
+    return render.GalleryEntry(row["input"], "", "", error=f"{row['error']}: {row['message']}")
+
+
+def _write_gallery(args: argparse.Namespace, entries: list) -> None:
+    from service import render
+
+    page = _gallery_dir(args) / "index.html"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(entries, key=lambda e: (e.input, e.picture))
+    page.write_text(render.gallery_html(ordered, f"attribution explain: {args.method}, {len(ordered)} overlays"))
+    print(f"gallery: {page}", file=sys.stderr, flush=True)
+
+
+def _style(args: argparse.Namespace):
+    from service import render
+    from service.cli import CliError, suggest
+
+    try:
+        return render.Style(colormap=args.colormap, alpha=args.alpha, legend=args.legend, panel=args.panel)
+    except ValueError as exc:
+        hint = suggest(args.colormap, render.COLORMAPS) if args.colormap not in render.COLORMAPS else ""
+        raise CliError(f"{exc}{hint}") from None
 
 
 async def _labels(client: AsyncAttributionClient, model: str) -> tuple[str, ...]:
@@ -239,15 +285,24 @@ def _named(index: int, labels: tuple[str, ...]) -> str:
     return f"{index} {labels[index]!r}" if 0 <= index < len(labels) and labels[index] else str(index)
 
 
-def _report(args, name: str, result, stem: str, count: int, labels: tuple[str, ...], progress: dict) -> dict[str, Any]:
+def _report(args, name: str, data: bytes, result, stem: str, count: int, labels: tuple[str, ...],
+            progress: dict) -> dict[str, Any]:
+    from service import render
+
     item = result.items[0]
     first = item.attributions[0]
     written = []
-    for attr, path in zip(item.attributions, _overlay_paths(args, stem, count, item.attributions)):
-        if path is not None and attr.png_overlay:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(attr.png_overlay)
-            written.append(str(path))
+    paths = _overlay_paths(args, stem, count, item.attributions)
+    photo = render.open_photo(data) if any(paths) else None
+    for attr, path in zip(item.attributions, paths):
+        if path is None:
+            continue
+        caption = (f"predicted {_named(item.predicted_classes[0], labels)} ({item.predicted_scores[0]:.3f}); "
+                   f"{attr.method} for {_named(attr.target, labels)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(render.png_bytes(render.overlay(photo, attr.map, args.style, caption)))
+        written.append(str(path))
+        progress["gallery"].append(render.GalleryEntry(name, str(path.relative_to(_gallery_dir(args))), caption))
     progress["written"].extend(written)
     t = result.timings
     return {"input": name, "request_id": result.request_id, "model": result.model,

@@ -132,3 +132,21 @@ def test_jobs_watch_without_a_server_is_one_line():
             proc.kill()
     assert "Traceback" not in out + err, err
     assert proc.returncode == 1 and "cannot reach" in err
+
+
+def test_overlays_keep_the_photos_resolution_and_a_gallery_lists_them(images, local_config, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray((torch.rand(427, 640, 3) * 255).to(torch.uint8).numpy()).save(photos / "wide.jpg")
+    out = tmp_path / "gallery"
+    done = attribution("explain", str(photos), str(images / "a"), "--local", "--config", local_config,
+                       "-o", str(out), "--format", "html", "--legend", "--colormap", "viridis")
+    assert done.returncode == 0, done.stderr
+    assert Image.open(out / "wide.grad_cam.png").size[0] == 640  # the photo's width, legend strip below
+    page = (out / "index.html").read_text()
+    assert 'src="wide.grad_cam.png"' in page and 'src="photo.grad_cam.png"' in page
+    done = attribution("explain", str(photos), "--local", "--config", local_config, "-o", str(out),
+                       "--colormap", "jett")
+    assert done.returncode == 2 and "unknown colormap 'jett'" in done.stderr
