@@ -30,11 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import pathlib
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,71 +43,12 @@ import numpy as np
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 
+from loadtests.frontdoor_child import FrontDoorProcess
 from loadtests.serve_proxy import (GENERIC_SERVICER, INGRESS_APP, MODEL, SHIM_SERVICER, STOCK_SERVICER, deploy, proxy_status,
                                    start_serve, try_proxy_explain, wire_services)
 
 VARIANTS = 8
 CALL_TIMEOUT_S = 60.0
-CHILD_START_TIMEOUT_S = 180.0
-
-
-# ------------------------------------------------------------ the front door child --
-
-async def _front_door_child(ray_address: str, ready_file: str, settings: dict) -> None:
-    """Our front door, attached to the parent's Ray: what `attribution serve --attach` runs."""
-    import ray
-
-    from service.config import ServerConfig
-    from service.backends.serve import ServeBackend
-    from service.server import create_server
-
-    ray.init(address=ray_address, log_to_driver=False)
-    config = ServerConfig.from_dict(dict(settings, host="127.0.0.1", port=0, metrics_port=0, metrics_host="127.0.0.1"))
-    server = await create_server(config, ServeBackend([MODEL], **config.coalesce.backend_options()))
-    pathlib.Path(ready_file).write_text(json.dumps({"port": server.port, "metrics_port": server.metrics_port}))
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(2.0)
-    ray.shutdown()
-
-
-class FrontDoorProcess:
-    """The child above, started by us and stopped by us (SIGTERM, then SIGKILL)."""
-
-    def __init__(self, ray_address: str, workdir: pathlib.Path, name: str, settings: dict):
-        self.ready = workdir / f"{name}.ready.json"
-        self.log_path = workdir / f"{name}.log"
-        self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "loadtests.frontdoor_probe", "--front-door-child",
-                                      str(self.ready), "--ray-address", ray_address,
-                                      "--child-settings", json.dumps(settings)],
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self) -> dict:
-        deadline = time.monotonic() + CHILD_START_TIMEOUT_S
-        while time.monotonic() < deadline and self.proc.poll() is None:
-            if self.ready.exists() and self.ready.read_text():
-                return json.loads(self.ready.read_text())
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("front door did not start; log tail:\n" + self.log_path.read_text(errors="replace")[-3000:])
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the child has used so far (Linux /proc)."""
-        fields = pathlib.Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
 
 
 # ------------------------------------------------------------------ measuring --
@@ -374,18 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=16, help="unmeasured requests per path first")
     parser.add_argument("--cache-dir", default="", help="demo model cache (default: the user's cache directory)")
     parser.add_argument("--json", metavar="OUT", help="write the results here")
-    parser.add_argument("--front-door-child", metavar="READY_FILE", help=argparse.SUPPRESS)
-    parser.add_argument("--ray-address", help=argparse.SUPPRESS)
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help='another front door with these server settings, e.g. '
                              'unbounded=\'{"coalesce": {"max_in_flight_per_replica": 0}}\' (repeatable)')
     parser.add_argument("--no-serve-proxy", dest="serve_proxy", action="store_false",
                         help="skip Ray Serve's gRPC proxy (measure our front doors only)")
-    parser.add_argument("--child-settings", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.front_door_child:
-        asyncio.run(_front_door_child(args.ray_address, args.front_door_child, json.loads(args.child_settings)))
-        return 0
     args.variants = {"front_door": {},
                      "front_door_single": {"coalesce": {"max_requests": 1, "max_in_flight_per_replica": 0}}}
     for text in args.variant:
