@@ -369,8 +369,9 @@ def verify(log_paths: Iterable[str | pathlib.Path], backend: LocalBackend | Mode
     try:
         chosen = logged
         if sample is not None and sample < len(logged):
-            at_hand = [item for item in logged if finder.has(item, runner)]
-            missing = [item for item in logged if not finder.has(item, runner)]
+            at_hand, missing = [], []
+            for item in logged:
+                (at_hand if finder.has(item, runner) else missing).append(item)
             report.checks.extend(item.check("skipped", _NO_INPUT) for item in missing)
             if sample < len(at_hand):
                 at_hand = [at_hand[i] for i in sorted(random.Random(seed).sample(range(len(at_hand)), sample))]

@@ -208,7 +208,8 @@ def _item_names(paths: list[str]) -> list[str]:
         return [str(p)[-256:] for p in paths]
     names = []
     for p in paths:
-        count = np.load(p, mmap_mode="r").shape[0] if np.load(p, mmap_mode="r").ndim == 4 else 1
+        shape = np.load(p, mmap_mode="r").shape
+        count = shape[0] if len(shape) == 4 else 1
         names += [p[-250:]] if count == 1 else [f"{p[-240:]}[{i}]" for i in range(count)]
     return names
 
