@@ -4,7 +4,9 @@
 
 Starts a front door (in-process backend, demo model) in its own process with its admission controller
 forced to refuse every call, sends `--calls` batch-1 Grad-CAM calls from `--clients` concurrent
-clients, and prints the server process's CPU time per refused call (from /proc) and the refusal rate.
+clients, and prints the server process's CPU time per refused call (from /proc), the client's own
+(this process: a grpc.aio client, like the load generator's), and the refusal rate. Together they bound
+what overload a machine can refuse while still computing (docs/benchmarks.md, *Overload*).
 """
 from __future__ import annotations
 
@@ -81,15 +83,16 @@ def main(argv: list[str] | None = None) -> int:
         try:
             port = int(proc.stdout.readline())
             asyncio.run(_send(port, args.clients * 20, args.clients))  # warm-up
-            cpu0, t0 = process_cpu_s(proc.pid), time.monotonic()
+            cpu0, own0, t0 = process_cpu_s(proc.pid), process_cpu_s(os.getpid()), time.monotonic()
             asyncio.run(_send(port, args.calls, args.clients))
-            cpu1, t1 = process_cpu_s(proc.pid), time.monotonic()
+            cpu1, own1, t1 = process_cpu_s(proc.pid), process_cpu_s(os.getpid()), time.monotonic()
         finally:
             proc.stdin.close()
             proc.wait(60)
     calls = args.calls // args.clients * args.clients
     print(f"{calls} refused calls in {t1 - t0:.2f} s ({calls / (t1 - t0):.0f}/s); front-door CPU "
-          f"{1e3 * (cpu1 - cpu0) / calls:.3f} ms per refused call")
+          f"{1e3 * (cpu1 - cpu0) / calls:.3f} ms per refused call; client CPU {1e3 * (own1 - own0) / calls:.3f} ms "
+          f"per call")
     return 0
 
 

@@ -80,6 +80,10 @@ def test_shipped_scenarios_load():
     odd = scenario_from_dict({"mix": [{"method": "grad_cam"}], "serve": {
         "models": [{"name": "demo", "source": "demo"}], "server": {"port": 1, "torch_threads": 2}}})
     assert compare.app_config(odd, None)["server"] == {"torch_threads": 2}
+    for name, label in (("overload.yaml", "grad_cam"), ("overload_smoothgrad.yaml", "smoothgrad-64")):
+        overload = load_scenario(SCENARIO_DIR / name)
+        assert [e.label for e in overload.mix] == [label] and overload.mix[0].deadline_ms == 2000
+        ServiceConfig.from_dict(overload.serve)
 
 
 def test_mix_schedule_keeps_the_weights_exactly():
