@@ -200,6 +200,9 @@ class ItemResult:
     predicted_scores: list[float]
     attributions: list[Attribution]
     input_sha256: str
+    # For an item sent as an encoded image: where the model's input lay in it (proto SourceGeometry;
+    # service.render.photo_box turns it into a rectangle of the photo). None for tensor inputs.
+    geometry: pb.SourceGeometry | None = None
 
 
 @dataclass
@@ -237,7 +240,8 @@ class Explanation:
                         native_map=array_from_tensor(a.native_map) if a.HasField("native_map") else None,
                         png_overlay=a.png_overlay or None,
                         completeness_error=a.completeness_error if a.HasField("completeness_error") else None,
-                        map_sha256=a.map_sha256) for a in i.attributions], i.input_sha256) for i in response.items]
+                        map_sha256=a.map_sha256) for a in i.attributions], i.input_sha256,
+                            i.geometry if i.HasField("geometry") else None) for i in response.items]
         t = response.timings
         timings = {"queue_ms": t.queue_ms, "compute_ms": t.compute_ms, "total_ms": t.total_ms,
                    "batch_samples": t.batch_samples, "batch_requests": t.batch_requests}

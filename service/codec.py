@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 import torchvision.io as tvio
 
+from service import fitting
 from service._proto import attribution_pb2 as pb
 from workers import methods
 from service.decoding.pool import Busy, Decoded, DecodeFailure, ImageDecoder, InlineDecoder
 from workers.errors import FieldViolation, InternalError, InvalidArgument, Overloaded
-from workers.spec import AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec
+from workers.spec import AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec, SourceGeometry
 
 # ------------------------------------------------------------ enum names --
 # The workers speak lower-case names (workers/spec.py); the wire speaks enums.
@@ -179,22 +180,15 @@ def _item_index(field: str) -> int:
     return int(field.rsplit("[", 1)[1].rstrip("]"))
 
 
-def _pixels_tensor(decoded: Decoded, model: ModelDescription) -> torch.Tensor:
-    """A decoder's (rows, columns, C) samples -> pixel space `# (1, C, H, W)` float32 in [0, 1], model size."""
+def _pixels_tensor(decoded: Decoded, model: ModelDescription) -> tuple[torch.Tensor, SourceGeometry]:
+    """A decoder's (rows, columns, C) samples -> pixel space `# (1, C, H, W)` float32 in [0, 1], model size,
+    fitted by the model's resize policy, and where that input lies in the image."""
     dtype = torch.uint8 if decoded.bytes_per_sample == 1 else torch.uint16
     pixels = decoded.pixels if isinstance(decoded.pixels, bytearray) else bytearray(decoded.pixels)
     x = torch.frombuffer(pixels, dtype=dtype)
-    x = x.reshape(decoded.rows, decoded.columns, model.channels).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w)
-    scale = float(torch.iinfo(dtype).max)
-    if tuple(x.shape[-2:]) != (model.height, model.width):
-        # 8-bit images resize as uint8: 4x less memory and ~5x faster than float, at most one grey level apart.
-        x = x if dtype == torch.uint8 else x.to(torch.float32)
-        # (rows, columns, C) samples are a channels-last tensor, which the uint8 kernel takes as it is.
-        x = F.interpolate(x, size=(model.height, model.width), mode="bilinear", antialias=True,
-                          align_corners=False)
-    # Bilinear weights are non-negative: the result stays within the samples' range, [0, 1] once scaled.
-    # Divided, not multiplied by 1/scale: bit-identical to a raw uint8 tensor sent as PIXELS.
-    return x.to(torch.float32).div_(scale).contiguous()
+    # (rows, columns, C) samples: a channels-last (1, C, h, w) view.
+    x = x.reshape(decoded.rows, decoded.columns, model.channels).permute(2, 0, 1).unsqueeze(0)
+    return fitting.fit(x, float(torch.iinfo(dtype).max), model, (decoded.source_width, decoded.source_height))
 
 
 def decode_images(images: Sequence[bytes], model: ModelDescription, max_pixels: int, field: str,
@@ -203,9 +197,24 @@ def decode_images(images: Sequence[bytes], model: ModelDescription, max_pixels: 
     return normalize(decode_pixels(images, model, max_pixels, field, decoder), model)
 
 
+def decode_images_with_geometry(images: Sequence[bytes], model: ModelDescription, max_pixels: int, field: str,
+                                decoder: ImageDecoder | None = None) -> tuple[torch.Tensor,
+                                                                              tuple[SourceGeometry, ...]]:
+    """As `decode_images`, with each item's `SourceGeometry` (where its model input lies in the image)."""
+    pixels, geometry = decode_pixels_with_geometry(images, model, max_pixels, field, decoder)
+    return normalize(pixels, model), geometry
+
+
 def decode_pixels(images: Sequence[bytes], model: ModelDescription, max_pixels: int, field: str,
                   decoder: ImageDecoder | None = None) -> torch.Tensor:
-    """PNG/JPEG files -> pixel space `# (N, C, H, W)` float32 in [0, 1] at the model's size.
+    """PNG/JPEG files -> pixel space `# (N, C, H, W)` float32 in [0, 1] at the model's size."""
+    return decode_pixels_with_geometry(images, model, max_pixels, field, decoder)[0]
+
+
+def decode_pixels_with_geometry(images: Sequence[bytes], model: ModelDescription, max_pixels: int, field: str,
+                                decoder: ImageDecoder | None = None) -> tuple[torch.Tensor,
+                                                                              tuple[SourceGeometry, ...]]:
+    """PNG/JPEG files -> pixel space `# (N, C, H, W)` float32 in [0, 1] at the model's size, and geometry.
 
     Headers are checked against `max_pixels` here, before a single pixel is
     decoded, so a tiny file claiming a huge image costs nothing. `decoder`
@@ -242,7 +251,7 @@ def decode_pixels(images: Sequence[bytes], model: ModelDescription, max_pixels: 
         raise InvalidArgument(violation_message(violations), violations)
     if len(decoded) != len(images):
         raise InternalError(f"the image decoder answered {len(decoded)} files for {len(images)}")
-    return torch.cat(decoded)
+    return torch.cat([pixels for pixels, _ in decoded]), tuple(geometry for _, geometry in decoded)
 
 
 def decode_image(data: bytes, model: ModelDescription, max_pixels: int, field: str,
@@ -343,12 +352,17 @@ def encode_result(result: ExplainResult, spec: ExplainSpec, model: ModelDescript
     if len(result.items) != spec.items:
         raise InternalError(f"backend answered {len(result.items)} items for {spec.items}")
     items = []
-    for item, explanation in zip(spec.inputs, result.items):
-        items.append(pb.ItemResult(
+    for i, (item, explanation) in enumerate(zip(spec.inputs, result.items)):
+        out = pb.ItemResult(
             predicted_classes=[int(c) for c in explanation.predicted_classes],
             predicted_scores=[float(s) for s in explanation.predicted_scores],
             attributions=[_attribution(a, item, spec.output, model) for a in explanation.attributions],
-            input_sha256=input_sha256(item)))
+            input_sha256=input_sha256(item))
+        if i < len(spec.geometry):
+            g = spec.geometry[i]
+            out.geometry.CopyFrom(pb.SourceGeometry(width=g.width, height=g.height, resize=g.resize,
+                                                    x0=g.x0, y0=g.y0, x1=g.x1, y1=g.y1))
+        items.append(out)
     timings = pb.Timings(queue_ms=result.queue_ms, compute_ms=result.compute_ms,
                          batch_samples=int(result.batch_samples), batch_requests=int(result.batch_requests))
     return pb.ExplainResponse(request_id=spec.request_id, model=result.model or spec.model,
@@ -369,7 +383,8 @@ def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.Mo
     return pb.ModelInfo(
         name=model.name, version=model.version,
         input_spec=pb.InputSpec(channels=model.channels, height=model.height, width=model.width,
-                                mean=list(model.mean), std=list(model.std)),
+                                mean=list(model.mean), std=list(model.std), resize=model.resize,
+                                crop_fraction=model.crop_fraction),
         num_classes=model.num_classes, class_labels=list(model.labels), cam_layers=list(model.cam_layers),
         default_cam_layer=model.default_cam_layer,
         online_methods=[METHOD_ENUMS[m] for m in model.online_methods if m in METHOD_ENUMS],

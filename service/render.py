@@ -2,8 +2,10 @@
 
 The server's `png_overlay` is at the model's input size (what the model saw). Here the map is
 brought back to the original image through the same geometry the server's decoder used (EXIF
-orientation applied, then the image stretched to the model's size, so the map is stretched
-back), blended at the photo's own resolution and aspect ratio, with a choice of colormap and
+orientation applied, then the model's resize policy: the answer's `ItemResult.geometry` says which
+rectangle of the photo the model's input covered, so a stretched input's map is stretched back, a
+centre crop's map covers only the crop and a letterbox's padding falls outside the photo),
+blended at the photo's own resolution and aspect ratio, with a choice of colormap and
 blend, an optional legend strip (class, score, method) and a side-by-side panel
 (image | map | overlay). `gallery_html` writes one page for a folder of results, so many
 explanations, right and wrong, can be looked through at once.
@@ -86,15 +88,46 @@ def heat(values: np.ndarray, diverging: bool) -> np.ndarray:
     return 0.5 + v / (2 * scale) if diverging else np.abs(v) / scale
 
 
-def to_photo_size(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """A [0, 1] heat map stretched back to the photo's (width, height), as the decoder stretched the photo."""
-    image = Image.fromarray(np.float32(values), mode="F").resize(size, Image.Resampling.BILINEAR)
+Box = tuple[float, float, float, float]
+
+
+def photo_box(geometry, size: tuple[int, int]) -> Box | None:
+    """An answer's `SourceGeometry` as (x0, y0, x1, y1) in the pixels of a photo of `size` (width, height).
+
+    None when the answer carries none (a raw tensor input, or a server that does not say): the map
+    is then taken to cover the whole photo, as a stretched input's does.
+    """
+    if geometry is None or not geometry.width or not geometry.height:
+        return None
+    sx, sy = size[0] / geometry.width, size[1] / geometry.height
+    return geometry.x0 * sx, geometry.y0 * sy, geometry.x1 * sx, geometry.y1 * sy
+
+
+def to_photo_size(values: np.ndarray, size: tuple[int, int], box: Box | None = None) -> np.ndarray:
+    """A [0, 1] heat map `(h, w)` drawn over a photo of `size` (width, height).
+
+    box: the rectangle of the photo, in its pixels, that the model's input (the map's frame) covered;
+    None = the whole photo. Photo pixels outside it were not seen by the model and get 0; map pixels
+    outside the photo (letterbox padding) are left out.
+    """
+    source = Image.fromarray(np.float32(values), mode="F")
+    if box is None or box == (0, 0, size[0], size[1]):
+        image = source.resize(size, Image.Resampling.BILINEAR)
+    else:
+        x0, y0, x1, y1 = box
+        ax, ay = source.width / (x1 - x0), source.height / (y1 - y0)
+        # Photo pixel (x, y) reads the map at ((x - x0) * ax, (y - y0) * ay).
+        image = source.transform(size, Image.Transform.AFFINE, (ax, 0.0, -x0 * ax, 0.0, ay, -y0 * ay),
+                                 resample=Image.Resampling.BILINEAR, fillcolor=0.0)
     return np.clip(np.asarray(image, dtype=np.float64), 0.0, 1.0)
 
 
-def overlay(photo: Image.Image, values: np.ndarray, style: Style = Style(), caption: str = "") -> Image.Image:
-    """The map blended over the photo at the photo's resolution (+ panel, + legend per `style`)."""
-    h = to_photo_size(heat(values, style.colormap in DIVERGING), photo.size)
+def overlay(photo: Image.Image, values: np.ndarray, style: Style = Style(), caption: str = "",
+            box: Box | None = None) -> Image.Image:
+    """The map blended over the photo at the photo's resolution (+ panel, + legend per `style`).
+
+    box: where the model's input lay in the photo (`photo_box` of the answer's geometry)."""
+    h = to_photo_size(heat(values, style.colormap in DIVERGING), photo.size, box)
     colours = lut(style.colormap)[np.round(h * 255).astype(np.uint8)]  # (H, W, 3)
     base = np.asarray(photo, dtype=np.float64)
     blended = Image.fromarray(np.round((1 - style.alpha) * base + style.alpha * colours).astype(np.uint8))

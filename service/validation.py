@@ -81,7 +81,7 @@ def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits
     rid = _request_id(request.request_id, limits, v) or request_id or uuid.uuid4().hex
     method = _method(request.method, model, offline, v)
     declared = _declared_items(request.inputs)
-    inputs = _inputs(request.inputs, model, limits, declared, v, decoder)
+    inputs, geometry = _inputs(request.inputs, model, limits, declared, v, decoder)
     items = int(inputs.shape[0]) if inputs is not None else declared
     target = _target(request.target, model, limits, items, v)
     params = _params(request, method, model, limits, items, v) if method else _DEFAULTS
@@ -92,7 +92,7 @@ def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits
     deadline = time.time() + time_remaining if time_remaining is not None else None
     return ExplainSpec(model=model.name, method=method, inputs=inputs, request_id=rid, target=target,
                        params=params, output=output, seed=int(request.seed), audit=_AUDIT[request.audit],
-                       deadline=deadline)
+                       deadline=deadline, geometry=geometry)
 
 
 def estimate_cost(request: pb.ExplainRequest, limits: Limits) -> int | None:
@@ -148,34 +148,35 @@ def _declared_items(inputs: pb.Inputs) -> int:
 
 
 def _inputs(inputs: pb.Inputs, model: ModelDescription, limits: Limits, declared: int,
-            v: _Violations, decoder: ImageDecoder | None) -> torch.Tensor | None:
-    """Model-space inputs `# (N, C, H, W)`, or None with violations added."""
+            v: _Violations, decoder: ImageDecoder | None) -> tuple[torch.Tensor | None, tuple]:
+    """Model-space inputs `# (N, C, H, W)` and, for encoded images, each one's SourceGeometry;
+    None with violations added."""
     source = inputs.WhichOneof("source")
     if source is None:
         v.add("inputs", "set inputs.tensor (raw pixels or model-space values) or inputs.images (PNG/JPEG)")
-        return None
+        return None, ()
     if source == "images" and declared == 0:
         v.add("inputs.images.images", "needs at least one image")
-        return None
+        return None, ()
     if declared > limits.max_items:
         v.add(f"inputs.{source}", f"has {declared} items; at most {limits.max_items} per request")
-        return None
+        return None, ()
     if inputs.space not in (pb.INPUT_SPACE_UNSPECIFIED, pb.PIXELS, pb.MODEL):
         v.add("inputs.space", f"unknown input space {inputs.space}; use PIXELS or MODEL")
-        return None
+        return None, ()
     try:
         if source == "images":
             if inputs.space == pb.MODEL:
                 raise InvalidArgument.field("inputs.space", "encoded images are pixel data; leave space unset "
                                                             "or PIXELS")
-            return codec.decode_images(inputs.images.images, model, limits.max_image_pixels, "inputs.images.images",
-                                       decoder)
+            return codec.decode_images_with_geometry(inputs.images.images, model, limits.max_image_pixels,
+                                                     "inputs.images.images", decoder)
         raw = codec.decode_tensor(inputs.tensor, "inputs.tensor")
         _check_item_shape(raw, model, "inputs.tensor.shape")
-        return codec.to_model_space(raw, inputs.space, model, "inputs.tensor.dtype")
+        return codec.to_model_space(raw, inputs.space, model, "inputs.tensor.dtype"), ()
     except InvalidArgument as exc:
         v.extend(exc)
-        return None
+        return None, ()
 
 
 def _check_item_shape(x: torch.Tensor, model: ModelDescription, field: str) -> None:

@@ -9,7 +9,8 @@ model's name and source::
         arch: resnet18               # torchvision only
         weights: /models/r18.safetensors   # state_dict (.pt/.pth) or safetensors
         num_classes: 1000
-        input: {height: 224, width: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225]}
+        input: {height: 224, width: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225],
+                resize: center_crop, crop_fraction: 0.875}   # how PNG/JPEG inputs reach that size
         cam_layer: layer4
         cam_layers: [layer3, layer4]
         labels: /models/imagenet.txt  # one per line, or an inline list
@@ -77,15 +78,28 @@ class Limits:
         check(1 <= self.max_request_id_chars <= 1024, "server.limits.max_request_id_chars", "must be 1..1024")
 
 
+RESIZE_POLICIES = ("stretch", "center_crop", "letterbox")
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model consumes: (C, H, W) and the pixel-space mean/std it was trained with."""
+    """What the model consumes: (C, H, W) and the pixel-space mean/std it was trained with.
+
+    `resize` is how an encoded image (PNG/JPEG) of any size becomes H x W: `stretch` scales each
+    side to fit (aspect ratio not kept); `center_crop` scales the image so that it covers
+    (H, W) / `crop_fraction` and keeps the centre H x W (torchvision's classification transforms:
+    224 from a 256 shorter side at 0.875); `letterbox` scales it to fit inside H x W, aspect kept,
+    and pads the rest with the model's mean (zero once normalized). Each answer says which region
+    of the image the model's input covers (`ItemResult.geometry`), so maps map back to the photo.
+    """
 
     channels: int = 3
     height: int = 224
     width: int = 224
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    resize: str = "stretch"
+    crop_fraction: float = 0.875
 
     def __post_init__(self):
         check(1 <= self.channels <= 4, "input.channels", "must be 1..4")
@@ -93,6 +107,9 @@ class InputSpec:
         check(len(self.mean) == self.channels and len(self.std) == self.channels,
                "input", "mean and std need one value per channel")
         check(all(s > 0 for s in self.std), "input.std", "must be positive")
+        check(self.resize in RESIZE_POLICIES, "input.resize",
+              f"{self.resize!r} is not one of {', '.join(RESIZE_POLICIES)}")
+        check(0.1 <= self.crop_fraction <= 1.0, "input.crop_fraction", "must be 0.1..1 (torchvision's is 0.875)")
 
     @property
     def shape(self) -> tuple[int, int, int]:

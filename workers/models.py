@@ -143,8 +143,10 @@ def _build_demo(cfg: ModelConfig, cache_dir: pathlib.Path | None):
 
     config = demo.DemoConfig(seed=cfg.seed)
     module, weights = demo.load_or_build_demo(cache_dir or demo.default_cache_dir(), config)
+    # Size and normalization are the demo's own; how images reach that size is the config's.
     spec = InputSpec(channels=3, height=config.image_size, width=config.image_size,
-                     mean=tuple(demo.DEMO_MEAN), std=tuple(demo.DEMO_STD))
+                     mean=tuple(demo.DEMO_MEAN), std=tuple(demo.DEMO_STD), resize=cfg.input.resize,
+                     crop_fraction=cfg.input.crop_fraction)
     return module, sha256_file(weights), spec, demo.DEMO_CAM_LAYERS, demo.DEMO_CAM_LAYER, demo.DEMO_LABELS
 
 
@@ -272,6 +274,7 @@ def describe(model: LoadedModel, is_default: bool = False) -> ModelDescription:
     spec = model.spec
     return ModelDescription(
         name=model.name, version=model.version, channels=spec.channels, height=spec.height, width=spec.width,
-        mean=tuple(spec.mean), std=tuple(spec.std), num_classes=model.num_classes, labels=model.labels,
+        mean=tuple(spec.mean), std=tuple(spec.std), resize=spec.resize, crop_fraction=spec.crop_fraction,
+        num_classes=model.num_classes, labels=model.labels,
         cam_layers=model.cam_layers, default_cam_layer=model.default_cam_layer,
         online_methods=model.online_methods, offline_methods=model.offline_methods, is_default=is_default)

@@ -82,7 +82,8 @@ def _slice(spec: ExplainSpec, chunk: slice) -> ExplainSpec:
     custom = params.baseline_tensor
     if custom is not None and custom.shape[0] > 1:
         params = dataclasses.replace(params, baseline_tensor=custom[chunk])
-    return dataclasses.replace(spec, inputs=spec.inputs[chunk], target=target, params=params)
+    return dataclasses.replace(spec, inputs=spec.inputs[chunk], target=target, params=params,
+                               geometry=spec.geometry[chunk])
 
 
 def _online_chunk(ctx: WorkerContext, spec: ExplainSpec, _progress: Progress,

@@ -105,6 +105,23 @@ def request_cost(method: str, items: int, targets_per_item: int, samples: int, s
     return items * targets_per_item * per_item_rows(method, samples, steps)
 
 
+@dataclass(frozen=True)
+class SourceGeometry:
+    """Where a model input lies in the encoded image it was made from (proto SourceGeometry).
+
+    The image, EXIF orientation applied, is width x height pixels; the model's input covers
+    [x0, x1) x [y0, y1) of it, in those pixels (beyond the image where `resize` padded).
+    """
+
+    width: int
+    height: int
+    resize: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+
+
 @dataclass
 class ExplainSpec(TensorFields):
     """One validated request. `inputs` is model space, float32, CPU, (N, C, H, W)."""
@@ -120,6 +137,8 @@ class ExplainSpec(TensorFields):
     audit: bool | None = None              # None = the server's default
     deadline: float | None = None          # time.time() after which the answer is useless
     received_at: float = field(default_factory=time.time)
+    # Per item sent as an encoded image, where its model input lies in that image; () for tensors.
+    geometry: tuple[SourceGeometry, ...] = ()
 
     @property
     def items(self) -> int:
@@ -184,3 +203,5 @@ class ModelDescription:
     online_methods: tuple[str, ...]
     offline_methods: tuple[str, ...]
     is_default: bool = False
+    resize: str = "stretch"        # how encoded images reach height x width (workers.config.InputSpec)
+    crop_fraction: float = 0.875

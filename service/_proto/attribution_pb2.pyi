@@ -324,16 +324,36 @@ class Attribution(_message.Message):
     def __init__(self, method: _Optional[_Union[Method, str]] = ..., target: _Optional[int] = ..., target_score: _Optional[float] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., native_map: _Optional[_Union[Tensor, _Mapping]] = ..., png_overlay: _Optional[bytes] = ..., completeness_error: _Optional[float] = ..., map_sha256: _Optional[str] = ...) -> None: ...
 
 class ItemResult(_message.Message):
-    __slots__ = ("predicted_classes", "predicted_scores", "attributions", "input_sha256")
+    __slots__ = ("predicted_classes", "predicted_scores", "attributions", "input_sha256", "geometry")
     PREDICTED_CLASSES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_SCORES_FIELD_NUMBER: _ClassVar[int]
     ATTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     predicted_classes: _containers.RepeatedScalarFieldContainer[int]
     predicted_scores: _containers.RepeatedScalarFieldContainer[float]
     attributions: _containers.RepeatedCompositeFieldContainer[Attribution]
     input_sha256: str
-    def __init__(self, predicted_classes: _Optional[_Iterable[int]] = ..., predicted_scores: _Optional[_Iterable[float]] = ..., attributions: _Optional[_Iterable[_Union[Attribution, _Mapping]]] = ..., input_sha256: _Optional[str] = ...) -> None: ...
+    geometry: SourceGeometry
+    def __init__(self, predicted_classes: _Optional[_Iterable[int]] = ..., predicted_scores: _Optional[_Iterable[float]] = ..., attributions: _Optional[_Iterable[_Union[Attribution, _Mapping]]] = ..., input_sha256: _Optional[str] = ..., geometry: _Optional[_Union[SourceGeometry, _Mapping]] = ...) -> None: ...
+
+class SourceGeometry(_message.Message):
+    __slots__ = ("width", "height", "resize", "x0", "y0", "x1", "y1")
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    X0_FIELD_NUMBER: _ClassVar[int]
+    Y0_FIELD_NUMBER: _ClassVar[int]
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    width: int
+    height: int
+    resize: str
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    def __init__(self, width: _Optional[int] = ..., height: _Optional[int] = ..., resize: _Optional[str] = ..., x0: _Optional[float] = ..., y0: _Optional[float] = ..., x1: _Optional[float] = ..., y1: _Optional[float] = ...) -> None: ...
 
 class ExplainError(_message.Message):
     __slots__ = ("code", "message")
@@ -362,18 +382,22 @@ class ExplainResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., method: _Optional[_Union[Method, str]] = ..., items: _Optional[_Iterable[_Union[ItemResult, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., error: _Optional[_Union[ExplainError, _Mapping]] = ...) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("channels", "height", "width", "mean", "std")
+    __slots__ = ("channels", "height", "width", "mean", "std", "resize", "crop_fraction")
     CHANNELS_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
+    RESIZE_FIELD_NUMBER: _ClassVar[int]
+    CROP_FRACTION_FIELD_NUMBER: _ClassVar[int]
     channels: int
     height: int
     width: int
     mean: _containers.RepeatedScalarFieldContainer[float]
     std: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ...) -> None: ...
+    resize: str
+    crop_fraction: float
+    def __init__(self, channels: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., resize: _Optional[str] = ..., crop_fraction: _Optional[float] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_items", "max_samples", "max_steps", "max_top_k", "max_image_pixels", "max_job_items")

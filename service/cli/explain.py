@@ -294,13 +294,14 @@ def _report(args, name: str, data: bytes, result, stem: str, count: int, labels:
     written = []
     paths = _overlay_paths(args, stem, count, item.attributions)
     photo = render.open_photo(data) if any(paths) else None
+    box = render.photo_box(item.geometry, photo.size) if photo else None
     for attr, path in zip(item.attributions, paths):
         if path is None:
             continue
         caption = (f"predicted {_named(item.predicted_classes[0], labels)} ({item.predicted_scores[0]:.3f}); "
                    f"{attr.method} for {_named(attr.target, labels)}")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(render.png_bytes(render.overlay(photo, attr.map, args.style, caption)))
+        path.write_bytes(render.png_bytes(render.overlay(photo, attr.map, args.style, caption, box)))
         written.append(str(path))
         progress["gallery"].append(render.GalleryEntry(name, str(path.relative_to(_gallery_dir(args))), caption))
     progress["written"].extend(written)

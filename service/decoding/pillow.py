@@ -20,7 +20,7 @@ import io
 import re
 import warnings
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -42,12 +42,19 @@ def clean_reason(text: str) -> str:
     return text[:MAX_REASON_CHARS] or "corrupt data"
 
 
-def decode(data: bytes, width: int, height: int, channels: int, max_pixels: int) -> tuple[int, int, int, bytes]:
+# EXIF orientations that turn the picture a quarter: its sides swap.
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def decode(data: bytes, width: int, height: int, channels: int,
+           max_pixels: int) -> tuple[int, int, int, bytes, int, int]:
     """Decodes `data` for a width x height model input with `channels` channels.
 
-    Returns (bytes_per_sample, rows, columns, pixels): pixels are C-order
-    (rows, columns, channels), one byte per sample for 8-bit sources, two
-    (little-endian) for a 16-bit grayscale PNG given to a one-channel model.
+    Returns (bytes_per_sample, rows, columns, pixels, source_width,
+    source_height): pixels are C-order (rows, columns, channels), one byte per
+    sample for 8-bit sources, two (little-endian) for a 16-bit grayscale PNG
+    given to a one-channel model; the source size is the file's full size the
+    way up a viewer shows it (what the returned pixels are a reduction of).
     The image comes back at most about twice the target size per side, never
     smaller than it: JPEGs decode at a reduced DCT scale and big images are
     box-reduced by an integer factor here; the caller does the final
@@ -61,6 +68,9 @@ def decode(data: bytes, width: int, height: int, channels: int, max_pixels: int)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=FORMATS) as image:
+                source = image.size
+                if image.getexif().get(ExifTags.Base.Orientation) in _QUARTER_TURNS:
+                    source = source[::-1]
                 if image.format == "JPEG":
                     # libjpeg decodes at 1/2, 1/4 or 1/8 scale when that still covers the target size;
                     # an EXIF rotation swaps the sides, so the draft covers both orientations.
@@ -68,7 +78,7 @@ def decode(data: bytes, width: int, height: int, channels: int, max_pixels: int)
                     image.draft(_MODES[3] if channels >= 3 else "L", (side, side))
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                return _convert_and_reduce(image, width, height, channels)
+                return (*_convert_and_reduce(image, width, height, channels), *source)
     except DecodeFailure:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

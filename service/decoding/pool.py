@@ -51,6 +51,9 @@ class Decoded:
     rows: int
     columns: int
     pixels: bytes | bytearray
+    # The file's full size, EXIF orientation applied: what rows x columns are a reduction of.
+    source_width: int = 0
+    source_height: int = 0
 
 
 # Per file: Decoded, DecodeFailure, or None when it was not attempted (an earlier file failed hard).
@@ -182,12 +185,14 @@ class _Worker:
     def _answer(self, width: int, height: int, channels: int, max_pixels: int, timeout_s: float) -> Outcome:
         deadline = time.monotonic() + timeout_s
         answer = self._read_exact(protocol.ANSWER.size, deadline)
-        status, bps, rows, columns, length = protocol.ANSWER.unpack(bytes(answer))
+        status, bps, rows, columns, source_width, source_height, length = protocol.ANSWER.unpack(bytes(answer))
         if status == protocol.OK:
             if (bps not in (1, 2) or not 0 < rows * columns <= max_pixels
-                    or length != rows * columns * channels * bps):
+                    or length != rows * columns * channels * bps
+                    or not (rows <= source_height and columns <= source_width
+                            and source_width * source_height <= max_pixels)):
                 raise _WorkerDied("protocol")
-            return Decoded(bps, rows, columns, self._read_exact(length, deadline))
+            return Decoded(bps, rows, columns, self._read_exact(length, deadline), source_width, source_height)
         if status == protocol.FAILED and length <= protocol.MAX_REASON_BYTES:
             reason = bytes(self._read_exact(length, deadline)).decode("utf-8", "replace")
             return DecodeFailure(pillow.clean_reason(reason))

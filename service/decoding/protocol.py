@@ -13,17 +13,18 @@ Server -> worker, one request::
 
 Worker -> server, one answer per image, in order, flushed as each is done::
 
-    ANSWER   = ">BBIII"    status (OK or FAILED), bytes per sample, rows, columns, payload length
+    ANSWER   = ">BBIIIII"  status (OK or FAILED), bytes per sample, rows, columns, the file's full
+                           width and height (EXIF orientation applied), payload length
     then the payload: pixels (rows, columns, C) for OK, a UTF-8 reason for FAILED
 """
 from __future__ import annotations
 
 import struct
 
-MAGIC = b"DEC1"
+MAGIC = b"DEC2"
 READY = b"R"  # the worker's first byte, once it has started (start-up never counts against a file)
 REQUEST = struct.Struct(">4sIIIQI")
 LENGTH = struct.Struct(">I")
-ANSWER = struct.Struct(">BBIII")
+ANSWER = struct.Struct(">BBIIIII")
 OK, FAILED = 0, 1
 MAX_REASON_BYTES = 1024

@@ -26,8 +26,9 @@ def _read_exact(stream, n: int) -> bytes | None:
     return b"".join(chunks)
 
 
-def _answer(out, status: int, payload: bytes, bps: int = 0, rows: int = 0, columns: int = 0) -> None:
-    out.write(protocol.ANSWER.pack(status, bps, rows, columns, len(payload)))
+def _answer(out, status: int, payload: bytes, bps: int = 0, rows: int = 0, columns: int = 0,
+            source: tuple[int, int] = (0, 0)) -> None:
+    out.write(protocol.ANSWER.pack(status, bps, rows, columns, *source, len(payload)))
     out.write(payload)
     out.flush()
 
@@ -49,11 +50,11 @@ def serve(inp, out) -> None:
             if data is None:
                 return
             try:
-                bps, rows, columns, pixels = pillow.decode(data, width, height, channels, max_pixels)
+                bps, rows, columns, pixels, *source = pillow.decode(data, width, height, channels, max_pixels)
             except pillow.DecodeFailure as exc:
                 _answer(out, protocol.FAILED, str(exc).encode()[:protocol.MAX_REASON_BYTES])
             else:
-                _answer(out, protocol.OK, pixels, bps, rows, columns)
+                _answer(out, protocol.OK, pixels, bps, rows, columns, tuple(source))
 
 
 def main(argv: list[str]) -> int:

@@ -21,7 +21,9 @@ from service.config import Limits, ServerConfig
 from service.interceptors import REQUEST_ID, RequestIdLogFilter
 from tests.service.conftest import ServerHarness, explain_request, pixels_tensor, test_config
 from workers.demo import to_model_space
+from workers.config import InputSpec, ModelConfig
 from workers.errors import InvalidArgument
+from workers.models import ModelRegistry
 from service.backends.local import LocalBackend
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -129,6 +131,32 @@ def test_encoded_images_match_the_tensor_path(stub, demo_batch):
     for a, b in zip(from_images.items[:2], from_tensor.items):
         assert a.input_sha256 == b.input_sha256 and list(a.predicted_classes) == list(b.predicted_classes)
     assert from_images.items[2].predicted_classes[0] == from_images.items[0].predicted_classes[0]
+
+
+def test_answers_say_where_the_model_input_lies_in_each_image(stub, start_server, service_cache_dir, demo_batch):
+    wide = torch.nn.functional.interpolate(demo_batch.images[:1], size=(64, 128), mode="nearest")
+    png = bytes(tvio.encode_png((wide[0] * 255).round().to(torch.uint8)).numpy())
+    request = pb.ExplainRequest(method=pb.GRAD_CAM, inputs=pb.Inputs(images=pb.EncodedImages(images=[png])))
+    g = stub.Explain(request, timeout=60).items[0].geometry
+    assert (g.width, g.height, g.resize, g.x0, g.y0, g.x1, g.y1) == (128, 64, "stretch", 0, 0, 128, 64)
+    tensor_request = explain_request(demo_batch.images[:1], pb.GRAD_CAM)
+    assert not stub.Explain(tensor_request, timeout=60).items[0].HasField("geometry")
+    # The same demo model configured to centre-crop, as torchvision's classification transforms do.
+    registry = ModelRegistry([ModelConfig(name="demo", source="demo", input=InputSpec(resize="center_crop"))],
+                             cache_dir=service_cache_dir)
+    harness = start_server(LocalBackend(registry))
+    try:
+        with grpc.insecure_channel(harness.address) as channel:
+            cropping = pb_grpc.AttributionServiceStub(channel)
+            spec = cropping.GetModel(pb.GetModelRequest(name="demo"), timeout=30).input_spec
+            assert spec.resize == "center_crop" and spec.crop_fraction == pytest.approx(0.875)
+            item = cropping.Explain(request, timeout=60).items[0]
+            g = item.geometry
+            # 64 / 0.875 covers the 64-pixel side: the centred 56 x 56 square of the 128 x 64 image.
+            assert (g.width, g.height, g.resize, g.x0, g.y0, g.x1, g.y1) == (128, 64, "center_crop", 36, 4, 92, 60)
+            assert list(item.attributions[0].map.shape) == [64, 64]
+    finally:
+        harness.stop()
 
 
 def test_request_id_from_metadata(stub, demo_batch):
