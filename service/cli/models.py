@@ -28,8 +28,11 @@ def run(args: argparse.Namespace) -> int:
     for m in models:
         spec = m.input_spec
         star = " (default)" if m.is_default else ""
-        print(f"{m.name}{star}  version {m.version[:16]}  input {spec.channels}x{spec.height}x{spec.width}  "
-              f"classes {m.num_classes}")
+        resize = spec.resize or "stretch"
+        if resize == "center_crop":
+            resize += f" {spec.crop_fraction:g}"
+        print(f"{m.name}{star}  version {m.version[:16]}  input {spec.channels}x{spec.height}x{spec.width} "
+              f"({resize})  classes {m.num_classes}")
         print(f"  CAM layers: {', '.join(m.cam_layers) or '-'} (default {m.default_cam_layer or '-'})")
         print(f"  online:  {', '.join(pb.Method.Name(x).lower() for x in m.online_methods)}")
         print(f"  offline: {', '.join(pb.Method.Name(x).lower() for x in m.offline_methods)}")

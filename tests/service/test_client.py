@@ -1,6 +1,7 @@
 """client.py against real servers: arrays and files in, numpy out, retries, deadlines, auth, TLS."""
 from __future__ import annotations
 
+import argparse
 import asyncio
 import datetime
 import ipaddress
@@ -43,9 +44,21 @@ def test_array_round_trip(dtype):
         tensor_from_array(a.astype(np.int32))
 
 
-def test_models(client):
+def test_models(client, server, capsys):
     (info,) = client.models()
     assert info.name == "demo" and client.model().name == "demo"
+    assert info.input_spec.resize == "stretch"
+    from service.cli import models as models_cli
+    args = argparse.Namespace(server=server.address, token=None, ca=None, timeout=10.0, json=False)
+    assert models_cli.run(args) == 0
+    assert "input 3x64x64 (stretch)" in capsys.readouterr().out
+
+
+def test_photo_results_carry_their_geometry(client, images):
+    png = bytes(tvio.encode_png(torch.from_numpy((images[0] * 255).round().astype(np.uint8))).numpy())
+    (item,) = client.explain(images=[png], method="grad_cam").items
+    assert (item.geometry.width, item.geometry.height, item.geometry.resize) == (64, 64, "stretch")
+    assert client.explain(images[:1], method="grad_cam").items[0].geometry is None
 
 
 def test_layouts_dtypes_and_torch_agree(client, images):
