@@ -76,9 +76,15 @@ class ServiceConfig:
         models = ", ".join(f"{m.name} ({m.source}, {m.replicas if not m.autoscaling else 'autoscaling'} "
                            f"replica{'s' if m.replicas != 1 else ''})" for m in self.app.models)
         s, lim = self.server, self.server.limits
+        if self.jobs.store:
+            from service.jobs.pg_store import redact
+
+            store = f"shared store {redact(self.jobs.store)} (lease {self.jobs.lease_s:g} s)"
+        else:
+            store = "SQLite in the data directory"
         return (f"models: {models}; default {self.app.default}\n"
                 f"server: {s.host}:{s.port}, metrics {s.metrics_port}, limits {lim.max_items} explanations / "
                 f"{lim.max_samples} samples / {lim.max_steps} steps per request, admission "
                 f"{'on' if s.admission.enabled else 'off'}\n"
-                f"jobs: concurrency {self.jobs.concurrency}, {self.jobs.offline.replicas} offline replica(s); "
+                f"jobs: {store}, concurrency {self.jobs.concurrency}, {self.jobs.offline.replicas} offline replica(s); "
                 f"audit: {'on' if self.audit.enabled else 'off by default'}")

@@ -64,6 +64,31 @@ def ray_session():
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server for the session (tests/postgres.py); skipped where none is installed."""
+    import os
+
+    from tests.postgres import PostgresServer
+
+    try:
+        server = PostgresServer()
+    except FileNotFoundError as exc:
+        if os.environ.get("ATTRIBUTION_REQUIRE_POSTGRES") == "1":
+            raise
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh, empty database on the session's server, dropped after the test."""
+    url = postgres_server.database()
+    yield url
+    postgres_server.drop(url)
+
+
 # Fixtures that start another process: the tests that use them are `process` tests.
 PROCESS_FIXTURES = ("local_server", "serve_process", "processes")
 
@@ -78,3 +103,5 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.ray)
         if any(name in names for name in PROCESS_FIXTURES):
             item.add_marker(pytest.mark.process)
+        if "postgres_server" in names:
+            item.add_marker(pytest.mark.postgres)

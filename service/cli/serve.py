@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import pathlib
 import signal
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090; 0 = any)")
     parser.add_argument("--metrics-host", help="/metrics bind address (default: --host when given, else 0.0.0.0)")
     parser.add_argument("--data-dir", help="jobs, results and audit logs (default: the user's data directory)")
+    parser.add_argument("--job-store", metavar="URL",
+                        help="jobs in PostgreSQL (postgresql://user@host/db), one queue shared by every front door "
+                             "that names it (default: SQLite in the data directory; config: jobs.store)")
     parser.add_argument("--address", help="Ray cluster address (default: start a local Ray instance)")
     parser.add_argument("--num-cpus", type=int, help="CPUs for a local Ray instance (default: all)")
     parser.add_argument("--attach", action="store_true", help="front already-deployed applications only")
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
             logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
     try:  # all of it, before Ray starts: a bad key costs nothing to find
         config = ServiceConfig.load(args.config, server_overrides(args))
+        if getattr(args, "job_store", None):
+            config = dataclasses.replace(config, jobs=dataclasses.replace(config.jobs, store=args.job_store))
     except InvalidArgument as exc:
         print(f"attribution serve: invalid config: {exc}", file=sys.stderr)
         return 2
@@ -122,7 +128,13 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
             backend = ServeBackend.from_config(app_config, **server_config.coalesce.backend_options())
         server = await create_server(server_config, backend, offline=ServeOfflineBackend(), data_dir=data_dir,
                                      audit=config.audit, jobs=jobs_config)
-        print(f"attribution: data directory (jobs, results, audit) {data_dir}", flush=True)
+        if jobs_config.store:
+            from service.jobs.pg_store import redact
+
+            print(f"attribution: data directory (audit) {data_dir}; jobs and results in {redact(jobs_config.store)}",
+                  flush=True)
+        else:
+            print(f"attribution: data directory (jobs, results, audit) {data_dir}", flush=True)
         print(f"attribution: gRPC listening on {server_config.host}:{server.port} "
               f"(front door on {torch.get_num_threads()} torch threads; the kernels run in the replicas)", flush=True)
         if getattr(server, "metrics_port", None):

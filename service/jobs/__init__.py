@@ -1,4 +1,4 @@
-"""Offline jobs: a durable queue (SQLite), a runner feeding the offline workers, the job RPCs.
+"""Offline jobs: a durable queue (SQLite, or PostgreSQL shared by a cluster's front doors), a runner feeding the offline workers, the job RPCs.
 
     jobs = Jobs.create(data_dir, backend, servicer.models, limits=config.limits,
                        config=JobsConfig.from_dict(sections.get("jobs")), registry=metrics.registry)
@@ -45,8 +45,9 @@ class Jobs:
                models: Mapping[str, ModelDescription], *, limits: Limits, config: JobsConfig = JobsConfig(),
                registry: CollectorRegistry | None = None, decoder: ImageDecoder | None = None,
                audit=None) -> "Jobs":
-        """Opens `<data_dir>/jobs.sqlite3` (None: the user's data directory) and wires the parts."""
-        store = open_store(data_dir, max_attempts=config.max_attempts)
+        """Opens the store (`config.store`, else `<data_dir>/jobs.sqlite3`; None: the user's data directory)
+        and wires the parts."""
+        store = open_store(data_dir, max_attempts=config.max_attempts, url=config.store, lease_s=config.lease_s)
         metrics = JobMetrics(registry, store.counts) if registry is not None else None
         runner = JobRunner(store, backend, models, limits=limits, config=config, metrics=metrics, decoder=decoder,
                            audit=audit)

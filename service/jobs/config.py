@@ -1,6 +1,8 @@
 """The offline queue's configuration: the config file's `jobs:` section, read once at start.
 
     jobs:
+      store: ""                 # "" = SQLite in the data directory; postgresql://user@host/db = shared
+      lease_s: 30               # a shared store's claim lasts this long without a renewal
       concurrency: 1            # jobs this front door runs at once
       max_items: 1024           # items per job request
       max_attempts: 5
@@ -37,7 +39,17 @@ class JobsConfig:
     cancel_wait_s: how long CancelJob waits for a running job to stop before answering.
     retries: reruns of a job whose offline worker became unavailable, before it fails.
     offline: the offline Serve deployment.
+    store: where jobs live. "" (the default): `<data dir>/jobs.sqlite3`, this front door's own.
+        A `postgresql://` URL (libpq form, e.g. postgresql://attribution@db.internal:5432/attribution):
+        one queue shared by every front door that names it; any of them runs, answers and
+        cancels any job.
+    lease_s: with a shared store, how long a claimed job stays with its runner without a
+        renewal (the runner renews it every third of that); a job whose runner died is taken over
+        by another front door once its lease has run out.
     """
+
+    store: str = ""
+    lease_s: float = 30.0
 
     concurrency: int = 1
     max_items: int = 1024
@@ -55,7 +67,10 @@ class JobsConfig:
                   ("progress_persist_s", 0 <= self.progress_persist_s <= 3600, "must be 0..3600 seconds"),
                   ("poll_s", 0.01 <= self.poll_s <= 3600, "must be 0.01..3600 seconds"),
                   ("cancel_wait_s", 0 <= self.cancel_wait_s <= 60, "must be 0..60 seconds"),
-                  ("retries", 0 <= self.retries <= 100, "must be 0..100"))
+                  ("retries", 0 <= self.retries <= 100, "must be 0..100"),
+                  ("store", not self.store or self.store.startswith(("postgresql://", "postgres://")),
+                   "must be empty (SQLite in the data directory) or a postgresql:// URL"),
+                  ("lease_s", 1 <= self.lease_s <= 3600, "must be 1..3600 seconds"))
         for name, ok, why in checks:
             check(ok, f"jobs.{name}", why)
 

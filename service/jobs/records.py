@@ -83,7 +83,12 @@ class JobStore(Protocol):
         """Atomically marks the next QUEUED job (priority desc, submission asc) RUNNING with a new token."""
 
     def set_progress(self, job_id: str, token: str, progress: float) -> bool:
-        """Records progress; answers whether cancellation was requested. `StaleAttempt` if not the owner."""
+        """Records progress (and renews a lease); answers whether cancellation was requested.
+        `StaleAttempt` if not the owner."""
+
+    def heartbeat(self, job_id: str, token: str) -> bool:
+        """The runner still works on the job: renews its lease where the store has leases; answers whether
+        cancellation was requested. `StaleAttempt` if the attempt lost the job (its lease ran out)."""
 
     def finish(self, job_id: str, token: str, state: int, *, error: tuple[int, str] = (0, ""),
                result: bytes | None = None) -> JobRecord:
@@ -103,7 +108,8 @@ class JobStore(Protocol):
         """Jobs per state."""
 
     def recover(self) -> dict[str, int]:
-        """At start: settles the RUNNING jobs a killed process left (requeued, cancelled or failed)."""
+        """At start: settles the RUNNING jobs a killed process left (requeued, cancelled or failed); a shared
+        store settles only those whose lease ran out."""
 
     def close(self) -> None:
         """Releases the store; idempotent."""

@@ -134,6 +134,7 @@ class JobRunner:
         if job.cancel_requested:  # asked before a graceful stop gave the job back
             cancel.set()
         self.publish(job)
+        beat = asyncio.create_task(self._heartbeat(job, cancel), name=f"job-heartbeat-{job.id}")
         try:
             state, error, result = await self._attempt(job, cancel)
             final = await asyncio.to_thread(self.store.finish, job.id, job.token, state, error=error, result=result)
@@ -145,6 +146,8 @@ class JobRunner:
                 await asyncio.to_thread(self.store.release, job.id, job.token)
             raise
         finally:
+            beat.cancel()
+            await asyncio.gather(beat, return_exceptions=True)
             del self._cancels[job.id]
             audited = self._to_audit.pop(job.id, None)
         if audited is not None and self.audit is not None and final.state == SUCCEEDED:
@@ -155,6 +158,21 @@ class JobRunner:
             self.metrics.observe_finished(codec.METHOD_NAMES.get(final.method, "unknown"), final.state,
                                           final.finished - final.started)
         log.info("job %s %s after %.1f s", job.id, pb.JobState.Name(final.state), final.finished - final.started)
+
+    async def _heartbeat(self, job: JobRecord, cancel: asyncio.Event) -> None:
+        """Renews the job's lease (a shared store's) every third of it, and picks up a cancel asked through
+        another front door. An attempt that lost the job stops working on it: its final write would not land."""
+        period = max(0.05, float(getattr(self.store, "lease_s", 0.0) or self.config.lease_s) / 3)
+        while not cancel.is_set():
+            await asyncio.sleep(period)
+            try:
+                if await asyncio.to_thread(self.store.heartbeat, job.id, job.token):
+                    cancel.set()
+            except StaleAttempt as exc:
+                log.warning("job %s: %s (its lease ran out); stopping its work", job.id, exc.message)
+                cancel.set()
+            except Exception as exc:  # the store is unreachable for now: the lease may still hold at the next beat
+                log.warning("job %s: renewing its lease failed: %s", job.id, exc)
 
     async def _attempt(self, job: JobRecord, cancel: asyncio.Event) -> tuple[int, tuple[int, str], bytes | None]:
         """(final state, (code, message), result bytes) of one attempt; raises StaleAttempt."""

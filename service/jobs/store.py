@@ -1,4 +1,5 @@
-"""The durable job store: the `JobStore` interface and its SQLite (WAL) implementation.
+"""The durable job store: the `JobStore` interface and its SQLite (WAL) implementation
+(PostgreSQL, shared by the front doors of a cluster: pg_store.py).
 
 A job moves QUEUED -> RUNNING -> SUCCEEDED | FAILED | CANCELLED. Every move is one
 SQLite write statement or one IMMEDIATE transaction, so it is atomic across threads,
@@ -10,8 +11,8 @@ as the SUCCEEDED state: a client sees a final state with its result, or no final
 state at all, and never two.
 
 The store speaks `JobRecord`s and the proto's JobState numbers; it knows nothing
-of gRPC or of what a request means. A shared store for multi-node clusters
-implements the same `JobStore` protocol.
+of gRPC or of what a request means. The shared store for multi-node clusters
+(pg_store.PostgresJobStore) implements the same `JobStore` protocol.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from service._proto import attribution_pb2 as pb
 from workers.errors import FailedPrecondition, InvalidArgument, JobNotFound
 
 # google.rpc.Code INTERNAL: what a job that keeps killing its process fails with.
-_INTERNAL = 13
+INTERNAL_CODE = 13
 _TOKEN_VERSION = 1
 
 _SCHEMA = """
@@ -72,8 +73,14 @@ def default_data_dir() -> pathlib.Path:
     return pathlib.Path(base) / "attribution-service"
 
 
-def open_store(data_dir: str | os.PathLike | None = None, *, max_attempts: int = 5) -> "SqliteJobStore":
-    """The job store of a data directory (created if missing): `<dir>/jobs.sqlite3`."""
+def open_store(data_dir: str | os.PathLike | None = None, *, max_attempts: int = 5, url: str = "",
+               lease_s: float = 30.0) -> JobStore:
+    """The job store: PostgreSQL at `url` (postgresql://...) when given, shared by every front door;
+    else the data directory's own SQLite file (created if missing), `<dir>/jobs.sqlite3`."""
+    if url:
+        from service.jobs.pg_store import PostgresJobStore
+
+        return PostgresJobStore(url, lease_s=lease_s, max_attempts=max_attempts)
     directory = pathlib.Path(data_dir) if data_dir else default_data_dir()
     directory.mkdir(parents=True, exist_ok=True)
     return SqliteJobStore(directory / "jobs.sqlite3", max_attempts=max_attempts)
@@ -174,7 +181,7 @@ class SqliteJobStore:
             raise InvalidArgument.field("states", f"unknown job state in {wanted}")
         if page_size < 1:
             raise InvalidArgument.field("page_size", "must be positive")
-        before = _decode_page_token(page_token, wanted) if page_token else None
+        before = decode_page_token(page_token, wanted) if page_token else None
         where, args = [], []
         if wanted:
             where.append(f"state IN ({', '.join('?' * len(wanted))})")
@@ -188,7 +195,7 @@ class SqliteJobStore:
                                     (*args, page_size + 1)).fetchall()
         records = [record_from_row(r) for r in rows[:page_size]]
         more = len(rows) > page_size
-        return records, _encode_page_token(records[-1].seq, wanted) if more else ""
+        return records, encode_page_token(records[-1].seq, wanted) if more else ""
 
     # ----------------------------------------------------------- writes --
 
@@ -214,6 +221,14 @@ class SqliteJobStore:
             f"WHERE seq = (SELECT seq FROM jobs WHERE state = ? ORDER BY priority DESC, seq ASC LIMIT 1) "
             f"AND state = ? RETURNING {COLUMNS}", (RUNNING, token, time.time(), QUEUED, QUEUED))
         return None if row is None else record_from_row(row)
+
+    def heartbeat(self, job_id: str, token: str) -> bool:
+        """One process owns this file (the lock), so there is no lease to renew: the ownership check."""
+        row = self._one("SELECT cancel_requested FROM jobs WHERE id = ? AND token = ? AND state = ?",
+                        (job_id, token, RUNNING))
+        if row is None:
+            raise StaleAttempt(f"job {job_id}: attempt {token[:8]} no longer owns it")
+        return bool(row[0])
 
     def set_progress(self, job_id: str, token: str, progress: float) -> bool:
         row = self._one("UPDATE jobs SET progress = MAX(progress, ?) WHERE id = ? AND token = ? AND state = ? "
@@ -269,7 +284,7 @@ class SqliteJobStore:
             failed = db.execute(
                 "UPDATE jobs SET state = ?, finished = ?, token = NULL, error_code = ?, error_message = ? "
                 "WHERE state = ? AND attempt >= ?",
-                (FAILED, now, _INTERNAL, f"the service stopped while running this job {self.max_attempts} "
+                (FAILED, now, INTERNAL_CODE, f"the service stopped while running this job {self.max_attempts} "
                                          "times; it is not retried again", RUNNING, self.max_attempts)).rowcount
             requeued = db.execute("UPDATE jobs SET state = ?, token = NULL, progress = 0, started = 0 "
                                   "WHERE state = ?", (QUEUED, RUNNING)).rowcount
@@ -285,12 +300,12 @@ class SqliteJobStore:
             self._lock_file = None
 
 
-def _encode_page_token(last_seq: int, states: list[int]) -> str:
+def encode_page_token(last_seq: int, states: list[int]) -> str:
     raw = json.dumps({"v": _TOKEN_VERSION, "before": last_seq, "states": states}, separators=(",", ":"))
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
-def _decode_page_token(token: str, states: list[int]) -> int:
+def decode_page_token(token: str, states: list[int]) -> int:
     """The seq the page starts below; the token must come from a listing with the same filter."""
     try:
         raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))

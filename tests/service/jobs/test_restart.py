@@ -23,8 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.a
 class ServiceProcess:
     """`python -m tests.service.jobs.serve_local` on a data dir: a whole service in its own process."""
 
-    def __init__(self, data_dir, cache_dir):
-        command = [sys.executable, "-m", "tests.service.jobs.serve_local", "--data-dir", str(data_dir)]
+    def __init__(self, data_dir, cache_dir, *extra: str):
+        command = [sys.executable, "-m", "tests.service.jobs.serve_local", "--data-dir", str(data_dir), *extra]
         if cache_dir is not None:
             command += ["--cache-dir", str(cache_dir)]
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
