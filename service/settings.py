@@ -77,7 +77,7 @@ class ServiceConfig:
                            f"replica{'s' if m.replicas != 1 else ''})" for m in self.app.models)
         s, lim = self.server, self.server.limits
         if self.jobs.store:
-            from service.jobs.pg_store import redact
+            from service.pgschema import redact
 
             store = f"shared store {redact(self.jobs.store)} (lease {self.jobs.lease_s:g} s)"
         else:

@@ -2,7 +2,9 @@
 
 `AuditLog.record(spec, response)` only puts the request on a bounded queue; a
 writer thread turns it into records and appends them to `<dir>/audit.jsonl`,
-rotated by size (`audit.jsonl.1` is the newest rotated file). A full queue
+rotated by size (`audit.jsonl.1` is the newest rotated file), or, with
+`audit.store` set, inserts them into a PostgreSQL table shared by every front
+door (service/audit/sinks.py; while it cannot be reached the records wait). A full queue
 either blocks the caller or counts the request's records as dropped: a record
 is never lost without `attribution_audit_dropped_total` saying so.
 
@@ -38,7 +40,6 @@ Non-finite floats are written as strings ("nan", "inf"): JSON has no NaN.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import math
 import os
@@ -53,19 +54,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from service import codec
 from service._proto import attribution_pb2 as pb
-from workers.errors import FailedPrecondition
 from workers.schema import build, check
 from workers.spec import ExplainSpec
 
-from service.audit.records import (LOG_NAME, Entry, rotated_indices,
-                                   input_ref, map_count, record_lines, save_array, should_audit)
+from service.audit.records import LOG_NAME, Entry, input_ref, map_count, record_lines, save_array, should_audit
+from service.audit.sinks import JsonlSink, PostgresSink
+from service.pgschema import is_url
 
 
 log = logging.getLogger(__name__)
 
 FULL_POLICIES = ("block", "drop")
 MIB = 1 << 20
-_LOCK_NAME = ".audit.lock"
+_RETRY_FIRST_S, _RETRY_MAX_S = 0.1, 5.0   # a shared sink that cannot be reached is retried this often
 _DRAIN_MAX = 256          # entries written between two flushes
 _BLOCK_POLL_S = 0.1       # a blocked caller re-checks for room and shutdown this often
 _WARN_EVERY_S = 10.0
@@ -90,6 +91,9 @@ class AuditConfig:
     store_baselines: save custom IG baselines the same way; they are parameters,
         and a map cannot be reproduced without them.
     fsync_interval_s: the longest a written record waits for fsync; 0 = after every write batch.
+    store: "" (the default): JSON Lines files in `directory`. A `postgresql://` URL: rows of the
+        `attribution_audit` table, one table for every front door that names it (stored inputs stay
+        files in `directory`; `audit verify URL` and `audit export URL` read the table).
     """
 
     enabled: bool = True
@@ -101,6 +105,7 @@ class AuditConfig:
     store_inputs: bool = False
     store_baselines: bool = True
     fsync_interval_s: float = 1.0
+    store: str = ""
 
     def __post_init__(self) -> None:
         check(self.max_bytes == 0 or 1024 <= self.max_bytes <= 1 << 40, "audit.max_bytes",
@@ -109,6 +114,8 @@ class AuditConfig:
         check(1 <= self.buffer_entries <= 1_000_000, "audit.buffer_entries", "must be 1..1000000")
         check(self.when_full in FULL_POLICIES, "audit.when_full", f"must be one of {', '.join(FULL_POLICIES)}")
         check(0 <= self.fsync_interval_s <= 3600, "audit.fsync_interval_s", "must be 0..3600 seconds")
+        check(not self.store or is_url(self.store), "audit.store",
+              "must be empty (JSON Lines files in the audit directory) or a postgresql:// URL")
 
     def directory_for(self, data_dir: str | os.PathLike) -> pathlib.Path:
         """The log directory: `directory`, else `<data_dir>/audit`."""
@@ -144,10 +151,8 @@ class AuditLog:
         self._gate = threading.Lock()
         self._room = threading.Condition()
         self._last_warning = -math.inf
-        self._lock_fh = self._take_lock()
-        self._file = None
-        self._size = 0
-        self._dirty_since: float | None = None
+        self.sink = (PostgresSink(config.store) if config.store else
+                     JsonlSink(self.directory, config.max_bytes, config.keep, config.fsync_interval_s))
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         if start:
             self._thread.start()
@@ -209,12 +214,15 @@ class AuditLog:
 
     def _drop(self, entry: Entry, reason: str) -> bool:
         self.dropped_total.labels(reason).inc(entry.records)
+        self._warn(f"audit: {entry.records} records of request {entry.spec.request_id} not written ({reason}); "
+                   "see attribution_audit_dropped_total")
+        return False
+
+    def _warn(self, message: str) -> None:
         now = time.monotonic()
         if now - self._last_warning >= _WARN_EVERY_S:  # one line per interval, not one per request
             self._last_warning = now
-            log.warning("audit: %d records of request %s not written (%s); see attribution_audit_dropped_total",
-                        entry.records, entry.spec.request_id, reason)
-        return False
+            log.warning("%s", message)
 
     def start(self) -> None:
         """Starts the writer (done by the constructor unless start=False)."""
@@ -236,23 +244,11 @@ class AuditLog:
         if self._thread.is_alive():
             self._abort.set()
             self._thread.join(5.0)
-        if self._lock_fh is not None and not self._thread.is_alive():
-            self._lock_fh.close()  # releases the flock
-            self._lock_fh = None
+        if not self._thread.is_alive():
+            self.sink.release()  # the directory's lock
         return not self._abort.is_set()
 
     # ------------------------------------------------------------- writer --
-
-    def _take_lock(self):
-        """One writer per directory: rotation by two processes would interleave and lose files."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fh = open(self.directory / _LOCK_NAME, "a")
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.close()
-            raise FailedPrecondition(f"another process is writing the audit log in {self.directory}") from None
-        return fh
 
     def _run(self) -> None:
         poll = min(max(self.config.fsync_interval_s, 0.01), _BLOCK_POLL_S)
@@ -262,7 +258,7 @@ class AuditLog:
             except queue.Empty:
                 if self._closing.is_set() and self._queue.empty():
                     break
-                self._sync(fsync=False)
+                self.sink.sync(fsync=False)
                 continue
             batch = [entry]
             while len(batch) < _DRAIN_MAX:
@@ -277,12 +273,11 @@ class AuditLog:
                     self._drop(item, "shutdown")
                 else:
                     self._write_entry(item)
-            self._sync(fsync=False)
+            self.sink.sync(fsync=False)
             if self._abort.is_set():
                 self._drain_dropped()
                 break
-        self._sync(fsync=True)
-        self._close_file()
+        self.sink.close()
 
     def _drain_dropped(self) -> None:
         while True:
@@ -294,16 +289,31 @@ class AuditLog:
     def _write_entry(self, entry: Entry) -> None:
         try:
             lines = record_lines(entry, self._store_inputs(entry), self._baseline(entry.spec))
-            self._append("".join(line + "\n" for line in lines).encode())
         except OSError as exc:
-            log.error("audit: cannot write %s: %s", self.path, exc)
-            self._close_file()  # reopened for the next entry: the disk may recover
+            log.error("audit: cannot store the inputs of request %s: %s", entry.spec.request_id, exc)
             self._drop(entry, "write_error")
+            return
         except Exception:  # a bug here must cost this request's records, counted, not the writer
             log.exception("audit: cannot build the records of request %s", entry.spec.request_id)
             self._drop(entry, "error")
-        else:
-            self.records_total.inc(len(lines))
+            return
+        pause = _RETRY_FIRST_S
+        while True:
+            try:
+                self.sink.write(lines)
+            except self.sink.errors as exc:
+                self.sink.failed()
+                if not self.sink.retry or self._abort.is_set():
+                    log.error("audit: cannot write to %s: %s", self.sink.describe(), exc)
+                    self._drop(entry, "write_error")
+                    return
+                # The records wait here; the buffer behind them fills and its when-full policy applies.
+                self._warn(f"audit: cannot write to {self.sink.describe()} ({exc}); retrying in {pause:.1f} s")
+                self._abort.wait(pause)
+                pause = min(pause * 2, _RETRY_MAX_S)
+            else:
+                self.records_total.inc(len(lines))
+                return
 
     def _store_inputs(self, entry: Entry) -> list[str | None]:
         items = entry.response.items
@@ -326,74 +336,3 @@ class AuditLog:
             save_array(self.directory / input_ref(sha), tensor)
             ref = input_ref(sha)
         return {"sha256": sha, "shape": [int(d) for d in tensor.shape], "ref": ref}
-
-    def _append(self, data: bytes) -> None:
-        if self._file is None:
-            self._open()
-        limit = self.config.max_bytes
-        if limit and self._size and self._size + len(data) > limit:
-            self._rotate()
-        self._file.write(data)
-        self._size += len(data)
-        if self._dirty_since is None:
-            self._dirty_since = time.monotonic()
-
-    def _open(self) -> None:
-        self._file = open(self.path, "ab")
-        self._size = self._file.tell()
-        if self._size and not _ends_with_newline(self.path):
-            # A crash cut the last line short: keep it a line of its own (verify
-            # reports it) instead of gluing the next record onto it.
-            self._file.write(b"\n")
-            self._size += 1
-
-    def _close_file(self) -> None:
-        if self._file is not None:
-            file, self._file = self._file, None
-            try:
-                file.close()
-            except OSError as exc:
-                log.error("audit: cannot close %s: %s", self.path, exc)
-
-    def _rotate(self) -> None:
-        self._sync(fsync=True)
-        self._close_file()
-        rotated = sorted(rotated_indices(self.directory), reverse=True)
-        keep = self.config.keep
-        for n in rotated:
-            source = self.directory / f"{LOG_NAME}.{n}"
-            if keep and n >= keep:
-                source.unlink(missing_ok=True)
-            else:
-                os.replace(source, self.directory / f"{LOG_NAME}.{n + 1}")
-        os.replace(self.path, self.directory / f"{LOG_NAME}.1")
-        _fsync_dir(self.directory)
-        self._open()
-
-    def _sync(self, fsync: bool) -> None:
-        """Flushes to the OS (readers see the records), and fsyncs when asked or due."""
-        if self._file is None:
-            return
-        due = self._dirty_since is not None and time.monotonic() - self._dirty_since >= self.config.fsync_interval_s
-        try:
-            self._file.flush()
-            if fsync or due:
-                os.fsync(self._file.fileno())
-                self._dirty_since = None
-        except OSError as exc:
-            log.error("audit: cannot flush %s: %s", self.path, exc)
-
-
-def _ends_with_newline(path: pathlib.Path) -> bool:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1) == b"\n"
-
-
-def _fsync_dir(directory: pathlib.Path) -> None:
-    """Makes renames durable, so a crash cannot lose a rotated file."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -23,7 +23,7 @@ import pathlib
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ import torch
 from service import codec
 from service.audit.records import (INPUTS_DIR, READABLE_SCHEMAS, decode_map, fields_for, log_files, map_summary,
                                    summaries_agree)
+from service.audit.sinks import read_table
+from service.pgschema import is_url
 from workers.errors import AttributionError
 from service.backends.local import LocalBackend
 from workers.models import ModelRegistry, describe
@@ -352,16 +354,24 @@ def _rerun(group: list[_Logged], entry: list[_Logged], backend: LocalBackend,
     return [_compare(g, response) for g in group]
 
 
-def verify(log_paths: Iterable[str | pathlib.Path], backend: LocalBackend | ModelRegistry,
+def verify(log_paths: Sequence[str | pathlib.Path], backend: LocalBackend | ModelRegistry,
            inputs_dir: str | pathlib.Path | None = None, sample: int | None = None, seed: int = 0,
-           store_dirs: Iterable[str | pathlib.Path] = ()) -> VerifyReport:
+           store_dirs: Sequence[str | pathlib.Path] = ()) -> VerifyReport:
     """Re-runs every (or `sample` randomly chosen, from `seed`) record of the logs; see VerifyReport.
 
     A sample is drawn from the records whose input is at hand (stored, or among `inputs_dir`'s files);
     the others are reported as skipped, so a log that mostly cannot be checked still gets `sample` checks.
     store_dirs: further audit stores to search for inputs (each log's own `inputs/` always is).
+    log_paths: JSONL files, audit directories, or postgresql:// URLs of audit tables (audit.store).
     """
-    logged, invalid = read_records(expand_paths(log_paths))
+    sources = [str(p) for p in log_paths]
+    tables = [s for s in sources if is_url(s)]
+    logged, invalid = read_records(expand_paths([s for s in sources if not is_url(s)]))
+    # A table's records name their stored inputs relative to an audit directory: the first store's.
+    table_dir = pathlib.Path(next(iter(store_dirs))).parent if store_dirs else pathlib.Path.cwd()
+    for url in tables:
+        for row_id, line in read_table(url):
+            _read_line(line, f"attribution_audit:{row_id}", table_dir, logged, invalid)
     report = VerifyReport(records=len(logged), checks=list(invalid))
     finder = InputFinder([pathlib.Path(d) for d in store_dirs], pathlib.Path(inputs_dir) if inputs_dir else None)
     owned = isinstance(backend, ModelRegistry)

@@ -129,7 +129,7 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
         server = await create_server(server_config, backend, offline=ServeOfflineBackend(), data_dir=data_dir,
                                      audit=config.audit, jobs=jobs_config)
         if jobs_config.store:
-            from service.jobs.pg_store import redact
+            from service.pgschema import redact
 
             print(f"attribution: data directory (audit) {data_dir}; jobs and results in {redact(jobs_config.store)}",
                   flush=True)

@@ -12,14 +12,13 @@ that several processes on several hosts run jobs from one table at once:
   after `max_attempts`), the same rules `recover()` applies to a restarted SQLite service.
   The dead runner's token no longer matches, so nothing it might still write lands, and the
   result is committed with the final state in one transaction: each job ends once.
-- The schema is versioned (`attribution_schema`): a service applies the migrations it knows
+- The schema is versioned (service/pgschema.py): a service applies the migrations it knows
   under an advisory lock at start, and refuses a database a newer service has migrated.
 
 Results are stored in the table as the serialized ExplainResponse (BYTEA), like SQLite's.
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 import uuid
@@ -28,55 +27,11 @@ from typing import Sequence
 from service.jobs.records import (ALL_STATES, CANCELLED, COLUMNS, FAILED, FINAL_STATES, QUEUED, RUNNING,
                                   SUCCEEDED, JobRecord, NewJob, StaleAttempt, record_from_row)
 from service.jobs.store import INTERNAL_CODE, decode_page_token, encode_page_token
+from service.pgschema import migrate, reason, redact
 from service._proto import attribution_pb2 as pb
 from workers.errors import FailedPrecondition, InvalidArgument, JobNotFound, Unavailable
 
-URL_SCHEMES = ("postgresql://", "postgres://")
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
-_MIGRATION_LOCK = 0x61747472  # pg_advisory_xact_lock key of schema changes ("attr")
-
-# Version n is MIGRATIONS[n - 1]; a migration is never edited once shipped, only appended to.
-MIGRATIONS = (
-    """
-    CREATE TABLE attribution_jobs (
-        seq BIGSERIAL PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        state INTEGER NOT NULL,
-        priority INTEGER NOT NULL,
-        idempotency_key TEXT UNIQUE,
-        model TEXT NOT NULL,
-        method INTEGER NOT NULL,
-        num_items INTEGER NOT NULL,
-        request BYTEA NOT NULL,
-        progress DOUBLE PRECISION NOT NULL DEFAULT 0,
-        created DOUBLE PRECISION NOT NULL,
-        started DOUBLE PRECISION NOT NULL DEFAULT 0,
-        finished DOUBLE PRECISION NOT NULL DEFAULT 0,
-        attempt INTEGER NOT NULL DEFAULT 0,
-        token TEXT,
-        cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
-        error_code INTEGER NOT NULL DEFAULT 0,
-        error_message TEXT NOT NULL DEFAULT '',
-        item_names TEXT NOT NULL DEFAULT '[]',
-        lease_expires DOUBLE PRECISION NOT NULL DEFAULT 0,  -- database clock, epoch seconds
-        owner TEXT NOT NULL DEFAULT ''                      -- the runner holding the lease
-    );
-    CREATE INDEX attribution_jobs_queue ON attribution_jobs (state, priority DESC, seq);
-    CREATE TABLE attribution_job_results (
-        job_id TEXT PRIMARY KEY REFERENCES attribution_jobs (id),
-        response BYTEA NOT NULL
-    );
-    """,
-)
-
-
-def is_url(value: str) -> bool:
-    return value.startswith(URL_SCHEMES)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 class PostgresJobStore:
@@ -103,7 +58,7 @@ class PostgresJobStore:
             self._pool.open(wait=True, timeout=connect_timeout_s)
         except Exception as exc:
             self._pool.close()
-            raise Unavailable(f"cannot reach the job store at {redact(url)}: {_reason(exc)}") from None
+            raise Unavailable(f"cannot reach the job store at {redact(url)}: {reason(exc)}") from None
         self._reaped_at = 0.0
         self._reap_lock = threading.Lock()
         try:
@@ -115,19 +70,8 @@ class PostgresJobStore:
     # ------------------------------------------------------------ schema --
 
     def _migrate(self) -> None:
-        with self._pool.connection() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
-            conn.execute("CREATE TABLE IF NOT EXISTS attribution_schema (version INTEGER NOT NULL, "
-                         "applied DOUBLE PRECISION NOT NULL)")
-            (version,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM attribution_schema").fetchone()
-            if version > len(MIGRATIONS):
-                raise FailedPrecondition(
-                    f"the job store at {redact(self.url)} has schema version {version}; this service knows up to "
-                    f"{len(MIGRATIONS)}: upgrade the service (a newer one migrated the database)")
-            for number in range(version + 1, len(MIGRATIONS) + 1):
-                conn.execute(MIGRATIONS[number - 1])
-                conn.execute("INSERT INTO attribution_schema (version, applied) VALUES (%s, %s)",
-                             (number, time.time()))
+        with self._pool.connection() as conn:
+            migrate(conn, self.url)
 
     def schema_version(self) -> int:
         return int(self._one("SELECT COALESCE(MAX(version), 0) FROM attribution_schema", ())[0])
@@ -295,8 +239,3 @@ class PostgresJobStore:
     def close(self) -> None:
         self._pool.close()
 
-
-def _reason(exc: Exception) -> str:
-    """A connection error's first line, without the URL's password."""
-    text = str(exc).strip().splitlines()
-    return redact(text[0] if text else type(exc).__name__)

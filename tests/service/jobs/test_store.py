@@ -13,6 +13,7 @@ import pytest
 
 from service._proto import attribution_pb2 as pb
 from service.jobs.pg_store import PostgresJobStore
+from service.pgschema import MIGRATIONS
 from service.jobs.store import (CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, NewJob, SqliteJobStore,
                                 StaleAttempt, open_store)
 from workers.errors import FailedPrecondition, InvalidArgument, JobNotFound, Unavailable
@@ -356,11 +357,11 @@ def test_postgres_schema_is_versioned_and_a_newer_one_is_refused(postgres_url):
         t.start()
     for t in threads:
         t.join(60)
-    assert not errors and len(stores) == 3 and stores[0].schema_version() == 1
+    assert not errors and len(stores) == 3 and stores[0].schema_version() == len(MIGRATIONS)
     for s in stores:
         s.close()
     with psycopg.connect(postgres_url, autocommit=True) as conn:
-        assert conn.execute("SELECT COUNT(*) FROM attribution_schema").fetchone()[0] == 1
+        assert conn.execute("SELECT COUNT(*) FROM attribution_schema").fetchone()[0] == len(MIGRATIONS)
         conn.execute("INSERT INTO attribution_schema (version, applied) VALUES (99, 0)")
     with pytest.raises(FailedPrecondition, match="schema version 99.*upgrade the service"):
         PostgresJobStore(postgres_url)
