@@ -66,10 +66,10 @@ def ray_session():
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throwaway PostgreSQL server for the session (tests/postgres.py); skipped where none is installed."""
+    """A throwaway PostgreSQL server for the session (loadtests/pgserver.py); skipped where none is installed."""
     import os
 
-    from tests.postgres import PostgresServer
+    from loadtests.pgserver import PostgresServer
 
     try:
         server = PostgresServer()

@@ -1,7 +1,7 @@
 """The job stores: claims, tokens, idempotency, cancel, paging, recovery, durability.
 
 The tests taking `store` or `open_shared` run against SQLite and against a real PostgreSQL server
-(tests/postgres.py); the rest are one store's own: SQLite's file lock and WAL, PostgreSQL's leases
+(loadtests/pgserver.py); the rest are one store's own: SQLite's file lock and WAL, PostgreSQL's leases
 and migrations."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A throwaway PostgreSQL server for tests: initdb into a temporary directory, on a free loopback port.
+"""A throwaway PostgreSQL server for tests and benchmarks: initdb into a temporary directory, on a free loopback port.
 
 PostgreSQL refuses to run as root; when the tests do, the server runs as `nobody` (its directory is
 handed to that user). `.ci/run` installs the server from Debian's packages; without it the tests
@@ -35,7 +35,8 @@ def _free_port() -> int:
 class PostgresServer:
     """One server for a test session; `database()` makes a fresh, empty database per test."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        """durable: fsync as a production server does (benchmarks); off, tests run faster."""
         self.initdb, self.pg_ctl = binary("initdb"), binary("pg_ctl")
         if not (self.initdb and self.pg_ctl):
             raise FileNotFoundError("PostgreSQL's initdb/pg_ctl are not installed (apt-get install postgresql)")
@@ -49,7 +50,7 @@ class PostgresServer:
         self._run([self.initdb, "-D", self.data, "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync",
                    "--no-instructions"])
         options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
-                   "-c fsync=off -c max_connections=200")
+                   f"-c fsync={'on' if durable else 'off'} -c max_connections=200")
         self._run([self.pg_ctl, "-D", self.data, "-l", os.path.join(self.root, "server.log"), "-w", "-t", "60",
                    "-o", options, "start"])
         self.url = f"postgresql://{USER}@127.0.0.1:{self.port}/postgres"
