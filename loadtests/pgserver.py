@@ -2,7 +2,7 @@
 
 PostgreSQL refuses to run as root; when the tests do, the server runs as `nobody` (its directory is
 handed to that user). `.ci/run` installs the server from Debian's packages; without it the tests
-that need one are skipped, unless ATTRIBUTION_REQUIRE_POSTGRES=1 (as CI sets) makes that a failure.
+that need one are skipped, unless ATTRIBUTION_REQUIRE_SYSTEM=1 (as CI sets) makes that a failure.
 """
 from __future__ import annotations
 

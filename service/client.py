@@ -25,6 +25,7 @@ from grpc_status import rpc_status
 
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
+from service.balancing import resolve_target
 from service.retry import Attempts, RetryPolicy, retry_delay
 from workers.methods import METHODS
 
@@ -251,9 +252,12 @@ class Explanation:
 
 # -------------------------------------------------------------- clients --
 
-def _channel_args(target: str, root_certificates: bytes | str | pathlib.Path | None, max_message_bytes: int):
+def _channel_args(target: str | Sequence[str], root_certificates: bytes | str | pathlib.Path | None,
+                  max_message_bytes: int):
+    """(target, credentials, options); several addresses are balanced (service/balancing.py)."""
+    target, balancing = resolve_target(target)
     options = [("grpc.max_send_message_length", max_message_bytes),
-               ("grpc.max_receive_message_length", max_message_bytes)]
+               ("grpc.max_receive_message_length", max_message_bytes), *balancing]
     credentials = None
     if root_certificates is not None:
         pem = root_certificates
@@ -279,9 +283,11 @@ class _ClientBase:
 
 
 class AttributionClient(_ClientBase):
-    """Blocking client. `root_certificates` (PEM bytes or path) turns TLS on."""
+    """Blocking client. `root_certificates` (PEM bytes or path) turns TLS on; `target` may name several
+    front doors ("h1:50051,h2:50051", a list, or dns:///name:port): calls are then balanced over the
+    healthy ones (service/balancing.py)."""
 
-    def __init__(self, target: str, *, token: str | None = None, root_certificates=None,
+    def __init__(self, target: str | Sequence[str], *, token: str | None = None, root_certificates=None,
                  timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         super().__init__(token, timeout, retry)
@@ -339,7 +345,7 @@ class AttributionClient(_ClientBase):
 class AsyncAttributionClient(_ClientBase):
     """asyncio client; the same calls as `AttributionClient`, awaited."""
 
-    def __init__(self, target: str, *, token: str | None = None, root_certificates=None,
+    def __init__(self, target: str | Sequence[str], *, token: str | None = None, root_certificates=None,
                  timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         super().__init__(token, timeout, retry)

@@ -74,7 +74,7 @@ def postgres_server():
     try:
         server = PostgresServer()
     except FileNotFoundError as exc:
-        if os.environ.get("ATTRIBUTION_REQUIRE_POSTGRES") == "1":
+        if os.environ.get("ATTRIBUTION_REQUIRE_SYSTEM") == "1":
             raise
         pytest.skip(str(exc))
     yield server
