@@ -18,6 +18,7 @@ model's name and source::
         num_gpus: 0
         num_cpus: 1                  # per replica; also its torch thread count
         cpu_affinity: []             # cores the replicas pin themselves to (Linux); [] = none
+        resources: {a100: 1}         # custom Ray resources per replica: placed on nodes that have them
         # instead of a fixed `replicas`: Ray Serve autoscaling on ongoing requests per replica
         autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8,
                       upscale_delay_s: 5, downscale_delay_s: 60}
@@ -78,6 +79,19 @@ class Limits:
         check(1 <= self.max_request_id_chars <= 1024, "server.limits.max_request_id_chars", "must be 1..1024")
 
 
+def check_resources(resources: Any, where: str) -> None:
+    """Custom Ray resources: names to non-negative amounts; CPUs and GPUs have their own keys."""
+    if resources is None:
+        return
+    check(isinstance(resources, dict), where, 'must be a mapping of resource names to amounts, e.g. {"a100": 1}')
+    for name, amount in resources.items():
+        check(isinstance(name, str) and bool(name), where, f"resource names must be strings, got {name!r}")
+        check(name not in ("CPU", "GPU", "memory", "object_store_memory"), f"{where}.{name}",
+              "is Ray's own; use num_cpus / num_gpus")
+        check(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount >= 0,
+              f"{where}.{name}", f"must be a number >= 0, got {amount!r}")
+
+
 RESIZE_POLICIES = ("stretch", "center_crop", "letterbox")
 
 
@@ -136,6 +150,9 @@ class ModelConfig:
     seed: int = 0                  # demo only: data and training seed
     # Ray Serve autoscaling of the online replicas instead of a fixed `replicas`; keys as AUTOSCALING_KEYS.
     autoscaling: dict | None = None
+    # Custom Ray resources each replica needs, e.g. {"a100": 1}: the replicas go only to nodes started with
+    # them (`ray start --resources '{"a100": 4}'`), which is how models are placed by node type.
+    resources: dict | None = None
 
     def __post_init__(self):
         check(bool(self.name) and len(self.name) <= 64 and self.name.replace("-", "").replace("_", "").isalnum(),
@@ -147,6 +164,7 @@ class ModelConfig:
                "torchscript and export models need a file path")
         check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
                "replicas and num_gpus must be >= 0, num_cpus > 0")
+        check_resources(self.resources, f"models[{self.name}].resources")
         if self.autoscaling is not None:
             where = f"models[{self.name}].autoscaling"
             check(isinstance(self.autoscaling, dict), where, "must be a mapping")
@@ -204,6 +222,7 @@ class OfflineConfig:
     threads: int = 0
     fold_max_bytes: int = 0
     fold_max_rows: int = 0
+    resources: dict | None = None  # custom Ray resources per replica (as models[].resources)
 
     def __post_init__(self):
         checks = (("replicas", self.replicas >= 1, "must be >= 1"),
@@ -215,6 +234,7 @@ class OfflineConfig:
                   ("fold_max_bytes", self.fold_max_bytes >= 0 and self.fold_max_rows >= 0, "must be >= 0"))
         for name, ok, why in checks:
             check(ok, f"jobs.offline.{name}", why)
+        check_resources(self.resources, "jobs.offline.resources")
 
     @property
     def budget(self) -> "FoldBudget":

@@ -60,3 +60,24 @@ def test_check_validates_a_file_and_exits(tmp_path):
     for path, word in ((bad, "sever"), (broken, "does not parse"), (tmp_path / "missing.yaml", "cannot read")):
         failed = run(path)
         assert failed.returncode == 2 and word in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+
+
+def test_replicas_are_placed_by_custom_ray_resources():
+    from workers.config import BatchingConfig, ModelConfig, OfflineConfig
+    from workers.errors import InvalidArgument
+    from workers.serve.offline import offline_deployment
+    from workers.serve.online import online_deployment
+
+    config = ServiceConfig.from_dict({"models": [{"name": "big", "source": "demo", "resources": {"a100": 1}}],
+                                      "jobs": {"offline": {"resources": {"batch_node": 0.5}}}})
+    (model,) = config.app.models
+    assert online_deployment(model, BatchingConfig()).ray_actor_options["resources"] == {"a100": 1}
+    assert offline_deployment(config.jobs.offline).ray_actor_options["resources"] == {"batch_node": 0.5}
+    assert "resources" not in online_deployment(ModelConfig(name="m", source="demo"),
+                                                BatchingConfig()).ray_actor_options
+    for bad, words in (({"GPU": 1}, "use num_cpus / num_gpus"), ({"a100": -1}, "a number >= 0"),
+                       (["a100"], "mapping of resource names")):
+        with pytest.raises(InvalidArgument, match=words):
+            ModelConfig(name="m", source="demo", resources=bad)
+    with pytest.raises(InvalidArgument, match="jobs.offline.resources"):
+        OfflineConfig(resources={"x": "many"})
