@@ -26,20 +26,22 @@ from typing import Sequence
 
 from service.jobs.records import (ALL_STATES, CANCELLED, COLUMNS, FAILED, FINAL_STATES, QUEUED, RUNNING,
                                   SUCCEEDED, JobRecord, NewJob, StaleAttempt, record_from_row)
-from service.jobs.store import INTERNAL_CODE, decode_page_token, encode_page_token
+from service.jobs.store import INTERNAL_CODE, StoreReads, encode_page_token, list_filter
 from service.pgschema import migrate, reason, redact
 from service._proto import attribution_pb2 as pb
-from workers.errors import FailedPrecondition, InvalidArgument, JobNotFound, Unavailable
+from workers.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 _NOW = "EXTRACT(EPOCH FROM clock_timestamp())"
 
 
-class PostgresJobStore:
+class PostgresJobStore(StoreReads):
     """`JobStore` on a PostgreSQL database shared by every front door (psycopg 3, a connection pool).
 
     lease_s: how long a claimed job stays with its runner without a renewal.
     max_attempts: a job whose lease ran out this many times fails instead of running again.
     """
+
+    _jobs, _results, _mark = "attribution_jobs", "attribution_job_results", "%s"
 
     def __init__(self, url: str, *, lease_s: float = 30.0, max_attempts: int = 5, pool_size: int = 4,
                  connect_timeout_s: float = 10.0):
@@ -82,22 +84,6 @@ class PostgresJobStore:
         with self._pool.connection() as conn:
             return conn.execute(sql, args).fetchone()
 
-    def get(self, job_id: str) -> JobRecord:
-        row = self._one(f"SELECT {COLUMNS} FROM attribution_jobs WHERE id = %s", (job_id,))
-        if row is None:
-            raise JobNotFound(job_id)
-        return record_from_row(row)
-
-    def result(self, job_id: str) -> bytes | None:
-        row = self._one("SELECT response FROM attribution_job_results WHERE job_id = %s", (job_id,))
-        return None if row is None else bytes(row[0])
-
-    def request(self, job_id: str) -> bytes:
-        row = self._one("SELECT request FROM attribution_jobs WHERE id = %s", (job_id,))
-        if row is None:
-            raise JobNotFound(job_id)
-        return bytes(row[0])
-
     def counts(self) -> dict[int, int]:
         with self._pool.connection() as conn:
             found = dict(conn.execute("SELECT state, COUNT(*) FROM attribution_jobs GROUP BY state").fetchall())
@@ -105,12 +91,7 @@ class PostgresJobStore:
 
     def list(self, states: Sequence[int] = (), page_size: int = 50,
              page_token: str = "") -> tuple[list[JobRecord], str]:
-        wanted = sorted(set(states))
-        if any(s not in ALL_STATES for s in wanted):
-            raise InvalidArgument.field("states", f"unknown job state in {wanted}")
-        if page_size < 1:
-            raise InvalidArgument.field("page_size", "must be positive")
-        before = decode_page_token(page_token, wanted) if page_token else None
+        wanted, before = list_filter(states, page_size, page_token)
         where, args = [], []
         if wanted:
             where.append("state = ANY(%s)")

@@ -86,7 +86,42 @@ def open_store(data_dir: str | os.PathLike | None = None, *, max_attempts: int =
     return SqliteJobStore(directory / "jobs.sqlite3", max_attempts=max_attempts)
 
 
-class SqliteJobStore:
+class StoreReads:
+    """The reads both stores answer alike; a store sets its table names and parameter mark, and `_one`."""
+
+    _jobs, _results, _mark = "jobs", "results", "?"
+
+    def _one(self, sql: str, args: tuple) -> tuple | None:
+        raise NotImplementedError
+
+    def get(self, job_id: str) -> JobRecord:
+        row = self._one(f"SELECT {COLUMNS} FROM {self._jobs} WHERE id = {self._mark}", (job_id,))
+        if row is None:
+            raise JobNotFound(job_id)
+        return record_from_row(row)
+
+    def result(self, job_id: str) -> bytes | None:
+        row = self._one(f"SELECT response FROM {self._results} WHERE job_id = {self._mark}", (job_id,))
+        return None if row is None else bytes(row[0])
+
+    def request(self, job_id: str) -> bytes:
+        row = self._one(f"SELECT request FROM {self._jobs} WHERE id = {self._mark}", (job_id,))
+        if row is None:
+            raise JobNotFound(job_id)
+        return bytes(row[0])
+
+
+def list_filter(states: Sequence[int], page_size: int, page_token: str) -> tuple[list[int], int | None]:
+    """ListJobs' arguments checked: (the states wanted, sorted; the seq the page starts below, or None)."""
+    wanted = sorted(set(states))
+    if any(s not in ALL_STATES for s in wanted):
+        raise InvalidArgument.field("states", f"unknown job state in {wanted}")
+    if page_size < 1:
+        raise InvalidArgument.field("page_size", "must be positive")
+    return wanted, decode_page_token(page_token, wanted) if page_token else None
+
+
+class SqliteJobStore(StoreReads):
     """`JobStore` on one SQLite file in WAL mode: one connection behind a lock.
 
     exclusive: hold an advisory lock on `<path>.lock` for the store's lifetime, so a
@@ -152,22 +187,6 @@ class SqliteJobStore:
             rows = self._db.execute(sql, args).fetchall()
         return rows[0] if rows else None
 
-    def get(self, job_id: str) -> JobRecord:
-        row = self._one(f"SELECT {COLUMNS} FROM jobs WHERE id = ?", (job_id,))
-        if row is None:
-            raise JobNotFound(job_id)
-        return record_from_row(row)
-
-    def result(self, job_id: str) -> bytes | None:
-        row = self._one("SELECT response FROM results WHERE job_id = ?", (job_id,))
-        return None if row is None else bytes(row[0])
-
-    def request(self, job_id: str) -> bytes:
-        row = self._one("SELECT request FROM jobs WHERE id = ?", (job_id,))
-        if row is None:
-            raise JobNotFound(job_id)
-        return bytes(row[0])
-
     def counts(self) -> dict[int, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
@@ -176,12 +195,7 @@ class SqliteJobStore:
 
     def list(self, states: Sequence[int] = (), page_size: int = 50,
              page_token: str = "") -> tuple[list[JobRecord], str]:
-        wanted = sorted(set(states))
-        if any(s not in ALL_STATES for s in wanted):
-            raise InvalidArgument.field("states", f"unknown job state in {wanted}")
-        if page_size < 1:
-            raise InvalidArgument.field("page_size", "must be positive")
-        before = decode_page_token(page_token, wanted) if page_token else None
+        wanted, before = list_filter(states, page_size, page_token)
         where, args = [], []
         if wanted:
             where.append(f"state IN ({', '.join('?' * len(wanted))})")
