@@ -12,8 +12,8 @@ import functools
 import os
 import threading
 import weakref
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -167,6 +167,32 @@ def rows_per_chunk(model: nn.Module, row_shape: tuple[int, ...], budget: FoldBud
     if budget.max_rows is not None:
         rows = min(rows, budget.max_rows)
     return int(rows)
+
+
+@dataclass
+class FoldWatch:
+    """Which folded requests are still wanted, asked between the chunks of a running fold.
+
+    alive(i): whether request i of the fold still has a caller (its deadline has not passed,
+    it was not cancelled). A request found dead has its remaining rows taken out of the chunks
+    still to run; the kernel answers None for it. `rows_skipped` counts the rows never computed.
+    """
+
+    alive: Callable[[int], bool]
+    rows_skipped: int = 0
+    dropped: set[int] = field(default_factory=set)
+
+    def check(self, pending: list[int]) -> list[int]:
+        """The requests of `pending` still alive; the others are recorded as dropped."""
+        live = []
+        for index in pending:
+            if index in self.dropped:
+                continue
+            if self.alive(index):
+                live.append(index)
+            else:
+                self.dropped.add(index)
+        return live
 
 
 def iter_chunks(total: int, size: int) -> Iterator[slice]:

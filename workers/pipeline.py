@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from workers.batching import FoldWatch
 from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, InvalidArgument
 from workers.kernels.baselines import make_baseline
 from workers.kernels.cam import CamRequest, explain_cam, validate_cam_request
@@ -45,6 +46,7 @@ class _Work:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)    # method -> (N*k, ...) host maps
     native: dict[str, torch.Tensor] = field(default_factory=dict)
     completeness: torch.Tensor | None = None
+    dropped: AttributionError | None = None  # found dead between chunks of its fold
 
 
 def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
@@ -52,8 +54,9 @@ def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
     """Runs a batch; each entry of the answer is a result or the typed error of that request.
 
     abandoned(spec): the caller has gone (cancelled); such a request, like one whose deadline
-    passed, is dropped at each stage boundary (before the prediction forward, before the kernels)
-    and counted in `ctx.dropped`.
+    passed, is dropped at each stage boundary (before the prediction forward, before the kernels,
+    and between the chunks of a gradient fold, whose remaining rows it leaves) and counted in
+    `ctx.dropped` (the rows a fold never computed in `ctx.rows_skipped`).
     """
     started = time.perf_counter()
     gone = abandoned or (lambda spec: False)
@@ -71,12 +74,14 @@ def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
     works = [w for w in works if _guard(outcomes, w, _check_alive, gone, ctx)]  # before the costly part
     grad_works = [w for w in works if w.spec.method in GRADIENT_METHODS]
     cam_works = [w for w in works if w.spec.method in CAM_METHODS]
-    _run_folded(grad_works, outcomes, lambda batch: _run_gradients(ctx, batch))
+    _run_folded(grad_works, outcomes, lambda batch: _run_gradients(ctx, batch, gone))
     _run_folded(cam_works, outcomes, lambda batch: _run_cam(ctx, batch))
     compute_ms = (time.perf_counter() - started) * 1e3
     samples = sum(spec.cost for spec in specs)
     for w in works:
-        if outcomes[w.index] is None:
+        if w.dropped is not None and outcomes[w.index] is None:
+            outcomes[w.index] = w.dropped
+        elif outcomes[w.index] is None:
             _guard(outcomes, w, _assemble, ctx, compute_ms, samples, len(specs))
     return outcomes  # type: ignore[return-value]
 
@@ -205,10 +210,24 @@ def _reraise(work: _Work, exc: Exception) -> None:
     raise exc
 
 
-def _run_gradients(ctx: WorkerContext, works: list[_Work]) -> None:
-    results = explain_gradients(ctx.model.module, [w.kernel_request for w in works], ctx.budget, ctx.limits,
-                                num_classes=ctx.model.num_classes)
+def _run_gradients(ctx: WorkerContext, works: list[_Work], gone: Callable[[ExplainSpec], bool]) -> None:
+    def alive(i: int) -> bool:
+        try:
+            _check_alive(works[i], gone, ctx)
+        except AttributionError as exc:
+            works[i].dropped = exc
+            return False
+        return True
+
+    watch = FoldWatch(alive)
+    try:
+        results = explain_gradients(ctx.model.module, [w.kernel_request for w in works], ctx.budget, ctx.limits,
+                                    num_classes=ctx.model.num_classes, watch=watch)
+    finally:
+        ctx.rows_skipped += watch.rows_skipped
     for w, res in zip(works, results):
+        if res is None:  # dropped between chunks: w.dropped is its answer
+            continue
         out = w.spec.output
         w.maps[w.spec.method] = finish_maps(res.attributions, out.reduction, out.normalization)
         if res.completeness_error is not None:

@@ -41,6 +41,7 @@ class WorkerContext:
     budget: FoldBudget = field(default_factory=FoldBudget)
     limits: GradientLimits = field(default_factory=GradientLimits)
     dropped: int = 0  # requests dropped after the batch started (deadline passed, caller gone)
+    rows_skipped: int = 0  # folded rows of such requests never computed (left out of later chunks)
 
     @classmethod
     def create(cls, model: LoadedModel, budget: FoldBudget | None = None,

@@ -32,7 +32,8 @@ def deployed(ray_session, demo_cache_dir):
     from ray import serve
 
     app = AppConfig(models=(ModelConfig(name="demo", source="demo"),), cache_dir=str(demo_cache_dir),
-                    batching=BatchingConfig(max_concurrent_batches=1, batch_wait_timeout_s=0.005))
+                    batching=BatchingConfig(max_concurrent_batches=1, batch_wait_timeout_s=0.005,
+                                            fold_max_rows=64))
     deploy_all(app)
     backend = ServeBackend.from_config(app)
     loop = LoopThread()
@@ -80,6 +81,31 @@ def test_cancelled_requests_are_removed_from_the_backlog(deployed, demo_batch):
     time.sleep(0.5)
     after = _stats(handle)
     assert after["computed"] - before["computed"] == 1, (before, after)
+
+
+def _wait_for(handle, predicate, what: str, timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = _stats(handle)
+        if predicate(stats):
+            return stats
+        time.sleep(0.01)
+    raise AssertionError(f"the replica never reported {what} within {timeout_s} s: {_stats(handle)}")
+
+
+def test_a_request_cancelled_mid_fold_leaves_its_remaining_chunks_uncomputed(deployed, demo_batch):
+    handle, *_ = deployed
+    _wait_for(handle, lambda s: not s["computing"], "an idle model")
+    before = _stats(handle)
+    # 8 images x 256 noisy copies = 2,048 rows, folded in chunks of 64 (fold_max_rows).
+    response = handle.explain.remote(_spec(demo_batch.images, 256))
+    _wait_for(handle, lambda s: s["computing"], "the request being computed")
+    response.cancel()
+    after = _wait_for(handle, lambda s: s["dropped_in_batch"] > before["dropped_in_batch"],
+                      "the request dropped inside its batch")
+    assert after["computed"] == before["computed"]
+    skipped = after["rows_skipped"] - before["rows_skipped"]
+    assert 0 < skipped < 2048 and skipped % 64 == 0, (before, after)
 
 
 def test_clients_that_cancel_leave_no_work_behind(deployed, demo_batch):

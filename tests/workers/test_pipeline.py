@@ -146,3 +146,33 @@ def test_postprocess_helpers():
     flat = torch.tensor([[[0.0, 2.0]], [[5.0, 5.0]]])
     assert normalize(flat, "min_max").tolist() == [[[0.0, 1.0]], [[0.0, 0.0]]]
     assert normalize(flat, "max_abs").tolist() == [[[0.0, 1.0]], [[1.0, 1.0]]]
+
+
+def test_a_request_cancelled_mid_fold_is_dropped_and_its_remaining_rows_are_not_computed(demo_cache_dir,
+                                                                                        demo_heldout_inputs):
+    from workers.batching import FoldBudget
+    from workers.errors import Cancelled
+
+    model = load_model(ModelConfig(name="demo", source="demo"), "cpu", demo_cache_dir)
+    chunked = WorkerContext.create(model, FoldBudget(max_rows=16))
+    grad_chunks = []
+    hook = model.module.register_forward_hook(
+        lambda module, args, out: grad_chunks.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+    x = demo_heldout_inputs[:1]
+    specs = [_spec(x, "smoothgrad", params=MethodParams(samples=64), request_id="doomed", seed=1),
+             _spec(x, "smoothgrad", params=MethodParams(samples=16), request_id="kept", seed=2)]
+    # The caller of "doomed" goes away once the fold's first chunk has run.
+    gone = lambda spec: spec.request_id == "doomed" and bool(grad_chunks)  # noqa: E731
+    try:
+        doomed, kept = explain_batch(chunked, specs, abandoned=gone)
+        (alone,) = explain_batch(WorkerContext(model, chunked.taps), [specs[1]])
+    finally:
+        hook.remove()
+        chunked.taps.close()
+    assert isinstance(doomed, Cancelled)
+    assert isinstance(kept, ExplainResult)
+    # 80 rows in chunks of 16: one chunk of "doomed" ran, its other 48 rows never did; "kept" ran in one chunk.
+    assert grad_chunks[:2] == [16, 16]
+    assert chunked.rows_skipped == 48 and chunked.dropped == 1
+    for a, b in zip(_maps(alone), _maps(kept)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

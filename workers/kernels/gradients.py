@@ -18,6 +18,11 @@ row gradients is reduced on its own. A request's result does not depend on
 what it was folded with: its rows and its noise (from its own seeded
 generator) are the same alone or folded. IG also reports its completeness
 error, from one cheap inference-mode forward over the path endpoints.
+
+A fold that runs in several chunks asks, before each chunk after the first,
+which of its requests are still wanted (`FoldWatch`): the rows of a request
+whose caller has gone are taken out of the chunks still to run, so a
+SmoothGrad-256 request cancelled in its first chunk costs one chunk, not all.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from workers.batching import FoldBudget, iter_chunks, probe_model, rows_per_chunk
+from workers.batching import FoldBudget, FoldWatch, iter_chunks, probe_model, rows_per_chunk
 from workers.errors import InvalidArgument
 from workers.methods import GRADIENT_METHODS, NOISE_METHODS
 
@@ -220,13 +225,15 @@ def smoothgrad_noise(req: GradientRequest) -> Tensor:
 
 def explain_gradients(model: nn.Module, requests: list[GradientRequest], budget: FoldBudget = FoldBudget(),
                       limits: GradientLimits = GradientLimits(),
-                      num_classes: int | None = None) -> list[GradientResult]:
+                      num_classes: int | None = None, watch: FoldWatch | None = None) -> list[GradientResult | None]:
     """Attributions `# (N, C, H, W)` for every request, folded into shared forward/backward chunks.
 
     Requests are validated first (nothing runs if one is bad), then folded per
     (item shape, dtype, device) group; results come back in request order.
     The model is used as it is: eval mode and frozen parameters are the
     registry's job, and no parameter gradient is touched here.
+    With `watch`, a request found dead between chunks (`watch.alive(i)` False, i its
+    index in `requests`) is answered None and its remaining rows are not computed.
     """
     groups: dict[tuple, list[int]] = {}
     for index, req in enumerate(requests):
@@ -241,16 +248,21 @@ def explain_gradients(model: nn.Module, requests: list[GradientRequest], budget:
     # row chunks record a graph, so inputs that require grad leave none behind.
     with torch.inference_mode(False), torch.no_grad():
         for indices in groups.values():
-            for index, result in zip(indices, _explain_fold(model, [requests[i] for i in indices], budget)):
+            folded = _explain_fold(model, [requests[i] for i in indices], budget, indices, watch)
+            for index, result in zip(indices, folded):
                 results[index] = result
     return results  # type: ignore[return-value]
 
 
-def _explain_fold(model: nn.Module, requests: list[GradientRequest], budget: FoldBudget) -> list[GradientResult]:
+def _explain_fold(model: nn.Module, requests: list[GradientRequest], budget: FoldBudget, ids: list[int],
+                  watch: FoldWatch | None) -> list[GradientResult | None]:
+    """One group's fold; `ids` are the requests' indices as `watch` knows them."""
     rows, row_targets, offsets = fold_rows(requests)
-    grads = _row_gradients(model, rows, row_targets, budget)  # (R, C, H, W)
-    endpoint_logits = _endpoint_logits(model, requests, budget)
-    return [_reduce(req, grads[start:stop], endpoint_logits.get(i))
+    grads = _row_gradients(model, rows, row_targets, budget, [(i, *span) for i, span in zip(ids, offsets)],
+                           watch)  # (R, C, H, W)
+    gone = {k for k, i in enumerate(ids) if watch is not None and i in watch.dropped}
+    endpoint_logits = _endpoint_logits(model, requests, budget, skip=gone)
+    return [None if i in gone else _reduce(req, grads[start:stop], endpoint_logits.get(i))
             for i, (req, (start, stop)) in enumerate(zip(requests, offsets))]
 
 
@@ -294,29 +306,81 @@ def _baseline(req: GradientRequest) -> Tensor:
     return req.baselines if req.baselines is not None else torch.zeros_like(req.inputs)
 
 
-def _row_gradients(model: nn.Module, rows: Tensor, row_targets: Tensor, budget: FoldBudget) -> Tensor:
-    """d logit[r, target_r] / d row_r for every row, `# (R, C, H, W)`, chunked by the budget."""
+def _row_gradients(model: nn.Module, rows: Tensor, row_targets: Tensor, budget: FoldBudget,
+                   spans: list[tuple[int, int, int]], watch: FoldWatch | None = None) -> Tensor:
+    """d logit[r, target_r] / d row_r for every row, `# (R, C, H, W)`, chunked by the budget.
+
+    spans: (request id, first row, end row) of each request, in row order. With `watch`,
+    the rows of requests found dead between chunks are skipped (left unset in the answer).
+    """
     size = rows_per_chunk(model, tuple(rows.shape[1:]), budget, device=rows.device, dtype=rows.dtype)
-    grads = []
-    with torch.enable_grad():
-        for chunk in iter_chunks(rows.shape[0], size):
-            # A leaf view of the rows, no copy; logits of different rows are
-            # independent, so the gradient of their sum is each row's own.
-            leaf = rows[chunk].detach().requires_grad_(True)  # (r, C, H, W)
-            logits = model(leaf)  # (r, K)
-            selected = logits.gather(1, row_targets[chunk].unsqueeze(1)).sum()
-            (grad,) = torch.autograd.grad(selected, leaf)
-            grads.append(grad)
+    if watch is not None and rows.shape[0] > size:
+        return _watched_row_gradients(model, rows, row_targets, size, spans, watch)
+    grads = [_chunk_gradient(model, rows, row_targets, [chunk]) for chunk in iter_chunks(rows.shape[0], size)]
     return grads[0] if len(grads) == 1 else torch.cat(grads)  # (R, C, H, W)
 
 
-def _endpoint_logits(model: nn.Module, requests: list[GradientRequest],
-                     budget: FoldBudget) -> dict[int, tuple[Tensor, Tensor]]:
+def _watched_row_gradients(model: nn.Module, rows: Tensor, row_targets: Tensor, size: int,
+                           spans: list[tuple[int, int, int]], watch: FoldWatch) -> Tensor:
+    """As the plain loop (the same balanced chunks while every request lives), asking `watch`
+    before each chunk after the first and leaving the rows of dead requests out of what is left."""
+    out = torch.empty_like(rows)  # (R, C, H, W)
+    pending = [[ident, start, stop] for ident, start, stop in spans if stop > start]
+    first = True
+    while pending:
+        if not first:
+            live = set(watch.check([ident for ident, _, _ in pending]))
+            watch.rows_skipped += sum(stop - start for ident, start, stop in pending if ident not in live)
+            pending = [p for p in pending if p[0] in live]
+            if not pending:
+                break
+        first = False
+        remaining = sum(stop - start for _, start, stop in pending)
+        take = remaining // -(-remaining // size)  # iter_chunks' balanced split of what is left
+        pieces: list[slice] = []
+        while take > 0:
+            ident, start, stop = pending[0]
+            n = min(take, stop - start)
+            if pieces and pieces[-1].stop == start:  # contiguous rows stay one view
+                pieces[-1] = slice(pieces[-1].start, start + n)
+            else:
+                pieces.append(slice(start, start + n))
+            pending[0][1] += n
+            take -= n
+            if pending[0][1] == stop:
+                pending.pop(0)
+        grad = _chunk_gradient(model, rows, row_targets, pieces)
+        offset = 0
+        for piece in pieces:
+            n = piece.stop - piece.start
+            out[piece] = grad[offset:offset + n]
+            offset += n
+    return out
+
+
+def _chunk_gradient(model: nn.Module, rows: Tensor, row_targets: Tensor, pieces: list[slice]) -> Tensor:
+    """The row gradients of one chunk made of `pieces` of the rows, `# (r, C, H, W)`."""
+    if len(pieces) == 1:
+        # A leaf view of the rows, no copy.
+        x, targets = rows[pieces[0]], row_targets[pieces[0]]
+    else:
+        x, targets = torch.cat([rows[p] for p in pieces]), torch.cat([row_targets[p] for p in pieces])
+    with torch.enable_grad():
+        # Logits of different rows are independent, so the gradient of their sum is each row's own.
+        leaf = x.detach().requires_grad_(True)  # (r, C, H, W)
+        logits = model(leaf)  # (r, K)
+        selected = logits.gather(1, targets.unsqueeze(1)).sum()
+        (grad,) = torch.autograd.grad(selected, leaf)
+    return grad
+
+
+def _endpoint_logits(model: nn.Module, requests: list[GradientRequest], budget: FoldBudget,
+                     skip: frozenset[int] | set[int] = frozenset()) -> dict[int, tuple[Tensor, Tensor]]:
     """IG only: target logits f(x)_t and f(b)_t `# (N,)` each, from one inference-mode forward."""
     pieces, spans = [], {}
     start = 0
     for i, req in enumerate(requests):
-        if req.method != "integrated_gradients":
+        if req.method != "integrated_gradients" or i in skip:
             continue
         x = req.inputs
         # A zero baseline is one row whatever N: its logits serve every item.

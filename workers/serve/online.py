@@ -164,9 +164,10 @@ class OnlineWorker:
     def overload_stats(self) -> dict:
         """Counters for operators and tests: what was refused, dropped (and where), computed."""
         return {"refused": self.refused, "dropped_waiting": self.slots.dropped,
-                "dropped_in_batch": self.ctx.dropped, "computed": self.computed,
+                "dropped_in_batch": self.ctx.dropped, "rows_skipped": self.ctx.rows_skipped,
+                "computed": self.computed,
                 "service_rate": self.admission.rate, "queued_cost": self.admission.queued,
-                "batch_wait_s": self._wait_now}
+                "batch_wait_s": self._wait_now, "computing": not self.slots.idle}
 
     @serve.batch(max_batch_size=_INITIAL_MAX_BATCH, batch_wait_timeout_s=0.01,
                  max_concurrent_batches=_BATCHER_CONCURRENCY, batch_size_fn=_batch_cost)

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from workers.batching import FoldBudget
+from workers.batching import FoldBudget, FoldWatch
 from workers.errors import InvalidArgument
 from workers.kernels.baselines import make_baseline
 from workers.kernels.gradients import (METHODS, NOISE_METHODS, RULES, GradientLimits, GradientRequest,
@@ -187,6 +187,56 @@ def test_requests_of_different_shapes_fold_in_their_own_groups(resnet):
     results = explain_gradients(resnet, requests)
     assert [r.attributions.shape for r in results] == [small.shape, large.shape]
     assert_same_results(results, [run_one(resnet, r) for r in requests])
+
+
+class RowCounter(nn.Module):
+    """Wraps a model and records the rows of every forward it runs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.rows = model, []
+
+    def forward(self, x):
+        self.rows.append(int(x.shape[0]))
+        return self.model(x)
+
+
+def test_a_request_that_dies_mid_fold_leaves_its_remaining_rows_uncomputed():
+    x, t = seeded((2, 3, 8, 8), 11), torch.tensor([1, 3])
+    doomed = GradientRequest(x, t, "smoothgrad", samples=40, seed=1)            # 80 rows
+    kept = GradientRequest(x[:1], t[:1], "integrated_gradients", steps=16)      # 16 rows
+    counter = RowCounter(SMOOTH)
+    # Dead from the first question on, that is after the first chunk of 16 rows.
+    watch = FoldWatch(alive=lambda i: i != 0)
+    results = explain_gradients(counter, [doomed, kept], budget=FoldBudget(max_rows=16), num_classes=5,
+                                watch=watch)
+    assert results[0] is None and watch.dropped == {0}
+    assert watch.rows_skipped == 80 - 16
+    # One chunk of the doomed request, one of the survivor, and its two IG endpoints' forward.
+    assert counter.rows[:2] == [16, 16] and sum(counter.rows[:2]) == 32
+    assert_same_results([results[1]], [run_one(SMOOTH, kept)])
+
+
+def test_rows_of_a_dead_request_leave_chunks_shared_with_live_ones():
+    x, t = seeded((1, 3, 8, 8), 12), torch.tensor([2])
+    requests = [GradientRequest(x, t, "smoothgrad", samples=10, seed=s) for s in range(4)]   # 40 rows
+    watch = FoldWatch(alive=lambda i: i not in (1, 2))
+    counter = RowCounter(SMOOTH)
+    results = explain_gradients(counter, requests, budget=FoldBudget(max_rows=15), num_classes=5, watch=watch)
+    # 40 rows at 15 a chunk: balanced chunks of 13. Chunk 1 holds request 0 and 3 rows of request 1; then 1 and
+    # 2 are found dead (7 + 10 rows skipped), and request 3's 10 rows are what is left: one chunk of 10.
+    assert [r is None for r in results] == [False, True, True, False]
+    assert watch.rows_skipped == 17 and counter.rows == [13, 10]
+    assert_same_results([results[0], results[3]], [run_one(SMOOTH, requests[0]), run_one(SMOOTH, requests[3])])
+
+
+def test_a_watched_fold_with_every_request_alive_equals_the_plain_one(resnet):
+    requests = mixed_requests(seeded((2, 3, 32, 32), 3), torch.tensor([0, 5]))
+    whole = explain_gradients(resnet, requests, budget=FoldBudget(max_rows=3))
+    watch = FoldWatch(alive=lambda i: True)
+    watched = explain_gradients(resnet, requests, budget=FoldBudget(max_rows=3), watch=watch)
+    assert watch.rows_skipped == 0 and not watch.dropped
+    assert_same_results(watched, whole)
 
 
 request_strategy = st.builds(
