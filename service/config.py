@@ -21,7 +21,7 @@ A config file's `server:` section has this shape (every key optional)::
       admission: {enabled: true, target_queue_delay_s: 1, default_deadline_s: 30, deadline_fraction: 0.5,
                   min_queued_cost: 64, smoothing: 0.3, max_retry_after_s: 5, max_loop_lag_s: 0}
       decode: {isolation: process, workers: 2, timeout_s: 5, memory_mb: 1024, max_uses: 10000, wait_s: 10}
-      coalesce: {max_requests: 32, max_cost: 256, max_in_flight_per_replica: 4}   # requests sent as one call
+      coalesce: {max_requests: 32, max_cost: 256, max_in_flight_per_replica: 4, adaptive: false}   # requests sent as one call
       inline_max_bytes: 65536     # small tensor requests validated/encoded on the event loop; 0 = never
 """
 from __future__ import annotations
@@ -117,11 +117,16 @@ class CoalesceConfig:
     max_in_flight_per_replica: calls in flight per running replica of a model; while
         all are taken, requests gather here and go together when one returns
         (0: no bound, each loop turn's requests go at once). Autoscaled models are never bounded.
+    adaptive: the bound per replica is learnt per model from the calls' latency per cost unit
+        (service/backends/limiter.py, a Gradient2-style limit), between 1 and
+        max_in_flight_per_replica. Off by default: measured no better than the fixed bound
+        (docs/benchmarks.md, *Adaptive calls in flight*).
     """
 
     max_requests: int = 32
     max_cost: int = 256
     max_in_flight_per_replica: int = 4
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         check(1 <= self.max_requests <= 4096, "server.coalesce.max_requests", "must be 1..4096")
@@ -129,9 +134,10 @@ class CoalesceConfig:
         check(0 <= self.max_in_flight_per_replica <= 1024, "server.coalesce.max_in_flight_per_replica",
               "must be 0..1024 (0: no bound)")
 
-    def backend_options(self) -> dict[str, int]:
+    def backend_options(self) -> dict[str, int | bool]:
         return {"coalesce_max_requests": self.max_requests, "coalesce_max_cost": self.max_cost,
-                "max_in_flight_per_replica": self.max_in_flight_per_replica}
+                "max_in_flight_per_replica": self.max_in_flight_per_replica,
+                "adaptive_in_flight": self.adaptive}
 
 
 @dataclass(frozen=True)

@@ -50,10 +50,14 @@ Dispatch = Callable[[str, list[ExplainSpec]], Response]
 Receive = Callable[[Response], Awaitable[Any]]
 # limit(model) -> calls in flight allowed for the model now; 0 = no bound.
 Limit = Callable[[str], int]
+# observe(model, seconds, cost, in_flight) -> None: an answered call's latency, the cost it
+# carried and the model's calls in flight when it was sent (an adaptive limit learns from it).
+Observe = Callable[[str, float, int, int], None]
 
 
 class _Group:
-    __slots__ = ("model", "key", "specs", "futures", "cost", "response", "delivered", "queued")
+    __slots__ = ("model", "key", "specs", "futures", "cost", "response", "delivered", "queued", "sent_at",
+                 "sent_in_flight")
 
     def __init__(self, model: str, key: tuple[str, str] | None):
         self.model = model
@@ -64,16 +68,19 @@ class _Group:
         self.response: Response | None = None
         self.delivered = False
         self.queued = False     # waiting for a call slot
+        self.sent_at = 0.0      # loop time it was dispatched
+        self.sent_in_flight = 0  # the model's calls in flight then, itself included
 
 
 class Coalescer:
     """Forms groups per (model, method); one `dispatch` per group, one future per member."""
 
     def __init__(self, dispatch: Dispatch, receive: Receive, max_requests: int = 32, max_cost: int = 256,
-                 limit: Limit | None = None):
+                 limit: Limit | None = None, observe: Observe | None = None):
         self._dispatch = dispatch
         self._receive = receive
         self._limit = limit or (lambda model: 0)
+        self._observe = observe
         self.max_requests = max(1, max_requests)
         self.max_cost = max(1, max_cost)
         self._open: dict[tuple[str, str], _Group] = {}
@@ -162,6 +169,9 @@ class Coalescer:
         self.calls += 1
         self.requests += len(members)
         self._in_flight[group.model] += 1
+        group.cost = sum(s.cost for s in group.specs)
+        group.sent_at = asyncio.get_running_loop().time()
+        group.sent_in_flight = self._in_flight[group.model]
         task = asyncio.get_running_loop().create_task(self._deliver(group))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -178,6 +188,9 @@ class Coalescer:
         finally:
             self._in_flight[group.model] -= 1
             self._pump(group.model)
+        if self._observe is not None:
+            self._observe(group.model, asyncio.get_running_loop().time() - group.sent_at, group.cost,
+                          group.sent_in_flight)
         outcomes = [outcome] if len(group.futures) == 1 else outcome
         group.delivered = True
         for future, one in zip(group.futures, outcomes):

@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from service.backends.coalesce import Coalescer
+from service.backends.limiter import GradientLimit
 from workers.serve.app import APP_PREFIX, AppConfig, app_name
 from workers.errors import (AttributionError, DeadlineExceeded, InternalError, ModelNotFound, Overloaded,
                             Unavailable)
@@ -24,7 +25,7 @@ log = logging.getLogger(__name__)
 class ServeBackend:
     def __init__(self, models: list[str], default: str = "", coalesce_max_requests: int = 32,
                  coalesce_max_cost: int = 256, autoscaled: frozenset[str] = frozenset(),
-                 max_in_flight_per_replica: int = 4):
+                 max_in_flight_per_replica: int = 4, adaptive_in_flight: bool = False):
         from ray import serve
 
         if not models:
@@ -38,8 +39,21 @@ class ServeBackend:
         # Set when a call finds a replica gone, so health is re-read at once (service/server.py).
         self.replicas_changed = asyncio.Event()
         self.max_in_flight_per_replica = max_in_flight_per_replica
+        # With adaptive_in_flight, max_in_flight_per_replica is the ceiling of a limit learnt per model
+        # from the calls' latency (service/backends/limiter.py); else it is the limit.
+        self.adaptive_in_flight = adaptive_in_flight and max_in_flight_per_replica > 0
+        self.limiters: dict[str, GradientLimit] = {}
         self.coalescer = Coalescer(self._dispatch, self._call, coalesce_max_requests, coalesce_max_cost,
-                                   limit=self._call_limit)
+                                   limit=self._call_limit,
+                                   observe=self._observe_call if self.adaptive_in_flight else None)
+
+    def _per_replica_limit(self, model: str) -> int:
+        if not self.adaptive_in_flight:
+            return self.max_in_flight_per_replica
+        if model not in self.limiters:
+            self.limiters[model] = GradientLimit(initial=min(4, self.max_in_flight_per_replica),
+                                                 max_limit=self.max_in_flight_per_replica)
+        return self.limiters[model].limit
 
     def _call_limit(self, model: str) -> int:
         """Calls in flight allowed for `model`: a few per running replica (0 = unbounded).
@@ -47,7 +61,14 @@ class ServeBackend:
         Autoscaled models are not bounded: Serve scales them on the requests it sees ongoing."""
         if model in self._alone or self.max_in_flight_per_replica <= 0:
             return 0
-        return self.max_in_flight_per_replica * max(1, self._live.get(model, 1))
+        return self._per_replica_limit(model) * max(1, self._live.get(model, 1))
+
+    def _observe_call(self, model: str, seconds: float, cost: int, in_flight: int) -> None:
+        if model in self._alone:
+            return
+        self._per_replica_limit(model)  # creates the model's limiter on first use
+        replicas = max(1, self._live.get(model, 1))
+        self.limiters[model].observe(seconds, cost, -(-in_flight // replicas))
 
     @classmethod
     def from_config(cls, config: AppConfig, **options) -> "ServeBackend":

@@ -195,3 +195,26 @@ def test_requests_held_for_a_call_slot_expire_in_the_front_door_without_reaching
     assert after["computed"] - before["computed"] == 1
     untouched = ("refused", "dropped_waiting", "dropped_in_batch")
     assert {k: after[k] - before[k] for k in untouched} == dict.fromkeys(untouched, 0), (before, after)
+
+
+def test_an_adaptive_bound_learns_from_the_replica_s_answers_and_stays_within_its_ceiling(deployed, demo_batch):
+    backend = ServeBackend(["demo"], max_in_flight_per_replica=8, adaptive_in_flight=True)
+    loop = LoopThread()
+    try:
+        async def burst():
+            await backend.refresh_replicas()
+            limits = []
+            for _ in range(6):
+                calls = [backend.explain(_spec(demo_batch.images[:1], 4)) for _ in range(24)]
+                outcomes = await asyncio.gather(*calls)
+                assert {type(o).__name__ for o in outcomes} == {"ExplainResult"}
+                limits.append(backend.coalescer.limit("demo"))
+            return limits
+
+        limits = loop.call(burst(), timeout=180)
+    finally:
+        loop.call(backend.close())
+        loop.close()
+    limiter = backend.limiters["demo"]
+    assert limiter.samples == backend.coalescer.calls > 0
+    assert all(1 <= limit <= 8 for limit in limits)

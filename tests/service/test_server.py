@@ -317,7 +317,8 @@ def test_config_bounds_and_from_dict():
     assert config.port == 0 and config.metrics_port is None and config.keepalive.time_s == 30
     assert config.limits == Limits(max_items=8) and config.max_message_bytes >= 16 * 2 * 3 * 224 * 224 * 4
     assert ServerConfig.from_dict({"coalesce": {"max_requests": 1}}).coalesce.backend_options() == {
-        "coalesce_max_requests": 1, "coalesce_max_cost": 256, "max_in_flight_per_replica": 4}
+        "coalesce_max_requests": 1, "coalesce_max_cost": 256, "max_in_flight_per_replica": 4,
+        "adaptive_in_flight": False}
     for bad in ({"port": 70000}, {"tls_cert": "a.pem"}, {"stream_max_in_flight": 0}, {"grace_s": -1},
                 {"limits": {"max_items": 0}}, {"keepalive": {"time_s": 0}}, {"bogus": 1}, {"limits": {"x": 1}},
                 {"max_message_bytes": 10}, {"torch_threads": 0}, {"coalesce": {"max_requests": 0}},
