@@ -194,3 +194,50 @@ def test_a_model_that_fails_to_load_locally_is_one_line(scripted):
     config = _scripted_config(scripted, "classes.json", num_classes=5)
     done = attribution("explain", str(scripted / "x.png"), "--local", "--config", config)
     assert done.returncode == 2 and "config says 5 classes, model gives 2" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tls_server(start_server, tmp_path_factory):
+    """A front door on TLS (its own self-signed certificate) that wants the token `t0ken`; yields (harness, cert)."""
+    pytest.importorskip("cryptography")
+    from tests.support import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path_factory.mktemp("tls"))
+    harness = start_server(tls_cert=str(cert), tls_key=str(key), auth_token="t0ken")
+    yield harness, cert
+    harness.stop()
+
+
+def test_explain_and_models_take_the_tls_and_token_options(tls_server, images):
+    harness, cert = tls_server
+    secure = ["--server", harness.address, "--ca", str(cert)]
+    done = attribution("models", *secure, "--token", "t0ken")
+    assert done.returncode == 0 and done.stdout.startswith("demo (default)"), done.stderr
+    done = attribution("explain", str(images / "a" / "photo.png"), *secure, "--token", "t0ken")
+    assert done.returncode == 0 and ": predicted " in done.stdout, done.stderr
+    done = attribution("models", *secure, "--timeout", "10")
+    assert done.returncode == 1 and f"{harness.address} refused the credentials" in done.stderr
+    assert "(give --token)" in done.stderr
+    done = attribution("explain", str(images / "a" / "photo.png"), *secure, "--token", "wrong")
+    assert done.returncode == 1 and "UNAUTHENTICATED" in done.stdout  # per input, on its own line
+
+
+def test_an_unreadable_ca_file_is_one_line(tmp_path, images):
+    missing = tmp_path / "missing.pem"
+    for command in (["models"], ["explain", str(images / "a" / "photo.png")]):
+        done = attribution(*command, "--server", "127.0.0.1:1", "--ca", str(missing), "--token", "t0ken")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == f"attribution {command[0]}: {missing}: No such file or directory"
+
+
+def test_explain_names_the_classes_of_a_model_with_labels(images, local_config):
+    import re
+
+    from workers.demo import DEMO_LABELS
+
+    done = attribution("explain", str(images / "a"), "--local", "--config", local_config, "--top-k", "2")
+    assert done.returncode == 0, done.stderr
+    named = re.search(r"predicted (\d+) '([^']+)' \([0-9.]+\), grad_cam target (\d+) '([^']+)'", done.stdout)
+    assert named, done.stdout
+    predicted, predicted_label, target, target_label = named.groups()
+    assert DEMO_LABELS[int(predicted)] == predicted_label and DEMO_LABELS[int(target)] == target_label
