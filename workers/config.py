@@ -42,6 +42,15 @@ if TYPE_CHECKING:
     from workers.batching import FoldBudget
 
 SOURCES = ("demo", "torchvision", "torchscript", "export")
+# The sources whose modules take forward hooks, which every CAM method needs (a TorchScript module does not).
+CAM_SOURCES = ("demo", "torchvision", "export")
+
+
+def no_cam_on_torchscript(cam_layers: tuple[str, ...]) -> str:
+    """Why a TorchScript model cannot have CAM layers: said by the config check and by the loader alike."""
+    return (f"CAM layers {', '.join(cam_layers)} were configured, but a TorchScript module cannot carry the forward "
+            "hooks CAM methods need; load it as source torchvision (a state_dict or safetensors file) or export "
+            "(torch.export), which support CAM, or remove cam_layer/cam_layers to serve the gradient methods only")
 # The Ray Serve autoscaling settings a model may set (ray.serve.config.AutoscalingConfig).
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s",
@@ -162,6 +171,8 @@ class ModelConfig:
                "torchvision models need an architecture name")
         check(self.source in ("demo", "torchvision") or bool(self.path), f"models[{self.name}].path",
                "torchscript and export models need a file path")
+        check(self.source in CAM_SOURCES or not (self.cam_layer or self.cam_layers), f"models[{self.name}].cam_layers",
+              no_cam_on_torchscript(self.cam_layers or (self.cam_layer,)))
         check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
                "replicas and num_gpus must be >= 0, num_cpus > 0")
         check_resources(self.resources, f"models[{self.name}].resources")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from workers.config import InputSpec, ModelConfig
+from workers.config import CAM_SOURCES, InputSpec, ModelConfig, no_cam_on_torchscript
 from workers.errors import LayerNotFound, ModelLoadError, ModelNotFound
 from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS, ModelDescription
 
@@ -184,12 +184,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         module, version = (_build_torchvision(cfg) if cfg.source == "torchvision"
                            else _build_from_file(cfg, bool(cam_layers)))
         cam_layer = cfg.cam_layer or (cam_layers[-1] if cam_layers else "")
-    if cfg.source == "torchscript" and cam_layers:
-        raise ModelLoadError(
-            f"model {cfg.name!r}: CAM layers {', '.join(cam_layers)} were configured, but a TorchScript module "
-            "cannot carry the forward hooks CAM methods need; load it as source torchvision (a state_dict or "
-            "safetensors file) or export (torch.export), which support CAM, or remove cam_layer/cam_layers to "
-            "serve the gradient methods only")
+    if cfg.source not in CAM_SOURCES and cam_layers:  # the config refuses it first; a guard for the loader
+        raise ModelLoadError(f"model {cfg.name!r}: {no_cam_on_torchscript(cam_layers)}")
     if cfg.source != "export":  # an exported graph has its mode baked in and refuses eval()
         module.eval()
     for param in module.parameters():

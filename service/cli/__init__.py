@@ -81,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         import grpc
 
+        from workers.errors import AttributionError, ModelLoadError
+
+        if isinstance(exc, AttributionError):  # typed, from the workers in this process (`--local`): its message
+            print(f"{name}: {exc.message}", file=sys.stderr)
+            return 2 if exc.client_error or isinstance(exc, ModelLoadError) else 1
         if not (isinstance(exc, grpc.RpcError) and callable(getattr(exc, "code", None))):
             raise  # a bug: its traceback is what a report needs
         print(f"{name}: {service_error_line(exc, args)}", file=sys.stderr)

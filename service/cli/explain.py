@@ -342,7 +342,13 @@ async def _target(args: argparse.Namespace) -> AsyncIterator[str]:
     from service.backends.local import LocalBackend
     from workers.models import ModelRegistry
 
-    config = ServiceConfig.load(args.config, {"host": "127.0.0.1", "port": 0, "metrics_port": None})
+    from service.cli import CliError
+    from workers.errors import InvalidArgument
+
+    try:
+        config = ServiceConfig.load(args.config, {"host": "127.0.0.1", "port": 0, "metrics_port": None})
+    except InvalidArgument as exc:  # worded as `attribution serve` words it
+        raise CliError(f"invalid config: {exc}") from None
     app = config.app
     registry = ModelRegistry(list(app.models), app.default, cache_dir=app.cache_dir or None)
     server = await create_server(config.server, LocalBackend(registry, limits=config.server.limits))

@@ -3,8 +3,11 @@
 `submit` sends image files (PNG/JPEG, or .npy pixel arrays) as one job; `watch`
 follows a job with a progress bar (or one JSON object per event with --json)
 until it ends; `-o DIR` writes a finished job's maps as .npy and, when the job
-asked for them (`submit --overlay`), its PNG overlays. Exit status: 0, or 1 when
-a call fails, or 3 when a watched job ends FAILED or CANCELLED.
+asked for them (`submit --overlay`), its PNG overlays: drawn here over the photo
+at its own resolution when the input file is at hand (the job's item names point
+to it), else the server's, at the model's input size. Classes are shown with the
+model's class names where it has them. Exit status: 0, or 1 when a call fails, or
+3 when a watched job ends FAILED or CANCELLED.
 """
 from __future__ import annotations
 
@@ -121,7 +124,8 @@ def _inputs(paths: list[str]) -> dict[str, Any]:
 def _get(stub, args: argparse.Namespace, metadata) -> int:
     job = stub.GetJob(pb.GetJobRequest(id=args.id, include_result=bool(args.output)), timeout=args.timeout,
                       metadata=metadata)
-    _print_job(job, args, _write_outputs(job, args.output))
+    items = _item_summaries(job, _labels(stub, job, metadata, args.timeout))
+    _print_job(job, args, _write_outputs(job, args.output, items), items)
     return 0
 
 
@@ -132,7 +136,8 @@ def _watch(stub, args: argparse.Namespace, metadata) -> int:
         for event in stub.WatchJob(request, metadata=metadata):  # no deadline: jobs may run all night
             job = event.job
             if args.json:
-                print(json.dumps(job_dict(job)), flush=True)
+                if job.state not in _FINAL:  # the final event is printed below, with the items and outputs
+                    print(json.dumps(job_dict(job)), flush=True)
             else:
                 print(f"\r{progress_line(job)}", end="" if job.state not in _FINAL else "\n", file=sys.stderr,
                       flush=True)
@@ -140,9 +145,10 @@ def _watch(stub, args: argparse.Namespace, metadata) -> int:
         print(f"\nstopped watching; job {args.id} goes on on the server "
               f"(`attribution jobs watch {args.id}` picks it up again, `jobs cancel` stops it)", file=sys.stderr)
         return 130
-    written = _write_outputs(job, args.output)
-    if not args.json:
-        _print_job(job, args, written)
+    items = _item_summaries(job, _labels(stub, job, metadata, args.timeout))
+    written = _write_outputs(job, args.output, items)
+    if not args.json or job.state in _FINAL:
+        _print_job(job, args, written, items)
     if job.state == pb.FAILED:
         print(f"job failed: {code_from_number(job.error.code).name}: {job.error.message}", file=sys.stderr)
     return 0 if job.state == pb.SUCCEEDED else 3
@@ -187,9 +193,13 @@ def progress_line(job: pb.Job) -> str:
     return f"{job.id[:12]}  {pb.JobState.Name(job.state):9s} [{bar}] {job.progress:4.0%}"
 
 
-def _print_job(job: pb.Job, args: argparse.Namespace, written: list[str] | None = None) -> None:
+def _print_job(job: pb.Job, args: argparse.Namespace, written: list[str] | None = None,
+               items: list[dict[str, Any]] | None = None) -> None:
+    """The job (and, when its result was fetched, a line per item: its classes, named) and the files written."""
     if args.json:
         out = job_dict(job)
+        if items:
+            out["items"] = items
         if written is not None:
             out["outputs"] = written
         print(json.dumps(out))
@@ -198,8 +208,50 @@ def _print_job(job: pb.Job, args: argparse.Namespace, written: list[str] | None 
           f"({pb.Method.Name(job.method).lower()}, {job.num_items} items, model {job.model or 'default'})")
     if job.state == pb.FAILED:
         print(f"  error: {job.error.message}")
+    for item in items or ():
+        predicted = ", ".join(f"{_named(c, label)} ({score:.3f})" for c, label, score in
+                              zip(item["predicted_classes"], item["predicted_labels"], item["predicted_scores"]))
+        targets = ", ".join(_named(c, label) for c, label in zip(item["targets"], item["target_labels"]))
+        print(f"  {item['name'] or 'item %d' % item['item']}: predicted {predicted}; maps for {targets}")
     for path in written or ():
         print(f"  wrote {path}")
+
+
+def _named(index: int, label: str | None) -> str:
+    return f"{index} {label!r}" if label else str(index)
+
+
+def _labels(stub, job: pb.Job | None, metadata, timeout: float) -> tuple[str, ...]:
+    """The class names of the job's model when its result is at hand and the model has them, else ()."""
+    if job is None or not job.result.items:
+        return ()
+    try:
+        info = stub.GetModel(pb.GetModelRequest(name=job.result.model or job.model), timeout=timeout,
+                             metadata=metadata)
+    except grpc.RpcError:  # the names only make the output easier to read: go on without them
+        return ()
+    return tuple(info.class_labels)
+
+
+def _item_summaries(job: pb.Job | None, labels: tuple[str, ...]) -> list[dict[str, Any]] | None:
+    """Per item of a fetched result: its name, input hash, top classes and the classes explained, each class
+    number with its name beside it (None where the model has no names); None when there is no result."""
+    if job is None or not job.result.items:
+        return None
+    names = list(job.item_names) if len(job.item_names) == len(job.result.items) else []
+
+    def label(index: int) -> str | None:
+        return labels[index] if 0 <= index < len(labels) and labels[index] else None
+
+    summaries = []
+    for i, item in enumerate(job.result.items):
+        targets = list(dict.fromkeys(a.target for a in item.attributions))
+        summaries.append({"item": i, "name": names[i] if names else None, "input_sha256": item.input_sha256,
+                          "predicted_classes": list(item.predicted_classes),
+                          "predicted_labels": [label(c) for c in item.predicted_classes],
+                          "predicted_scores": [round(x, 6) for x in item.predicted_scores],
+                          "targets": targets, "target_labels": [label(c) for c in targets]})
+    return summaries
 
 
 def _item_names(paths: list[str]) -> list[str]:
@@ -214,32 +266,63 @@ def _item_names(paths: list[str]) -> list[str]:
     return names
 
 
-def _write_outputs(job: pb.Job | None, directory: pathlib.Path | None) -> list[str] | None:
+def _write_outputs(job: pb.Job | None, directory: pathlib.Path | None,
+                   items: list[dict[str, Any]] | None = None) -> list[str] | None:
     """Each map as `<input stem>_<method>_class<target>.npy` (+ `.png` overlay) in `directory` (`item<i>` when
-    the job has no item names), and `manifest.json`: per item its name, input hash, top classes and files."""
+    the job has no item names), and `manifest.json`: per item its name, input hash, top classes, the classes
+    explained (with their names, `items` of `_item_summaries`), its files and where its overlays were drawn."""
     from service.cli.explain import output_stems
 
     if directory is None or job is None or job.state != pb.SUCCEEDED:
         return None
     directory.mkdir(parents=True, exist_ok=True)
+    items = items or _item_summaries(job, ()) or []
     names = list(job.item_names) if len(job.item_names) == len(job.result.items) else []
     stems = output_stems(names) if names else [f"item{i:04d}" for i in range(len(job.result.items))]
     written, manifest = [], []
     for i, item in enumerate(job.result.items):
         files = []
+        photo = _photo(names[i], item) if names and any(a.png_overlay for a in item.attributions) else None
         for a in item.attributions:
             stem = directory / f"{stems[i]}_{pb.Method.Name(a.method).lower()}_class{a.target}"
-            np.save(f"{stem}.npy", array_from_tensor(a.map))
+            values = array_from_tensor(a.map)
+            np.save(f"{stem}.npy", values)
             files.append(f"{stem.name}.npy")
             if a.png_overlay:
-                pathlib.Path(f"{stem}.png").write_bytes(a.png_overlay)
+                pathlib.Path(f"{stem}.png").write_bytes(_overlay(photo, values, item) if photo else a.png_overlay)
                 files.append(f"{stem.name}.png")
-        manifest.append({"item": i, "name": names[i] if names else None, "input_sha256": item.input_sha256,
-                         "predicted_classes": list(item.predicted_classes),
-                         "predicted_scores": [round(x, 6) for x in item.predicted_scores], "files": files})
+        overlays = None if not any(f.endswith(".png") for f in files) else ("photo" if photo else "model_input")
+        manifest.append(dict(items[i], files=files, overlays=overlays))
         written += [str(directory / f) for f in files]
     (directory / "manifest.json").write_text(json.dumps({"job": job.id, "model": job.result.model,
                                                          "model_version": job.result.model_version,
                                                          "items": manifest}, indent=2) + "\n")
     written.append(str(directory / "manifest.json"))
     return written
+
+
+def _photo(name: str, item: pb.ItemResult):
+    """The submitted photo, when `name` is an image file at hand here and it is the size the server decoded
+    (EXIF applied); else None, and the server's overlay is written instead."""
+    from PIL import Image
+
+    from service import render
+
+    path = pathlib.Path(name)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg") or not path.is_file():
+        return None
+    try:
+        photo = render.open_photo(path.read_bytes())
+    except (OSError, Image.DecompressionBombError):  # unreadable, not an image, too large
+        return None
+    if item.HasField("geometry") and (item.geometry.width, item.geometry.height) != photo.size:
+        return None  # not the file that was sent (changed since)
+    return photo
+
+
+def _overlay(photo, values: np.ndarray, item: pb.ItemResult) -> bytes:
+    """The map over the photo at the photo's resolution, through the geometry the server decoded it with."""
+    from service import render
+
+    box = render.photo_box(item.geometry if item.HasField("geometry") else None, photo.size)
+    return render.png_bytes(render.overlay(photo, values, render.Style(), box=box))

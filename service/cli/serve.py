@@ -61,13 +61,29 @@ def server_overrides(args: argparse.Namespace) -> dict[str, Any]:
             if value is not None}
 
 
+RAY_LOGGERS = ("ray", "ray.serve")
+
+
+def _warnings_and_errors(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def configure_logging(level: str, verbose: bool) -> None:
+    """Our own log lines at `level`; Ray's and Serve's internal start-up chatter hidden unless `verbose`
+    (their warnings and errors still show). A filter, not a level: Serve sets its logger's level as it
+    starts. Calling it again adds nothing."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in RAY_LOGGERS:
+        if verbose:
+            logging.getLogger(name).removeFilter(_warnings_and_errors)
+        else:
+            logging.getLogger(name).addFilter(_warnings_and_errors)
+
+
 def run(args: argparse.Namespace) -> int:
     from service.settings import ServiceConfig
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # Ray's and Serve's internal start-up chatter; warnings and errors still show
-        for name in ("ray", "ray.serve"):  # a filter, not a level: Serve sets its logger's level as it starts
-            logging.getLogger(name).addFilter(lambda record: record.levelno >= logging.WARNING)
+    configure_logging(args.log_level, args.verbose)
     try:  # all of it, before Ray starts: a bad key costs nothing to find
         config = ServiceConfig.load(args.config, server_overrides(args))
         if getattr(args, "job_store", None):
@@ -108,7 +124,8 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
                      logging_level=logging.INFO if args.verbose else logging.WARNING,
                      **({"_node_ip_address": "127.0.0.1"} if owns_ray else {}))
         except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-            raise CliError(f"Ray did not start: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r} "
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise CliError(f"Ray did not start: {first} "
                            "(its logs: /tmp/ray/session_latest/logs; --verbose shows its start-up)") from None
     from service.backends.offline import ServeOfflineBackend
     from service.jobs.store import default_data_dir

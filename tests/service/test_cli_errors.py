@@ -150,3 +150,94 @@ def test_overlays_keep_the_photos_resolution_and_a_gallery_lists_them(images, lo
     done = attribution("explain", str(photos), "--local", "--config", local_config, "-o", str(out),
                        "--colormap", "jett")
     assert done.returncode == 2 and "unknown colormap 'jett'" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory) -> pathlib.Path:
+    """A tiny TorchScript classifier (3x16x16 in, 2 classes out) and a 16x16 PNG to explain with it."""
+    import warnings
+
+    folder = tmp_path_factory.mktemp("torchscript")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(4, 2)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; TorchScript files still exist
+        torch.jit.save(torch.jit.script(net), str(folder / "tiny.ts"))
+    (folder / "x.png").write_bytes(encode_png(torch.zeros(3, 16, 16, dtype=torch.uint8)).numpy().tobytes())
+    return folder
+
+
+def _scripted_config(folder: pathlib.Path, name: str, **model) -> str:
+    path = folder / name
+    path.write_text(json.dumps({"models": [{"name": "ts", "source": "torchscript", "path": str(folder / "tiny.ts"),
+                                            "input": {"height": 16, "width": 16}, **model}]}))
+    return str(path)
+
+
+def test_a_torchscript_model_given_cam_layers_is_refused_when_the_config_is_checked(scripted):
+    config = _scripted_config(scripted, "cam.json", cam_layers=["0"])
+    for args in (["serve", "--config", config, "--check"],
+                 ["explain", str(scripted / "x.png"), "--local", "--config", config]):
+        done = attribution(*args)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode == 2, done.stderr
+        assert "invalid config: models[ts].cam_layers: CAM layers 0 were configured" in lines[-1]
+        assert "source torchvision" in lines[-1] and "export (torch.export), which support CAM" in lines[-1]
+        assert not any(line.startswith("attribution") for line in lines[:-1])  # one line (and torch's warnings)
+
+
+def test_a_model_that_fails_to_load_locally_is_one_line(scripted):
+    config = _scripted_config(scripted, "missing.json", path=str(scripted / "nope.ts"))
+    done = attribution("explain", str(scripted / "x.png"), "--local", "--config", config)
+    assert done.returncode == 2, done.stderr
+    assert f"attribution explain: model 'ts': cannot load torchscript file {scripted / 'nope.ts'}" in done.stderr
+    config = _scripted_config(scripted, "classes.json", num_classes=5)
+    done = attribution("explain", str(scripted / "x.png"), "--local", "--config", config)
+    assert done.returncode == 2 and "config says 5 classes, model gives 2" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def tls_server(start_server, tmp_path_factory):
+    """A front door on TLS (its own self-signed certificate) that wants the token `t0ken`; yields (harness, cert)."""
+    pytest.importorskip("cryptography")
+    from tests.support import self_signed_cert
+
+    cert, key = self_signed_cert(tmp_path_factory.mktemp("tls"))
+    harness = start_server(tls_cert=str(cert), tls_key=str(key), auth_token="t0ken")
+    yield harness, cert
+    harness.stop()
+
+
+def test_explain_and_models_take_the_tls_and_token_options(tls_server, images):
+    harness, cert = tls_server
+    secure = ["--server", harness.address, "--ca", str(cert)]
+    done = attribution("models", *secure, "--token", "t0ken")
+    assert done.returncode == 0 and done.stdout.startswith("demo (default)"), done.stderr
+    done = attribution("explain", str(images / "a" / "photo.png"), *secure, "--token", "t0ken")
+    assert done.returncode == 0 and ": predicted " in done.stdout, done.stderr
+    done = attribution("models", *secure, "--timeout", "10")
+    assert done.returncode == 1 and f"{harness.address} refused the credentials" in done.stderr
+    assert "(give --token)" in done.stderr
+    done = attribution("explain", str(images / "a" / "photo.png"), *secure, "--token", "wrong")
+    assert done.returncode == 1 and "UNAUTHENTICATED" in done.stdout  # per input, on its own line
+
+
+def test_an_unreadable_ca_file_is_one_line(tmp_path, images):
+    missing = tmp_path / "missing.pem"
+    for command in (["models"], ["explain", str(images / "a" / "photo.png")]):
+        done = attribution(*command, "--server", "127.0.0.1:1", "--ca", str(missing), "--token", "t0ken")
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.strip() == f"attribution {command[0]}: {missing}: No such file or directory"
+
+
+def test_explain_names_the_classes_of_a_model_with_labels(images, local_config):
+    import re
+
+    from workers.demo import DEMO_LABELS
+
+    done = attribution("explain", str(images / "a"), "--local", "--config", local_config, "--top-k", "2")
+    assert done.returncode == 0, done.stderr
+    named = re.search(r"predicted (\d+) '([^']+)' \([0-9.]+\), grad_cam target (\d+) '([^']+)'", done.stdout)
+    assert named, done.stdout
+    predicted, predicted_label, target, target_label = named.groups()
+    assert DEMO_LABELS[int(predicted)] == predicted_label and DEMO_LABELS[int(target)] == target_label

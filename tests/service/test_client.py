@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
-import ipaddress
 import socket
 import threading
 import time
@@ -18,6 +16,7 @@ import torchvision.io as tvio
 from service._proto import attribution_pb2 as pb
 from service.client import (AsyncAttributionClient, AttributionClient, RetryPolicy, ServiceError,
                             array_from_tensor, build_request, tensor_from_array)
+from tests.support import self_signed_cert
 
 FAST_RETRY = RetryPolicy(max_attempts=200, initial_backoff_s=0.02, max_backoff_s=0.2)
 
@@ -222,33 +221,9 @@ def test_async_client(server, images):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.violations
 
 
-def _self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
 def test_tls_and_token(start_server, images, tmp_path):
     pytest.importorskip("cryptography")
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     harness = start_server(tls_cert=str(cert), tls_key=str(key), auth_token="t0ken")
     try:
         with AttributionClient(harness.address, root_certificates=cert, token="t0ken") as c:

@@ -152,15 +152,21 @@ def test_select_device():
             select_device("cuda")
 
 
-def test_torchscript_with_cam_layers_is_refused_at_load(demo_model, tmp_path):
-    from workers.errors import ModelLoadError
-
+def test_torchscript_with_cam_layers_is_refused_by_the_config(demo_model, tmp_path):
+    """Refused when the config is read (`serve --check` finds it), before any file is loaded, naming the
+    sources that support CAM; without CAM layers the same file loads for the gradient methods."""
     torch.jit.script(demo_model).save(str(tmp_path / "demo.ts"))
-    spec = InputSpec(height=64, width=64, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    with pytest.raises(ModelLoadError, match="TorchScript module cannot carry the forward hooks") as info:
-        load_model(ModelConfig(name="ts", source="torchscript", path=str(tmp_path / "demo.ts"), input=spec,
-                               cam_layers=("features.6",)))
-    assert "torchvision" in str(info.value) and "export" in str(info.value)
+    spec = {"height": 64, "width": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
+    for layers in ({"cam_layers": ["features.6"]}, {"cam_layer": "features.6"}):
+        with pytest.raises(InvalidArgument, match="TorchScript module cannot carry the forward hooks") as info:
+            model_config_from_dict({"name": "ts", "source": "torchscript", "path": str(tmp_path / "demo.ts"),
+                                    "input": spec, **layers})
+        assert info.value.violations[0].field == "models[ts].cam_layers"
+        assert "features.6" in info.value.message
+        assert "source torchvision" in info.value.message and "export (torch.export)" in info.value.message
+    loaded = load_model(model_config_from_dict({"name": "ts", "source": "torchscript",
+                                                "path": str(tmp_path / "demo.ts"), "input": spec}))
+    assert loaded.cam_layers == () and "grad_cam" not in loaded.online_methods
 
 
 def test_exported_model_serves_cam_on_its_layers(demo_model, tmp_path):

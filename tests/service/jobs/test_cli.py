@@ -76,3 +76,42 @@ def test_bad_requests_exit_nonzero_with_the_status(start_service, images, capsys
     assert code == 1 and "NOT_FOUND" in err
     code, _, err = run_cli(capsys, "submit", *images, "--method", "no_such_method", *server)
     assert code == 1 and "unknown Method" in err
+
+
+def test_overlays_are_drawn_over_the_photo_at_hand_and_classes_are_named(start_service, demo_batch, tmp_path,
+                                                                          capsys):
+    """With the submitted file at hand, `-o` draws each overlay over it at its own resolution (96x48 here,
+    the model's input is 64x64); without it, the server's overlay is written. Classes carry their names."""
+    from PIL import Image
+
+    from workers.demo import DEMO_LABELS
+
+    wide = torch.nn.functional.interpolate(demo_batch.images[:1], size=(48, 96), mode="bilinear")[0]
+    photo = tmp_path / "wide.png"
+    photo.write_bytes(tvio.encode_png((wide * 255).round().to(torch.uint8)).numpy().tobytes())
+    server = ["--server", start_service().address]
+    code, out, _ = run_cli(capsys, "submit", str(photo), "--method", "score_cam", "--overlay", *server, "--json")
+    assert code == 0
+    job_id = json.loads(out)["id"]
+
+    code, out, _ = run_cli(capsys, "watch", job_id, *server, "-o", str(tmp_path / "drawn"))
+    assert code == 0
+    (item,) = json.loads((tmp_path / "drawn" / "manifest.json").read_text())["items"]
+    assert item["overlays"] == "photo"
+    assert item["predicted_labels"] == [DEMO_LABELS[c] for c in item["predicted_classes"]]
+    (target,) = item["targets"]
+    assert item["target_labels"] == [DEMO_LABELS[target]]
+    (overlay,) = (tmp_path / "drawn").glob("*.png")
+    assert Image.open(overlay).size == (96, 48)
+    best = item["predicted_classes"][0]
+    assert f"{photo}: predicted {best} '{DEMO_LABELS[best]}' (" in out
+    assert f"; maps for {target} '{DEMO_LABELS[target]}'" in out
+
+    photo.rename(tmp_path / "moved.png")  # the photo is no longer where the job's item name points
+    code, out, _ = run_cli(capsys, "get", job_id, *server, "-o", str(tmp_path / "served"), "--json")
+    assert code == 0
+    shown = json.loads(out)
+    assert shown["items"][0]["target_labels"] == [DEMO_LABELS[target]]
+    assert json.loads((tmp_path / "served" / "manifest.json").read_text())["items"][0]["overlays"] == "model_input"
+    (overlay,) = (tmp_path / "served").glob("*.png")
+    assert Image.open(overlay).size == (64, 64)
