@@ -266,6 +266,36 @@ def test_metrics_count_states_durations_and_samples(start_service, demo_batch):
     cancel(h, blocker.id)
 
 
+def test_audit_verify_passes_on_a_default_server_given_the_files_the_client_sent(start_service, tmp_path,
+                                                                                   demo_batch, demo_registry):
+    """The README's sequence on a server with the default audit settings (inputs not stored): PNGs sent
+    online and to a job, kept by the client, are found by hash; every record checks, none is skipped."""
+    import torchvision.io as tvio
+
+    from service.audit import log_files
+    from service.audit.verify import verify
+
+    h = start_service()
+    stub = h.stub()
+    sent = tmp_path / "sent"
+    sent.mkdir()
+    pngs = [tvio.encode_png((p * 255).round().to(torch.uint8)).numpy().tobytes() for p in demo_batch.images[:2]]
+    for i, png in enumerate(pngs):
+        (sent / f"demo-{i:03d}.png").write_bytes(png)
+    encoded = pb.Inputs(images=pb.EncodedImages(images=pngs))
+    stub.Explain(pb.ExplainRequest(request_id="online", inputs=encoded, method=pb.GRAD_CAM), timeout=60)
+    job = submit(h, pb.SubmitJobRequest(request=pb.ExplainRequest(inputs=encoded, method=pb.SCORE_CAM)))
+    assert wait_for(h, job.id, lambda j: j.state in FINAL).state == pb.SUCCEEDED
+    audit_dir = h.data_dir / "audit"
+    h.stop()
+    records = [json.loads(line) for path in log_files(audit_dir) for line in path.read_text().splitlines()]
+    assert {r["path"] for r in records} == {"online", "offline"} and len(records) == 4
+    assert verify([audit_dir], demo_registry).counts() == {"skipped": 4}   # nothing to re-run without inputs
+    report = verify([audit_dir], demo_registry, inputs_dir=sent)
+    assert report.verdict == "PASS", report.summary()
+    assert len(report.checks) == 4 and not report.counts().get("skipped")
+
+
 def test_audit_verify_passes_on_a_mix_of_online_calls_and_jobs(start_service, demo_batch, demo_registry):
     """The issue's acceptance: a server that served online calls and offline jobs leaves a log that
     `audit verify` passes, job records re-run the offline way."""
