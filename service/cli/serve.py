@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import pathlib
 import signal
 import sys
@@ -94,7 +95,25 @@ def run(args: argparse.Namespace) -> int:
     if args.check:
         print(f"attribution serve: {args.config or 'the defaults'}: valid\n{config.summary()}")
         return 0
+    if args.address and is_loopback_address(args.address):
+        # Ray would rewrite a loopback cluster address into this machine's outward address (where a
+        # cluster started on loopback does not listen) unless its multi-node switch is off; set before
+        # Ray is first imported, as it reads the switch once.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     return asyncio.run(_serve(args, config))
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a Ray address (HOST:PORT, or ray://HOST:PORT) names this machine's loopback."""
+    import ipaddress
+
+    host = address.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:

@@ -108,3 +108,11 @@ def test_start_up_says_what_it_does_and_asks_ray_for_warnings_only(tmp_path, mon
     assert str(info.value).startswith("Ray did not start: no room for a raylet (its logs:")
     assert asked["logging_level"] == (logging.INFO if verbose else logging.WARNING)
     assert asked["log_to_driver"] is False and asked["include_dashboard"] is False
+
+
+def test_only_loopback_ray_addresses_are_kept_on_loopback():
+    from service.cli.serve import is_loopback_address
+
+    assert all(is_loopback_address(a) for a in ("127.0.0.1:6379", "localhost:6379", "[::1]:6379",
+                                                 "ray://127.0.0.1:10001", "127.0.0.5:1"))
+    assert not any(is_loopback_address(a) for a in ("10.0.0.4:6379", "head.cluster:6379", "auto", "[::]:1"))
