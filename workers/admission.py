@@ -12,7 +12,13 @@ A request is refused with RESOURCE_EXHAUSTED (and a RetryInfo delay) when the
 work ahead of it plus its own cost would take longer than its remaining
 deadline (`deadline_too_short`), or would push the queued cost past
 `rate x target_queue_delay_s` (`queue_full`). Calls without a deadline are
-judged against `default_deadline_s`. The check needs only the request's
+judged against `default_deadline_s`. An estimate that nothing has confirmed for
+`_STALE_S` (no busy window measured, no batch seen) is not trusted to refuse a
+call to an idle model, and while no busy window confirms it, the batches that
+do run pull it toward their own kernel rate: otherwise a rate learnt on one
+method (cost units are not equally costly across methods) could refuse every
+call of another for good, and a refused call teaches the estimate nothing.
+The check needs only the request's
 declared cost (validation.estimate_cost), so it runs before any decoding:
 a refusal costs microseconds. Replicas check again with their own view
 (an instance per replica in workers/serve/online.py, deadlines only), because
@@ -28,6 +34,8 @@ from workers.errors import Overloaded
 from workers.schema import check
 
 _WINDOW_S = 1.0
+# An estimate older than this (no busy window measured, no batch seen) is stale: see the module's doc.
+_STALE_S = 3.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,8 @@ class ModelAdmission:
         # The rate is seeded from one batch's kernel time until a busy window is measured; one small
         # batch underestimates what a full one does, so the queue bound waits for a measured rate.
         self.measured = False
+        self._measured_at = float("-inf")  # monotonic time of the last busy-window measurement
+        self._seen_at = float("-inf")      # ... of the last evidence of any kind (a measurement, a batch)
 
     @property
     def bound(self) -> float:
@@ -123,10 +133,15 @@ class ModelAdmission:
         delay = excess / self.rate if self.rate else 0.1
         return min(self.config.max_retry_after_s, max(0.05, delay))
 
+    def stale(self, now: float | None = None) -> bool:
+        """Whether nothing has confirmed the estimate for `_STALE_S`."""
+        return (time.monotonic() if now is None else now) - self._seen_at > _STALE_S
+
     def admit(self, cost: float, remaining_s: float | None, queue_bound: bool = True) -> Ticket:
         """A ticket for `cost`, or `Overloaded` saying why not (queue_bound=False: deadlines only)."""
         with self._lock:
-            if self.config.enabled and self.rate is not None:
+            idle_and_unsure = self.queued <= 0 and self.stale()
+            if self.config.enabled and self.rate is not None and not idle_and_unsure:
                 remaining = self.config.default_deadline_s if remaining_s is None else remaining_s
                 wait = (self.queued + cost) / self.rate
                 if queue_bound and self.queued + cost > self.bound and self.queued > 0:
@@ -146,11 +161,19 @@ class ModelAdmission:
             return Ticket(self, cost)
 
     def observe_batch(self, batch_samples: int, compute_ms: float) -> None:
-        """Seeds the rate from a batch's own kernel rate until a busy window has been measured."""
-        if self.rate is None and batch_samples > 0 and compute_ms > 0:
-            with self._lock:
-                if self.rate is None:
-                    self.rate = batch_samples / (compute_ms / 1e3)
+        """Seeds the rate from a batch's own kernel rate until a busy window has been measured, and pulls
+        an estimate that no busy window has confirmed for `_STALE_S` toward it."""
+        if batch_samples <= 0 or compute_ms <= 0:
+            return
+        kernel_rate = batch_samples / (compute_ms / 1e3)
+        with self._lock:
+            now = time.monotonic()
+            self._seen_at = now
+            if self.rate is None:
+                self.rate = kernel_rate
+            elif now - self._measured_at > _STALE_S:
+                a = self.config.smoothing
+                self.rate = (1 - a) * self.rate + a * kernel_rate
 
     def _adjust(self, delta: float) -> None:
         with self._lock:
@@ -169,6 +192,7 @@ class ModelAdmission:
                     a = self.config.smoothing
                     self.rate = measured if not self.measured else (1 - a) * self.rate + a * measured
                     self.measured = True
+                    self._measured_at = self._seen_at = now
                 self._window_start, self._window_cost = now, 0.0
                 self._window_idle = self.queued <= 0
             elif self.queued <= 0:

@@ -70,6 +70,43 @@ def test_rate_is_measured_only_over_busy_windows(monkeypatch):
     assert adm.bound == pytest.approx(max(64, adm.rate))
 
 
+def test_an_estimate_learnt_on_one_method_does_not_refuse_another_for_good(monkeypatch):
+    """Grad-CAM traffic teaches a rate in cost units (1 per request); SmoothGrad-64 costs 64 units that
+    run far faster per unit. Refused calls teach nothing, so the estimate must recover on its own."""
+    clock = [1000.0]
+    monkeypatch.setattr("workers.admission.time.monotonic", lambda: clock[0])
+    adm = ModelAdmission("m", AdmissionConfig(smoothing=0.5, deadline_fraction=0.5))
+    adm.rate, adm.measured = 50.0, True          # Grad-CAM: 50 requests (cost units) per second
+    adm._measured_at = adm._seen_at = clock[0]
+    with pytest.raises(Overloaded):              # 64 / 50 = 1.3 s predicted, 1 s allowed of a 2 s deadline
+        adm.admit(64, remaining_s=2.0)
+    clock[0] += 4.0                               # nothing confirmed the estimate since: stale
+    ticket = adm.admit(64, remaining_s=2.0)       # an idle model takes the call rather than trust it
+    for _ in range(6):                            # its batches (64 samples in 40 ms) pull the estimate up
+        adm.observe_batch(64, 40.0)
+        clock[0] += 0.05
+    ticket.release(completed=True)
+    assert adm.rate > 1000
+    tickets = [adm.admit(64, remaining_s=2.0) for _ in range(8)]   # and several are admitted again
+    assert adm.queued == 8 * 64
+    for t in tickets:
+        t.release(completed=True)
+
+
+def test_a_confirmed_estimate_still_refuses_on_an_idle_model(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr("workers.admission.time.monotonic", lambda: clock[0])
+    adm = ModelAdmission("m")
+    adm.observe_batch(100, 1000.0)                # 100 units per second, seen just now
+    with pytest.raises(Overloaded) as refused:
+        adm.admit(256, remaining_s=1.0)           # 2.6 s of work for a 1 s deadline
+    assert refused.value.reason == "deadline_too_short"
+    adm.observe_batch(100, 1000.0)                # a batch while a busy window confirms the rate ...
+    adm.rate, adm.measured, adm._measured_at = 100.0, True, clock[0]
+    adm.observe_batch(10, 1.0)                    # ... does not move it (10,000/s from one tiny batch)
+    assert adm.rate == 100.0
+
+
 # ------------------------------------------------------------ through a server --
 
 def _status_of(exc: grpc.RpcError):
