@@ -10,6 +10,8 @@ as a deployment would (`attribution serve --address GCS`, `--attach`). The progr
     <- where <actor class name part>      -> NODE <name> ... (the nodes that run such actors; NONE if none)
     <- kill <name>                        -> KILLED <name> (its raylet and workers, without grace)
     <- quit (or end of input)             -> the cluster is shut down
+
+`FrontDoorProcess` starts `attribution serve --address GCS ...` against such a cluster and reads its port.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ import time
 
 HEAD = "head"
 START_TIMEOUT_S = 120.0
+FRONT_DOOR_TIMEOUT_S = 300.0  # a deploying front door waits for its replicas (and a first demo training)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Ray rewrites a loopback cluster address into the machine's outward address when a node or a driver
 # joins (services.resolve_ip_for_localhost) unless its multi-node-cluster switch is off: then every
 # address it derives stays on 127.0.0.1, where the nodes of this cluster listen.
@@ -133,6 +137,58 @@ class RayCluster:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait(timeout=30)
+
+
+class FrontDoorProcess:
+    """`python -m service.cli serve --address GCS --config CONFIG ...` in its own process, on loopback with
+    any free port; `port` once it listens. Its stderr goes to `<data_dir>.log`."""
+
+    def __init__(self, name: str, address: str, config, data_dir, *extra: str):
+        import pathlib
+
+        data_dir = pathlib.Path(data_dir)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "service.cli", "serve", "--address", address, "--config", str(config),
+                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--data-dir", str(data_dir),
+                   *extra]
+        self.name = name
+        self.log_path = data_dir.parent / f"{name}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True,
+                                     env=dict(os.environ, **LOOPBACK_ENV))
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.port = self._wait_listening()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put("")  # the end of its output
+
+    def _wait_listening(self) -> int:
+        deadline = time.monotonic() + FRONT_DOOR_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if not line:
+                break
+            if "gRPC listening on" in line:
+                return int(line.split("gRPC listening on", 1)[1].split()[0].rsplit(":", 1)[1])
+        self.stop()
+        raise RuntimeError(f"front door {self.name} did not start; its log: {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        self._log.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,6 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
+from loadtests.raycluster import FrontDoorProcess
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.client import AttributionClient, ServiceError
@@ -28,58 +26,16 @@ from tests.service.jobs.conftest import job_request
 
 pytestmark = [pytest.mark.ray, pytest.mark.process, pytest.mark.slow]
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-START_TIMEOUT_S = 300.0
 FINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 
 
-class FrontDoor:
-    """`python -m service.cli serve --address GCS ...` in its own process; `port` once it listens."""
+class FrontDoor(FrontDoorProcess):
+    """A front door process with a blocking stub."""
 
-    def __init__(self, name: str, address: str, config, data_dir, *extra: str):
-        from loadtests.raycluster import LOOPBACK_ENV
-
-        command = [sys.executable, "-m", "service.cli", "serve", "--address", address, "--config", str(config),
-                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--data-dir", str(data_dir),
-                   *extra]
-        self.name = name
-        self.log = open(data_dir.parent / f"{name}.log", "w")
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=dict(os.environ, **LOOPBACK_ENV))
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.port = self._wait_listening()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
-
-    def _drain(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put("")  # the end of its output
-
-    def _wait_listening(self) -> int:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if not line:
-                break
-            if "gRPC listening on" in line:
-                return int(line.split("gRPC listening on", 1)[1].split()[0].rsplit(":", 1)[1])
-        self.stop()
-        raise AssertionError(f"front door {self.name} did not start; its log: {self.log.name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
-        self.log.close()
 
 
 @pytest.fixture
@@ -140,8 +96,6 @@ def _watch(stub, job_id: str, timeout_s: float = 300.0) -> list[pb.JobEvent]:
 def test_a_worker_node_killed_under_load_fails_over_and_loses_no_job(
         tmp_path, cluster, postgres_url, demo_batch, demo_registry, service_cache_dir):
     config = _config(tmp_path, postgres_url, service_cache_dir)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
     doors = []
     load = None
     try:
@@ -178,7 +132,7 @@ def test_a_worker_node_killed_under_load_fails_over_and_loses_no_job(
             door.stop()
 
     assert survivors == sorted({"b", "c"} - {offline_node})
-    logs = "".join((tmp_path / f"{door.name}.log").read_text() for door in doors)
+    logs = "".join(door.log_path.read_text() for door in doors)
     # The job running on the lost node was run again by its runner, not lost or failed.
     assert f"job {long.id}" in logs and "running it again" in logs, logs[-4000:]
     assert {state for state in (j.state for j in finals.values())} == {pb.SUCCEEDED}, finals
