@@ -101,6 +101,19 @@ def test_a_second_server_on_a_used_port_is_refused_before_ray_starts():
     assert done.returncode == 2 and f"port {port} on 127.0.0.1 is not free" in done.stderr
 
 
+def test_ray_that_does_not_start_is_one_line(tmp_path):
+    # A cluster address Ray rejects at once: ray.init fails before anything starts (a closed port would
+    # have it retry for minutes).
+    done = attribution("serve", "--address", "not-an-address", "--host", "127.0.0.1", "--port", "0",
+                       "--metrics-port", "0", "--data-dir", str(tmp_path), timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2, done.stderr
+    assert lines[-1].startswith("attribution serve: Ray did not start: Invalid address format: not-an-address")
+    assert "(its logs: /tmp/ray/session_latest/logs; --verbose shows its start-up)" in lines[-1]
+    assert not any(line.startswith("attribution") for line in lines[:-1])  # one line (and Ray's own warnings)
+    assert "connecting to Ray at not-an-address" in done.stdout
+
+
 def test_ctrl_c_during_explain_says_what_was_done(local_config, tmp_path):
     proc = subprocess.Popen(CLI + ["explain", "--demo", "400", "--local", "--config", local_config,
                                    "--method", "smoothgrad", "--samples", "64", "--concurrency", "1",

@@ -1,14 +1,24 @@
 """`attribution jobs ...` through the real CLI entry point, against a real server on a socket."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import torchvision.io as tvio
 
+from service._proto import attribution_pb2 as pb
 from service.cli import main
+from tests.service.jobs.conftest import job_request
 
 
 @pytest.fixture
@@ -115,3 +125,43 @@ def test_overlays_are_drawn_over_the_photo_at_hand_and_classes_are_named(start_s
     assert json.loads((tmp_path / "served" / "manifest.json").read_text())["items"][0]["overlays"] == "model_input"
     (overlay,) = (tmp_path / "served").glob("*.png")
     assert Image.open(overlay).size == (64, 64)
+
+
+@pytest.mark.process
+def test_ctrl_c_during_watch_leaves_the_job_running_on_the_server(start_service, demo_batch):
+    """SIGINT to the real `attribution jobs watch` process: one line saying the job goes on, exit 130, no
+    traceback; the server keeps the job (it is not cancelled)."""
+    service = start_service()
+    stub = service.stub()
+    job = stub.SubmitJob(job_request(demo_batch.images[:4], pb.OCCLUSION,
+                                     occlusion=pb.OcclusionParams(patch_size=4, stride=1)), timeout=30)
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "jobs", "watch", job.id,
+                             "--server", service.address, "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        deadline, seen = time.monotonic() + 60, ""
+        while '"RUNNING"' not in seen and time.monotonic() < deadline:  # watching, the job under way
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            line = proc.stdout.readline() if ready else ""
+            if not line:
+                break
+            seen = line
+        assert '"RUNNING"' in seen and json.loads(seen)["id"] == job.id, seen
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in out + err, err
+    assert proc.returncode == 130, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0] == (f"stopped watching; job {job.id} goes on on the server "
+                        f"(`attribution jobs watch {job.id}` picks it up again, `jobs cancel` stops it)")
+    after = stub.GetJob(pb.GetJobRequest(id=job.id), timeout=10)
+    assert after.state in (pb.RUNNING, pb.SUCCEEDED), pb.JobState.Name(after.state)
+    if after.state == pb.RUNNING:  # spare the machine the rest of it (it may have just finished)
+        with contextlib.suppress(grpc.RpcError):
+            stub.CancelJob(pb.CancelJobRequest(id=job.id), timeout=10)
