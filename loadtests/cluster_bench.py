@@ -7,14 +7,17 @@ Sizes: a head and 1 worker node (one replica, one front door), then a head and 2
 on each, a front door per worker node, the load split over both), each node a real raylet
 (loadtests/raycluster.py) with one logical CPU per replica. For each size and scenario (batch-1
 Grad-CAM, then batch-1 SmoothGrad-64, the overload scenarios' requests), closed-loop throughput and
-latency. On this 2-core machine both sizes share the same two cores: the figures check the scaling
+latency; the clients wait the delay a refusal suggests before their next call, as the shipped client
+does. On this 2-core machine both sizes share the same two cores: the figures check the scaling
 model's prediction for that case (what grows with nodes is the cores, not the processes).
 
 Job-store traffic: on the 1-node size, the front door's job store is a PostgreSQL database, and
-windows of online Grad-CAM load alternate with and without four runners claiming and completing
-jobs on the same PostgreSQL server as fast as it lets them (each a thread with its own connection, as
-front doors are; in a database of their own, so the front door's runner does not take their jobs); the
-ratio says what the shared store's traffic costs the online path.
+windows of online Grad-CAM load alternate with and without four runners submitting, claiming and
+completing jobs on the same PostgreSQL server at `--store-rate` jobs per second in all (each a thread
+with its own connection, as front doors are; in a database of their own, so the front door's runner does
+not take their jobs); the ratio says what the shared store's traffic costs the online path on this
+machine, where the database shares the service's two cores. The CPU the PostgreSQL server's processes
+took meanwhile is reported beside it.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ async def _closed(targets: list[str], scenario_path: pathlib.Path, clients: int,
     share = [clients // len(targets) + (1 if i < clients % len(targets) else 0) for i in range(len(targets))]
     generators = [LoadGenerator(t, encode_requests(scenario, models)) for t in targets]
     try:
-        results = await asyncio.gather(*(g.run_closed(c, duration, warmup, 10_000_000)
+        results = await asyncio.gather(*(g.run_closed(c, duration, warmup, 10_000_000, honour_pushback=True)
                                          for g, c in zip(generators, share)))
     finally:
         for g in generators:
@@ -71,12 +74,13 @@ async def _closed(targets: list[str], scenario_path: pathlib.Path, clients: int,
 
 
 class StoreTraffic:
-    """RUNNERS threads claiming and completing jobs in a PostgreSQL job store as fast as it lets them."""
+    """RUNNERS threads submitting, claiming and completing jobs in a PostgreSQL job store at `rate` jobs per
+    second in all (0: as fast as it lets them)."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, rate: float):
         from service.jobs.pg_store import PostgresJobStore
 
-        self.url = url
+        self.url, self.rate = url, rate
         self._stop = threading.Event()
         self._make = lambda: PostgresJobStore(url)
         self.done = 0
@@ -95,8 +99,14 @@ class StoreTraffic:
         store = self._make()
         result = b"m" * 16384  # one 64x64 float32 map
         deadline = time.monotonic() + 600
+        period = RUNNERS / self.rate if self.rate > 0 else 0.0
+        next_at = time.monotonic()
         try:
             while not self._stop.is_set() and time.monotonic() < deadline:
+                if period:
+                    next_at += period
+                    if self._stop.wait(max(0.0, next_at - time.monotonic())):
+                        break
                 store.submit(NewJob(id=uuid.uuid4().hex, priority=0, idempotency_key="", model="demo",
                                     method=pb.OCCLUSION, num_items=1, request=b"r" * 256))
                 claimed = store.claim()
@@ -136,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2, help="job-traffic windows of each kind, alternating")
+    parser.add_argument("--store-rate", type=float, default=50.0,
+                        help="jobs per second through the store beside the online load (0: as fast as it goes)")
     parser.add_argument("--cache-dir", default="", help="demo model cache (default: the user's)")
     parser.add_argument("--json", metavar="OUT")
     args = parser.parse_args(argv)
@@ -172,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     traffic = report["store_traffic"]
     print(f"online Grad-CAM with job-store traffic / without: throughput {traffic['rps_ratio']}, "
           f"p50 {traffic['p50_ratio']}, p99 {traffic['p99_ratio']} ({traffic['store_ops_per_s']} "
-          f"claims+completions/s beside it)")
+          f"jobs/s through the store beside it, taking {traffic['store_cpu_cores']} cores)")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(report, indent=2))
         print(f"wrote {args.json}")
@@ -181,13 +193,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _store_windows(targets: list[str], url: str, args) -> dict:
     """Alternating windows of online load without and with job-store traffic; medians of each kind."""
-    traffic = StoreTraffic(url)
+    traffic = StoreTraffic(url, args.store_rate)
     rows: dict[str, list[dict]] = {"without": [], "with": []}
-    ops = []
+    ops, cores = [], []
     for _ in range(args.rounds):
         for kind in ("without", "with"):
             if kind == "with":
                 before = traffic.done
+                cpu_before = _store_cpu_s()
                 traffic.start()
                 started = time.monotonic()
             try:
@@ -196,7 +209,9 @@ def _store_windows(targets: list[str], url: str, args) -> dict:
             finally:
                 if kind == "with":
                     traffic.stop()
-                    ops.append((traffic.done - before) / (time.monotonic() - started))
+                    elapsed = time.monotonic() - started
+                    ops.append((traffic.done - before) / elapsed)
+                    cores.append((_store_cpu_s() - cpu_before) / elapsed)
             rows[kind].append(row)
             print(f"  online Grad-CAM {kind} job-store traffic: {row['rps']} req/s, p50 {row['p50_ms']} ms, "
                   f"p99 {row['p99_ms']} ms", flush=True)
@@ -208,7 +223,29 @@ def _store_windows(targets: list[str], url: str, args) -> dict:
         return round(median("with", key) / median("without", key), 3)
 
     return {"windows": rows, "rps_ratio": ratio("rps"), "p50_ratio": ratio("p50_ms"), "p99_ratio": ratio("p99_ms"),
-            "store_ops_per_s": round(statistics.median(ops), 1)}
+            "store_ops_per_s": round(statistics.median(ops), 1), "store_rate": args.store_rate,
+            "store_cpu_cores": round(statistics.median(cores), 3)}
+
+
+def _store_cpu_s() -> float:
+    """CPU seconds used so far by the PostgreSQL server's processes (the runner threads' own share is not
+    counted: they share this process with the load generator)."""
+    import os
+
+    from loadtests.refusal_cost import process_cpu_s
+
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as comm:
+                name = comm.read().strip()
+            if name == "postgres":
+                total += process_cpu_s(int(pid))
+        except OSError:
+            continue
+    return total
 
 
 if __name__ == "__main__":

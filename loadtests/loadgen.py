@@ -146,8 +146,11 @@ class LoadGenerator:
             await channel.close()
 
     async def run_closed(self, concurrency: int, duration_s: float, warmup_s: float,
-                         max_requests: int) -> LevelResult:
-        """`concurrency` clients back to back; counts completions inside the measured window."""
+                         max_requests: int, honour_pushback: bool = False) -> LevelResult:
+        """`concurrency` clients back to back; counts completions inside the measured window.
+
+        honour_pushback: a client that is refused waits the delay the server suggests before its next
+        call, as the shipped client does (else it sends again at once, a refusal storm under overload)."""
         loop = asyncio.get_running_loop()
         rec = LevelRecorder(len(self.prepared.entries))
         measure = loop.time() + warmup_s
@@ -160,10 +163,12 @@ class LoadGenerator:
                 budget[0] -= 1
                 index, payload, timeout = self.prepared.next()
                 sent = loop.time()
-                code, raw = await _send(call, payload, timeout)
+                code, raw, pushback = await _send_with_pushback(call, payload, timeout)
                 done = loop.time()
                 if measure <= done <= end:
                     rec.record(index, done - sent, code, raw, done)
+                if honour_pushback and pushback:
+                    await asyncio.sleep(min(pushback, max(0.0, end - loop.time())))
 
         scrapes = self._scrapes_at(measure, end)
         await _drain([asyncio.create_task(client(k)) for k in range(concurrency)], end + self.drain_s)
@@ -233,15 +238,33 @@ class LoadGenerator:
 
 
 async def _send(call, payload: bytes, timeout: float | None) -> tuple[str, bytes | None]:
+    code, raw, _ = await _send_with_pushback(call, payload, timeout)
+    return code, raw
+
+
+async def _send_with_pushback(call, payload: bytes,
+                              timeout: float | None) -> tuple[str, bytes | None, float | None]:
+    """(status name, response bytes, the server's retry pushback in seconds when it sent one)."""
     try:
-        return "OK", await call(payload, timeout=timeout)
+        return "OK", await call(payload, timeout=timeout), None
     except grpc.aio.AioRpcError as exc:
-        return exc.code().name, None
+        return exc.code().name, None, _pushback_s(exc)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # counted, not raised: one broken call must not stop the level
         log.debug("client-side failure: %r", exc)
-        return CLIENT_ERROR, None
+        return CLIENT_ERROR, None, None
+
+
+def _pushback_s(exc: grpc.aio.AioRpcError) -> float | None:
+    """The `grpc-retry-pushback-ms` trailer (the service sends it with every RetryInfo), in seconds."""
+    try:
+        for key, value in exc.trailing_metadata() or ():
+            if key == "grpc-retry-pushback-ms":
+                return max(0.0, int(value) / 1e3)
+    except (TypeError, ValueError):
+        return None
+    return None
 
 
 async def _drain(tasks: list[asyncio.Task], deadline: float) -> None:

@@ -269,3 +269,35 @@ def test_refusal_cost_script_runs(cache_dir):
                          cwd=pathlib.Path(__file__).resolve().parents[2])
     assert run.returncode == 0, run.stderr[-2000:]
     assert "ms per refused call" in run.stdout
+
+
+def test_closed_loop_clients_honour_the_servers_pushback():
+    """A refused client waits the `grpc-retry-pushback-ms` delay before its next call: with 300 ms pushed
+    back, 2 clients in a 1 s window send at most 2 x (1 + 1 / 0.3) calls, however fast the machine."""
+    import grpc
+
+    from loadtests.loadgen import LoadGenerator
+
+    async def scenario():
+        async def refuse(request, context):
+            context.set_trailing_metadata((("grpc-retry-pushback-ms", "300"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "refused")
+
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "attribution.v1.AttributionService", {"Explain": grpc.unary_unary_rpc_method_handler(refuse)}),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        prepared = encode_requests(load_scenario(SCENARIO_DIR / "overload.yaml"),
+                                   {"demo": pb.ModelInfo(name="demo", is_default=True, input_spec=pb.InputSpec(
+                                       channels=3, height=64, width=64))})
+        try:
+            async with LoadGenerator(f"127.0.0.1:{port}", prepared) as gen:
+                return await gen.run_closed(2, 1.0, 0.0, 1000, honour_pushback=True)
+        finally:
+            await server.stop(0)
+
+    result = asyncio.run(scenario())
+    refused = result.recorder.codes["RESOURCE_EXHAUSTED"]
+    assert set(result.recorder.codes) == {"RESOURCE_EXHAUSTED"}
+    assert 2 <= refused <= 2 * (1 + int(1 / 0.3))
