@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import pathlib
-import threading
 import time
 import uuid
 
@@ -40,24 +39,17 @@ def _record(i: int, rng: np.random.Generator) -> str:
 def _run(url: str, writers: int, batch: int, lines: list[str]) -> tuple[int, float]:
     from service.audit.sinks import PostgresSink
 
+    from loadtests.store_bench import timed_threads
+
     sinks = [PostgresSink(url) for _ in range(writers)]
     share = [lines[k::writers] for k in range(writers)]
-    barrier = threading.Barrier(writers + 1)
 
     def write(k: int) -> None:
-        barrier.wait()
         mine = share[k]
         for start in range(0, len(mine), batch):
             sinks[k].write(mine[start:start + batch])
 
-    threads = [threading.Thread(target=write, args=(k,)) for k in range(writers)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = timed_threads(writers, write)
     for sink in sinks:
         sink.close()
     return len(lines), elapsed

@@ -31,25 +31,34 @@ def _fill(store, jobs: int) -> None:
                             method=pb.OCCLUSION, num_items=1, request=b"r" * 256))
 
 
-def _drain(make, runners: int, result: bytes) -> tuple[int, float]:
-    stores = [make() for _ in range(runners)]
-    done = [0] * runners
-    barrier = threading.Barrier(runners + 1)
+def timed_threads(count: int, work) -> float:
+    """Runs `work(i)` on `count` threads started together; the seconds from their start to the last end."""
+    barrier = threading.Barrier(count + 1)
 
     def run(i: int) -> None:
         barrier.wait()
-        while (job := stores[i].claim()) is not None:
-            stores[i].finish(job.id, job.token, SUCCEEDED, result=result)
-            done[i] += 1
+        work(i)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(runners)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     barrier.wait()
     started = time.perf_counter()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - started
+    return time.perf_counter() - started
+
+
+def _drain(make, runners: int, result: bytes) -> tuple[int, float]:
+    stores = [make() for _ in range(runners)]
+    done = [0] * runners
+
+    def run(i: int) -> None:
+        while (job := stores[i].claim()) is not None:
+            stores[i].finish(job.id, job.token, SUCCEEDED, result=result)
+            done[i] += 1
+
+    elapsed = timed_threads(runners, run)
     for s in stores:
         s.close()
     return sum(done), elapsed
