@@ -29,6 +29,8 @@ def kernel_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda when present, else cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-captum", action="store_true", help="skip the Captum comparisons")
+    parser.add_argument("--fixed-chunks", action="store_true",
+                        help="chunks from the memory cap alone (the service measures a cost curve by default)")
     parser.add_argument("--quiet", action="store_true", help="do not print the table")
     if "--json" not in parser._option_string_actions:  # the CLI may own --json
         parser.add_argument("--json", default=None, metavar="OUT", help="write the report here")

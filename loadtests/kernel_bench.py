@@ -121,7 +121,7 @@ def captum_fns(model: nn.Module, req: GradientRequest) -> tuple[Callable[[], obj
 
 def bench_method(model: nn.Module, classes: int, method: str, x: torch.Tensor, t: torch.Tensor,
                  args: argparse.Namespace) -> dict:
-    device, budget = x.device, FoldBudget()
+    device, budget = x.device, FoldBudget(measure=not args.fixed_chunks)
     req = GradientRequest(x, t, method, samples=args.samples, steps=args.steps, seed=args.seed)
     ours = lambda: explain_gradients(model, [req], budget, LIMITS, classes)  # noqa: E731
     floor, chunks = floor_fn(model, req, budget)
@@ -149,17 +149,25 @@ def bench_method(model: nn.Module, classes: int, method: str, x: torch.Tensor, t
 
 def bench_fold(model: nn.Module, classes: int, method: str, x: torch.Tensor, t: torch.Tensor,
                args: argparse.Namespace) -> dict:
-    """8 batch-1 requests folded into one call against the same 8 run one by one."""
+    """8 batch-1 requests folded into one call against the same 8 run one by one; the fold also with
+    chunks from the memory cap alone, to show what the measured chunk size does."""
     requests = [GradientRequest(x[i:i + 1], t[i:i + 1], method, samples=args.samples, seed=args.seed + i)
                 for i in range(FOLD_REQUESTS)]
-    folded = lambda: explain_gradients(model, requests, FoldBudget(), LIMITS, classes)  # noqa: E731
-    alone = lambda: [explain_gradients(model, [r], FoldBudget(), LIMITS, classes) for r in requests]  # noqa: E731
-    times = measure({"folded": folded, "one_by_one": alone}, args.repeats, x.device)
+    budget, cap = FoldBudget(measure=not args.fixed_chunks), FoldBudget()
+    folded = lambda: explain_gradients(model, requests, budget, LIMITS, classes)  # noqa: E731
+    folded_cap = lambda: explain_gradients(model, requests, cap, LIMITS, classes)  # noqa: E731
+    alone = lambda: [explain_gradients(model, [r], budget, LIMITS, classes) for r in requests]  # noqa: E731
+    times = measure({"folded": folded, "folded_cap_chunks": folded_cap, "one_by_one": alone}, args.repeats,
+                    x.device)
     per_request = {name: statistics.median(ts) / FOLD_REQUESTS for name, ts in times.items()}
-    return {"method": f"fold_{FOLD_REQUESTS}_batch1_{method}", "requests": FOLD_REQUESTS,
-            "rows": sum(int(fold_rows([r])[0].shape[0]) for r in requests),
+    rows = sum(int(fold_rows([r])[0].shape[0]) for r in requests)
+    return {"method": f"fold_{FOLD_REQUESTS}_batch1_{method}", "requests": FOLD_REQUESTS, "rows": rows,
+            "chunk_rows": rows_per_chunk(model, tuple(x.shape[1:]), budget, device=x.device, dtype=x.dtype),
+            "cap_chunk_rows": rows_per_chunk(model, tuple(x.shape[1:]), cap, device=x.device, dtype=x.dtype),
             "seconds": per_request["folded"], "one_by_one_seconds": per_request["one_by_one"],
-            "ratio_folded_to_one_by_one": paired_ratio(times["folded"], times["one_by_one"])}
+            "cap_chunks_seconds": per_request["folded_cap_chunks"],
+            "ratio_folded_to_one_by_one": paired_ratio(times["folded"], times["one_by_one"]),
+            "ratio_folded_to_cap_chunks": paired_ratio(times["folded"], times["folded_cap_chunks"])}
 
 
 def machine_info(device: torch.device) -> dict:
@@ -218,7 +226,8 @@ def format_table(report: dict) -> str:
         if "one_by_one_seconds" in r:
             lines.append(f"{r['method']:<28}{r['rows']:>6}{'':>7}{r['seconds']:>9.3f}  per request folded; "
                          f"{r['one_by_one_seconds']:.3f} s one by one; folded/one-by-one "
-                         f"{r['ratio_folded_to_one_by_one']:.3f}")
+                         f"{r['ratio_folded_to_one_by_one']:.3f}; chunks of {r['chunk_rows']} rows vs the cap's "
+                         f"{r['cap_chunk_rows']}: {r['ratio_folded_to_cap_chunks']:.3f}")
             continue
         lines.append(f"{r['method']:<28}{r['rows']:>6}{r['chunks']:>7}{r['seconds']:>9.3f}{r['floor_seconds']:>9.3f}"
                      f"{r['ratio_to_floor']:>8.3f}{r['ratio_to_floor_one_chunk']:>8.3f}"

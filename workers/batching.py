@@ -46,10 +46,14 @@ class FoldBudget:
         (a fraction of free CUDA memory, or of host RAM capped at a few GiB).
     max_rows: rows per chunk. Alone it is the chunk size exactly (no measuring);
         with max_bytes it caps the byte-derived count.
+    measure: below that cap, the chunk size from the model's measured cost curve
+        (workers/chunk_curve.py: the smallest size as fast per row as any), for folds
+        with a backward pass; off, the cap itself.
     """
 
     max_bytes: int | None = None
     max_rows: int | None = None
+    measure: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_bytes", "max_rows"):
@@ -166,6 +170,10 @@ def rows_per_chunk(model: nn.Module, row_shape: tuple[int, ...], budget: FoldBud
     rows = max(1, limit // estimate_row_bytes(model, row_shape, dtype, device, backward))
     if budget.max_rows is not None:
         rows = min(rows, budget.max_rows)
+    if budget.measure and backward:
+        from workers.chunk_curve import measured_rows
+
+        rows = measured_rows(model, row_shape, dtype, torch.device(device), cap=int(rows))
     return int(rows)
 
 

@@ -201,6 +201,9 @@ class BatchingConfig:
     max_queued_requests: int = 1024     # per deployment; overflow answers RESOURCE_EXHAUSTED
     fold_max_bytes: int = 0             # memory budget per folded chunk; 0 = derived from the device
     fold_max_rows: int = 0              # cap on rows per chunk; 0 = none
+    # Below those caps, the chunk size from the model's measured cost curve (workers/chunk_curve.py),
+    # probed once when the replica starts; false = the caps alone.
+    fold_measure: bool = True
     # A request to an idle model, after a quiet gap longer than the wait, goes at once (no wait).
     adaptive_wait: bool = True
 
@@ -223,6 +226,8 @@ class OfflineConfig:
     items_per_chunk: items explained per step; progress and cancellation between steps.
     threads: torch intra-op threads per replica; 0 = num_cpus (at least 1).
     fold_max_bytes, fold_max_rows: the kernels' memory budget per chunk; 0 = derived from the device.
+    fold_measure: below that budget, gradient folds use the chunk size of the model's measured cost
+        curve (workers/chunk_curve.py); false = the budget alone.
     """
 
     replicas: int = 1
@@ -233,6 +238,7 @@ class OfflineConfig:
     threads: int = 0
     fold_max_bytes: int = 0
     fold_max_rows: int = 0
+    fold_measure: bool = True
     resources: dict | None = None  # custom Ray resources per replica (as models[].resources)
 
     def __post_init__(self):
@@ -251,7 +257,8 @@ class OfflineConfig:
     def budget(self) -> "FoldBudget":
         from workers.batching import FoldBudget  # torch: only where the kernels run
 
-        return FoldBudget(max_bytes=self.fold_max_bytes or None, max_rows=self.fold_max_rows or None)
+        return FoldBudget(max_bytes=self.fold_max_bytes or None, max_rows=self.fold_max_rows or None,
+                          measure=self.fold_measure)
 
 
 def model_config_from_dict(raw: dict[str, Any], path: str = "models[]") -> ModelConfig:

@@ -21,7 +21,7 @@ import torch
 from ray import serve
 
 from workers.affinity import pin_process
-from workers.batching import FoldBudget
+from workers.batching import FoldBudget, rows_per_chunk
 from workers.config import BatchingConfig, Limits, ModelConfig, model_config_from_dict
 from workers.schema import build
 from workers.admission import ModelAdmission
@@ -89,7 +89,10 @@ class OnlineWorker:
         """Applies batching settings; called by Serve at start and on every config change."""
         cfg = build(BatchingConfig, user_config, "batching")
         self.config = cfg
-        self.ctx.budget = FoldBudget(max_bytes=cfg.fold_max_bytes or None, max_rows=cfg.fold_max_rows or None)
+        self.ctx.budget = FoldBudget(max_bytes=cfg.fold_max_bytes or None, max_rows=cfg.fold_max_rows or None,
+                                     measure=cfg.fold_measure)
+        if cfg.fold_measure:  # the chunk-size probe runs now, before this replica serves a batch
+            rows_per_chunk(self.model.module, self.model.spec.shape, self.ctx.budget, device=self.device)
         self.explain_batched.set_max_batch_size(cfg.max_batch_samples)
         self.explain_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._wait_now = cfg.batch_wait_timeout_s
