@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     load.add_argument("--warmup", type=float, metavar="S", help="unmeasured seconds before each level")
     load.add_argument("--max-requests", type=int, metavar="N", help="hard cap on requests per level")
     load.add_argument("--headline", type=float, metavar="LEVEL", help="--compare: the level the ratios are taken at")
+    load.add_argument("--interleave", type=int, default=3, metavar="N",
+                      help="--compare, closed loop: rounds of service and in-process kernel windows, alternating, "
+                           "for service_overhead_interleaved (0 = none)")
     load.add_argument("--channels", type=int, default=1, help="gRPC channels (TCP connections) to spread clients over")
     out = parser.add_argument_group("output")
     out.add_argument("--json", metavar="OUT", help="write the results as JSON here")

@@ -18,7 +18,13 @@ file in the work directory, printed when it fails to start.
 Last, with every target stopped, the in-process kernel (workers.pipeline.explain_batch
 on the same model, same torch thread count, same requests) is timed at the
 batch size the batched service formed at the headline level: service_overhead
-is the service's end-to-end throughput over that.
+is the service's end-to-end throughput over that. That kernel figure is taken
+minutes after the service's, so the machine's drift enters the ratio; a closed
+loop therefore also measures them interleaved (`--interleave N`, 3 by default):
+while the batched target still runs, N rounds of one service window at the
+headline level followed by one in-process kernel window at the batch the service
+just formed (the service idle meanwhile), and service_overhead_interleaved is the
+median of the rounds' ratios, each taken from two windows a few seconds apart.
 """
 from __future__ import annotations
 
@@ -112,16 +118,25 @@ def run_compare(scenario: Scenario, load: LoadSpec, args: argparse.Namespace) ->
     started = now()
     runs: dict[str, TargetRun] = {}
     startup: dict[str, float] = {}
+    interleaved = None
     with tempfile.TemporaryDirectory(prefix="loadtest-compare-") as tmp:
         configs = target_configs(app_raw)
         for name in names:
-            runs[name], startup[name] = _run_target(name, configs[name], pathlib.Path(tmp), scenario, load, args)
+            after = None
+            if name == "batched" and load.mode == "closed" and getattr(args, "interleave", 0) > 0:
+                def after(address: str, run_: TargetRun) -> None:
+                    nonlocal interleaved
+                    interleaved = measure_interleaved(address, app_raw, scenario, load, run_, args)
+            runs[name], startup[name] = _run_target(name, configs[name], pathlib.Path(tmp), scenario, load, args,
+                                                    after)
     kernel = None
     if "batched" in runs:
         headline = _row_at(runs["batched"].rows, load.headline_level)
         kernel = measure_kernel(app_raw, scenario, (headline or {}).get("mean_batch_requests") or 1.0,
                                 min(load.duration_s, KERNEL_MAX_S))
     payload = summarize(scenario, load, runs, kernel, started, startup)
+    payload["interleaved"] = interleaved
+    payload["service_overhead_interleaved"] = (interleaved or {}).get("service_overhead")
     _print_ratios(payload)
     write_outputs(args, payload, {n: r.rows for n, r in runs.items()}, {n: r.latencies for n, r in runs.items()})
     return 0
@@ -146,7 +161,8 @@ def app_config(scenario: Scenario, path: str | None) -> dict:
 
 
 def _run_target(name: str, app_raw: dict, workdir: pathlib.Path, scenario: Scenario, load: LoadSpec,
-                args: argparse.Namespace) -> tuple[TargetRun, float]:
+                args: argparse.Namespace, after=None) -> tuple[TargetRun, float]:
+    """Starts, loads and stops one target; `after(address, run)` runs while it still serves."""
     target = TargetProcess(name, app_raw, workdir)
     try:
         ready = target.wait_ready()
@@ -154,49 +170,99 @@ def _run_target(name: str, app_raw: dict, workdir: pathlib.Path, scenario: Scena
         print(f"[{name}] serving on 127.0.0.1:{ready['port']} after {startup_s:.1f} s")
         metrics = f"http://127.0.0.1:{ready['metrics_port']}/metrics" if ready.get("metrics_port") else None
         echo = (lambda line: None) if args.quiet else print
-        run_ = asyncio.run(measure(name, f"127.0.0.1:{ready['port']}", scenario, load, metrics, args.channels, echo))
+        address = f"127.0.0.1:{ready['port']}"
+        run_ = asyncio.run(measure(name, address, scenario, load, metrics, args.channels, echo))
+        if after is not None:
+            after(address, run_)
     finally:
         target.stop()
     return run_, startup_s
 
 
+class KernelBench:
+    """workers.pipeline.explain_batch in this process on the scenario's main model, as a replica runs it."""
+
+    def __init__(self, app_raw: dict, scenario: Scenario):
+        import torch
+
+        from service._proto import attribution_pb2 as pb
+        from service.codec import model_info
+        from service.config import Limits
+        from service.validation import validate_explain
+        from service.settings import ServiceConfig
+        from workers.batching import FoldBudget
+        from workers.models import describe, load_model, select_device
+        from workers.pipeline import WorkerContext
+        from loadtests.requests import encode_requests
+
+        app = ServiceConfig.from_dict(copy.deepcopy(app_raw)).app
+        weights: dict[str, float] = {}
+        for entry in scenario.mix:  # the kernel of the model that carries most of the mix
+            weights[entry.model or app.default] = weights.get(entry.model or app.default, 0.0) + entry.weight
+        cfg = app.model(max(weights, key=weights.__getitem__))
+        self.model_name = cfg.name
+        self.threads = max(1, int(cfg.num_cpus))  # the replica's torch thread count
+        model = load_model(cfg, select_device(app.device), pathlib.Path(app.cache_dir) if app.cache_dir else None)
+        described = describe(model, is_default=True)
+        prepared = encode_requests(scenario, {cfg.name: model_info(described, Limits())})
+        self.specs = [[validate_explain(pb.ExplainRequest.FromString(p), described, Limits()) for p in e.payloads]
+                      for e in prepared.entries]
+        self.schedule = [i for i in mix_schedule(scenario) if scenario.mix[i].model in ("", cfg.name)] or [0]
+        # Chunks as the replica folds them: sized from the measured cost curve (batching.fold_measure).
+        self.ctx = WorkerContext.create(model, FoldBudget(measure=app.batching.fold_measure))
+        # On a kernel thread, as the replica runs it. Measured here: on a busy 2-core machine the
+        # main thread's OpenMP team spin-waits against other processes and runs 10-20x slower.
+        self._thread = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(self.threads,))
+
+    def time(self, batch: int, duration_s: float) -> dict:
+        return self._thread.submit(_time_kernel, self.ctx, self.specs, self.schedule, max(1, batch),
+                                   duration_s).result()
+
+    def close(self) -> None:
+        self._thread.shutdown()
+
+
 def measure_kernel(app_raw: dict, scenario: Scenario, batch_requests: float, duration_s: float) -> dict:
     """Requests/s of workers.pipeline.explain_batch in this process, in batches of `batch_requests`."""
-    import torch
-
-    from service._proto import attribution_pb2 as pb
-    from service.codec import model_info
-    from service.config import Limits
-    from service.validation import validate_explain
-    from service.settings import ServiceConfig
-    from workers.batching import FoldBudget
-    from workers.models import describe, load_model, select_device
-    from workers.pipeline import WorkerContext
-    from loadtests.requests import encode_requests
-
-    app = ServiceConfig.from_dict(copy.deepcopy(app_raw)).app
-    weights: dict[str, float] = {}
-    for entry in scenario.mix:  # the kernel of the model that carries most of the mix
-        weights[entry.model or app.default] = weights.get(entry.model or app.default, 0.0) + entry.weight
-    cfg = app.model(max(weights, key=weights.__getitem__))
-    threads = max(1, int(cfg.num_cpus))  # the replica's torch thread count
-    model = load_model(cfg, select_device(app.device), pathlib.Path(app.cache_dir) if app.cache_dir else None)
-    described = describe(model, is_default=True)
-    prepared = encode_requests(scenario, {cfg.name: model_info(described, Limits())})
-    specs = [[validate_explain(pb.ExplainRequest.FromString(p), described, Limits()) for p in e.payloads]
-             for e in prepared.entries]
-    schedule = [i for i in mix_schedule(scenario) if scenario.mix[i].model in ("", cfg.name)] or [0]
-    ctx = WorkerContext.create(model, FoldBudget())
+    bench = KernelBench(app_raw, scenario)
     batch = max(1, round(batch_requests))
-    # On a kernel thread, as the replica runs it. Measured here: on a busy 2-core machine the
-    # main thread's OpenMP team spin-waits against other processes and runs 10-20x slower.
-    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as kernel_thread:
-        at_batch = kernel_thread.submit(_time_kernel, ctx, specs, schedule, batch, duration_s).result()
-        at_one = at_batch if batch == 1 else \
-            kernel_thread.submit(_time_kernel, ctx, specs, schedule, 1, duration_s).result()
-    return {"model": cfg.name, "threads": threads, "batch_requests": batch,
+    try:
+        at_batch = bench.time(batch, duration_s)
+        at_one = at_batch if batch == 1 else bench.time(1, duration_s)
+    finally:
+        bench.close()
+    return {"model": bench.model_name, "threads": bench.threads, "batch_requests": batch,
             "observed_mean_batch_requests": batch_requests, "rps": at_batch["rps"], "rps_batch_1": at_one["rps"],
             "at_batch": at_batch, "at_batch_1": at_one}
+
+
+def measure_interleaved(address: str, app_raw: dict, scenario: Scenario, load: LoadSpec, sweep: TargetRun,
+                        args: argparse.Namespace) -> dict:
+    """Rounds of one service window at the headline level, then one in-process kernel window at the batch
+    the service formed in it; the median of the rounds' ratios is the overhead with drift on both sides."""
+    import statistics
+
+    level = int(load.headline_level)
+    window = min(load.duration_s, KERNEL_MAX_S)
+    single = dataclasses.replace(load, closed=(level,), open=(), duration_s=window,
+                                 warmup_s=min(load.warmup_s, 2.0))
+    bench = KernelBench(app_raw, scenario)
+    rounds = []
+    try:
+        for _ in range(args.interleave):
+            row = asyncio.run(measure("batched", address, scenario, single, None, args.channels,
+                                      lambda line: None)).rows[0]
+            batch = max(1, round(row.get("mean_batch_requests") or 1.0))
+            kernel = bench.time(batch, window)
+            rounds.append({"service_rps": row["rps"], "batch_requests": batch, "kernel_rps": kernel["rps"],
+                           "ratio": _ratio(row["rps"], kernel["rps"])})
+            print(f"[interleaved] service {row['rps']} req/s at {level:g} clients (batch {batch}); in-process "
+                  f"kernel {kernel['rps']} req/s at batch {batch}: {rounds[-1]['ratio']}")
+    finally:
+        bench.close()
+    ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
+    return {"level": level, "window_s": window, "rounds": rounds,
+            "service_overhead": round(statistics.median(ratios), 3) if ratios else None}
 
 
 def _time_kernel(ctx, specs: list[list], schedule: list[int], batch: int, duration_s: float) -> dict:
@@ -263,8 +329,9 @@ def _print_ratios(payload: dict) -> None:
         print(f"in-process kernel ({kernel['model']}, {kernel['threads']} threads): {kernel['rps']} req/s at batch "
               f"{kernel['batch_requests']} (observed mean {kernel['observed_mean_batch_requests']}), "
               f"{kernel['rps_batch_1']} req/s at batch 1")
-    for key in ("ratio_vs_unbatched", "ratio_vs_peer", "service_overhead"):
-        print(f"{key:>20}: {payload[key] if payload[key] is not None else 'n/a'}")
+    for key in ("ratio_vs_unbatched", "ratio_vs_peer", "service_overhead", "service_overhead_interleaved"):
+        value = payload.get(key)
+        print(f"{key:>28}: {value if value is not None else 'n/a'}")
 
 
 # ------------------------------------------------------------ serve-target --

@@ -242,6 +242,25 @@ def test_compare_starts_the_peer_and_times_the_kernel(tmp_path, cache_dir):
     assert kernel["batch_requests"] == 2 and kernel["rps"] > 0 and kernel["rps_batch_1"] > 0
 
 
+def test_interleaved_overhead_alternates_service_and_kernel_windows(local_server, cache_dir, tmp_path):
+    """Against a running front door: each round a service window then a kernel window at the batch the
+    service formed; the overhead is the median of the rounds' ratios."""
+    from loadtests.scenario import LoadSpec
+
+    serve = {"models": [{"name": "demo", "source": "demo"}], "cache_dir": str(cache_dir or "")}
+    scenario = tmp_path / "mix.yaml"
+    scenario.write_text(json.dumps({"mix": [{"method": "grad_cam"}], "serve": serve}))
+    load = LoadSpec(closed=(4,), duration_s=1.0, warmup_s=0.3)
+    args = argparse.Namespace(interleave=3, channels=1)
+    out = compare.measure_interleaved(f"127.0.0.1:{local_server.port}", serve, load_scenario(scenario), load,
+                                      None, args)
+    assert out["level"] == 4 and len(out["rounds"]) == 3
+    for r in out["rounds"]:
+        assert r["service_rps"] > 0 and r["kernel_rps"] > 0 and r["batch_requests"] >= 1
+        assert r["ratio"] == round(r["service_rps"] / r["kernel_rps"], 3)
+    assert out["service_overhead"] == sorted(r["ratio"] for r in out["rounds"])[1]
+
+
 @pytest.mark.slow
 def test_overload_benchmark_runs_and_reports_every_figure(local_server, tmp_path):
     """`--overload` end to end in a tiny mode (figures here mean nothing; the shape of the report does)."""
