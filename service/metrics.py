@@ -31,6 +31,7 @@ class ServiceMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         reg = self.registry
+        self._replicas_seen: dict[str, int] = {}  # the last read per model, for `replica_losses`
         self.requests = Counter("attribution_requests", "Explain requests answered, by final status.",
                                 ["model", "method", "code"], registry=reg)
         self.latency = Histogram("attribution_request_latency_seconds",
@@ -60,6 +61,13 @@ class ServiceMetrics:
                                "replicas count theirs in the worker metrics).", ["stage"], registry=reg)
         self.malformed = Counter("attribution_malformed_messages", "Request messages that could not be parsed, "
                                  "by RPC method.", ["method"], registry=reg)
+        # Set by the replica watcher (service/server.py) from Serve's status, so alerts can see a model with
+        # no live replica and replicas that die; a backend without replicas (in-process) exports neither.
+        self.replicas = Gauge("attribution_model_replicas", "Replicas of the model's worker that Serve runs "
+                              "(RUNNING), as last read.", ["model"], registry=reg)
+        self.replica_losses = Counter("attribution_model_replica_losses", "Replicas gone between two reads of "
+                                      "Serve's status (a replica died, or autoscaling removed it).", ["model"],
+                                      registry=reg)
 
     @contextmanager
     def track_inflight(self) -> Iterator[None]:
@@ -73,6 +81,18 @@ class ServiceMetrics:
         """One finished request: its status and end-to-end latency."""
         self.requests.labels(model or UNKNOWN, method or UNKNOWN, code).inc()
         self.latency.labels(model or UNKNOWN, method or UNKNOWN).observe(max(0.0, seconds))
+
+    def observe_replicas(self, live: dict[str, int], models: list[str]) -> None:
+        """One read of the running replicas per model: the gauge, and the replicas lost since the last read."""
+        for model in models:
+            count = live.get(model, 0)
+            # The counter exists from the first read (at 0), so increase() sees the first loss; the first
+            # read is no loss, whatever it finds.
+            losses = self.replica_losses.labels(model)
+            if model in self._replicas_seen and count < self._replicas_seen[model]:
+                losses.inc(self._replicas_seen[model] - count)
+            self._replicas_seen[model] = count
+            self.replicas.labels(model).set(count)
 
     def observe_result(self, spec: ExplainSpec, result: ExplainResult) -> None:
         """The worker's timings and batch of one successful request."""

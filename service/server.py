@@ -181,8 +181,10 @@ REPLICA_POLL_S = 5.0
 REPLICA_RECOVERY_POLL_S = 1.0
 
 
-async def _watch_replicas(health: "DrainingHealthServicer", backend, models: list[str]) -> None:
-    """Keeps per-model health true to the replicas Serve runs; the server stays SERVING while any model can."""
+async def _watch_replicas(health: "DrainingHealthServicer", backend, models: list[str],
+                          metrics: ServiceMetrics | None = None) -> None:
+    """Keeps per-model health (and the replica metrics) true to the replicas Serve runs; the server stays
+    SERVING while any model can."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
     shown: dict[str, int] = {}
     live: dict[str, int] = {}
@@ -194,6 +196,8 @@ async def _watch_replicas(health: "DrainingHealthServicer", backend, models: lis
         except Exception as exc:  # Ray's controller busy or restarting: keep the last view, say so once
             log.warning("cannot read replica status (%s); health keeps its last state", type(exc).__name__)
         else:
+            if metrics is not None:
+                metrics.observe_replicas(live, models)
             for model in models:
                 state = serving if live.get(model, 0) > 0 else not_serving
                 if shown.get(model) != state:
@@ -335,7 +339,7 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
     watcher = None
     if hasattr(backend, "refresh_replicas"):
-        watcher = asyncio.create_task(_watch_replicas(health, backend, list(servicer.models)),
+        watcher = asyncio.create_task(_watch_replicas(health, backend, list(servicer.models), metrics),
                                       name="replica-health")
     log.info("serving %s on %s (port %d)%s; metrics on %s", SERVICE_NAME, config.host, port,
              " with TLS" if config.tls else "", metrics_port if metrics_port is not None else "no port")

@@ -26,12 +26,13 @@ from workers.models import ModelRegistry
 class ServerHarness:
     """A RunningServer on a private event loop thread."""
 
-    def __init__(self, config: ServerConfig, backend: Any):
+    def __init__(self, config: ServerConfig, backend: Any, **create: Any):
+        """`create`: further arguments of create_server (offline, data_dir, jobs, audit)."""
         self.thread = LoopThread("grpc-server-loop")
         self.loop = self.thread.loop
         self.backend = backend
         try:
-            self.running: RunningServer = self.call(create_server(config, backend))
+            self.running: RunningServer = self.call(create_server(config, backend, **create))
         except BaseException:
             self.thread.close()
             raise
@@ -138,3 +139,19 @@ def explain_request(images: torch.Tensor, method: int = pb.VANILLA_GRADIENT, **f
         else:
             setattr(request, key, value)
     return request
+
+
+@pytest.fixture(scope="module")
+def observed_server(demo_registry, tmp_path_factory) -> ServerHarness:
+    """A front door as deployed, for the Prometheus and Grafana tests: jobs (in-process offline worker) and an
+    audit log in a temporary data directory, and its metrics exporter on a loopback port."""
+    from service.jobs import JobsConfig
+    from workers.config import OfflineConfig
+    from workers.offline import LocalOfflineWorker
+
+    jobs = JobsConfig(offline=OfflineConfig(items_per_chunk=2, fold_max_rows=8), progress_persist_s=0.0, poll_s=0.5)
+    harness = ServerHarness(test_config(metrics_port=0, metrics_host="127.0.0.1"), LocalBackend(demo_registry),
+                            offline=LocalOfflineWorker(demo_registry, jobs.offline),
+                            data_dir=tmp_path_factory.mktemp("observed"), jobs=jobs)
+    yield harness
+    harness.stop()

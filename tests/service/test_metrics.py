@@ -84,3 +84,50 @@ def test_registries_are_private_and_the_exporter_stops():
     empty_port, stop_empty = start_metrics_server(0, CollectorRegistry(), "127.0.0.1")
     stop_empty()
     assert empty_port != 0
+
+
+def test_replica_watcher_exports_live_replicas_and_losses():
+    """The replica watcher feeds `attribution_model_replicas` and counts replicas lost between reads."""
+    import asyncio
+
+    from service.server import DrainingHealthServicer, _watch_replicas
+
+    reads = [{"demo": 2, "other": 1}, {"demo": 1, "other": 1}, {"demo": 0}, {"demo": 3, "other": 1}]
+    metrics = ServiceMetrics()
+    seen: list[tuple[float, float, float]] = []
+
+    class ScriptedBackend:
+        """Serve's status as a script; each read also says "changed", so the watcher reads the next at once."""
+
+        def __init__(self) -> None:
+            self.replicas_changed = asyncio.Event()
+            self.done = asyncio.Event()
+
+        async def refresh_replicas(self) -> dict[str, int]:
+            seen.append(tuple(_sample(metrics, name, model) for name, model in  # as the previous read left them
+                              (("attribution_model_replicas", "demo"),
+                               ("attribution_model_replica_losses_total", "demo"),
+                               ("attribution_model_replicas", "other"))))
+            if not reads:
+                self.done.set()
+                await asyncio.Event().wait()  # no further read: the test cancels the watcher here
+            self.replicas_changed.set()
+            return reads.pop(0)
+
+    async def run() -> None:
+        backend = ScriptedBackend()
+        watcher = asyncio.create_task(_watch_replicas(DrainingHealthServicer(), backend, ["demo", "other"], metrics))
+        await asyncio.wait_for(backend.done.wait(), 10)
+        watcher.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watcher
+
+    asyncio.run(run())
+    # Before the first read nothing is set; a model missing from a read has no running replica.
+    assert seen[0] == (-1, -1, -1)
+    assert seen[1:] == [(2, 0, 1), (1, 1, 1), (0, 2, 0), (3, 2, 1)]
+
+
+def _sample(metrics: ServiceMetrics, name: str, model: str) -> float:
+    value = metrics.registry.get_sample_value(name, {"model": model})
+    return -1.0 if value is None else value
