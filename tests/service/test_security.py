@@ -1,10 +1,12 @@
 """Transport security against real servers with real certificates made here: mutual TLS (a CA that signs the
-clients it lets in), the bearer token beside it and the checks on the TLS files.
+clients it lets in), the bearer token beside it, the checks on the TLS files, and /metrics on its own address.
 The command-line side (--cert, --key) is in test_cli_errors.py."""
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import urllib.request
 
 import grpc
 import numpy as np
@@ -139,3 +141,18 @@ def test_serve_check_reads_the_tls_files(pki, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("attribution serve: invalid config: server.tls_client_ca: "
                                                f"cannot read {tmp_path / 'nope.pem'}: No such file or directory")
 
+
+# ----------------------------------------------------------- metrics --
+
+def test_metrics_listen_on_their_own_address_only(start_server):
+    """gRPC on 127.0.0.1, /metrics on 127.0.0.2: each answers on its own address and not on the other's."""
+    harness = start_server(metrics_port=0, metrics_host="127.0.0.2")
+    try:
+        port = harness.running.metrics_port
+        with urllib.request.urlopen(f"http://127.0.0.2:{port}/metrics", timeout=10) as answer:
+            assert answer.status == 200 and b"attribution_" in answer.read()
+        for host, busy in (("127.0.0.1", port), ("127.0.0.2", harness.running.port)):
+            with socket.socket() as s:
+                assert s.connect_ex((host, busy)) != 0, f"{host}:{busy} should not be listening"
+    finally:
+        harness.stop()
