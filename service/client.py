@@ -252,18 +252,30 @@ class Explanation:
 
 # -------------------------------------------------------------- clients --
 
+def _pem(value: bytes | str | pathlib.Path | None) -> bytes | None:
+    """PEM bytes as given, or read from a path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return pathlib.Path(value).read_bytes()
+
+
 def _channel_args(target: str | Sequence[str], root_certificates: bytes | str | pathlib.Path | None,
-                  max_message_bytes: int):
-    """(target, credentials, options); several addresses are balanced (service/balancing.py)."""
+                  max_message_bytes: int, client_cert: bytes | str | pathlib.Path | None = None,
+                  client_key: bytes | str | pathlib.Path | None = None):
+    """(target, credentials, options); several addresses are balanced (service/balancing.py).
+
+    TLS is on when root certificates or a client certificate are given; without root certificates
+    the server's certificate is checked against the system's roots."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together: the certificate chain and its private key")
     target, balancing = resolve_target(target)
     options = [("grpc.max_send_message_length", max_message_bytes),
                ("grpc.max_receive_message_length", max_message_bytes), *balancing]
     credentials = None
-    if root_certificates is not None:
-        pem = root_certificates
-        if not isinstance(pem, bytes):
-            pem = pathlib.Path(pem).read_bytes()
-        credentials = grpc.ssl_channel_credentials(root_certificates=pem)
+    if root_certificates is not None or client_cert is not None:
+        credentials = grpc.ssl_channel_credentials(root_certificates=_pem(root_certificates),
+                                                   private_key=_pem(client_key),
+                                                   certificate_chain=_pem(client_cert))
     return target, credentials, options
 
 
@@ -283,15 +295,18 @@ class _ClientBase:
 
 
 class AttributionClient(_ClientBase):
-    """Blocking client. `root_certificates` (PEM bytes or path) turns TLS on; `target` may name several
+    """Blocking client. `root_certificates` (PEM bytes or path) turns TLS on; `client_cert` and
+    `client_key` (PEM bytes or paths, together) are this client's certificate chain and key, for a
+    server that asks for one (mutual TLS, `server.tls_client_ca`). `target` may name several
     front doors ("h1:50051,h2:50051", a list, or dns:///name:port): calls are then balanced over the
     healthy ones (service/balancing.py)."""
 
     def __init__(self, target: str | Sequence[str], *, token: str | None = None, root_certificates=None,
-                 timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 client_cert=None, client_key=None, timeout: float | None = 60.0,
+                 retry: RetryPolicy = RetryPolicy(), max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         super().__init__(token, timeout, retry)
-        target, credentials, options = _channel_args(target, root_certificates, max_message_bytes)
+        target, credentials, options = _channel_args(target, root_certificates, max_message_bytes,
+                                                     client_cert, client_key)
         self.channel = (grpc.secure_channel(target, credentials, options) if credentials
                         else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.AttributionServiceStub(self.channel)
@@ -343,13 +358,14 @@ class AttributionClient(_ClientBase):
 
 
 class AsyncAttributionClient(_ClientBase):
-    """asyncio client; the same calls as `AttributionClient`, awaited."""
+    """asyncio client; the same calls and TLS options as `AttributionClient`, awaited."""
 
     def __init__(self, target: str | Sequence[str], *, token: str | None = None, root_certificates=None,
-                 timeout: float | None = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+                 client_cert=None, client_key=None, timeout: float | None = 60.0,
+                 retry: RetryPolicy = RetryPolicy(), max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         super().__init__(token, timeout, retry)
-        target, credentials, options = _channel_args(target, root_certificates, max_message_bytes)
+        target, credentials, options = _channel_args(target, root_certificates, max_message_bytes,
+                                                     client_cert, client_key)
         self.channel = (grpc.aio.secure_channel(target, credentials, options) if credentials
                         else grpc.aio.insecure_channel(target, options))
         self.stub = pb_grpc.AttributionServiceStub(self.channel)

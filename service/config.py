@@ -11,6 +11,7 @@ A config file's `server:` section has this shape (every key optional)::
       auth_token: ""              # "" = no auth
       tls_cert: ""                # PEM paths; both or neither
       tls_key: ""
+      tls_client_ca: ""           # PEM CA bundle; set = mutual TLS (clients need a certificate it signed)
       grace_s: 10
       stream_max_in_flight: 8
       max_concurrent_rpcs: 0      # 0 = unbounded
@@ -26,6 +27,7 @@ A config file's `server:` section has this shape (every key optional)::
 """
 from __future__ import annotations
 
+import pathlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +38,17 @@ from workers.errors import InvalidArgument
 from workers.schema import build, check
 
 MIB = 1 << 20
+
+
+def _read_pem(path: str, key: str, kind: str) -> bytes:
+    """The bytes of the PEM file `path`, refused naming the config `key` when unreadable or holding no `kind`
+    block ("CERTIFICATE", "PRIVATE KEY": the second also matches "EC PRIVATE KEY" and "RSA PRIVATE KEY")."""
+    try:
+        data = pathlib.Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument.field(key, f"cannot read {path}: {exc.strerror or exc}") from None
+    check(b"-----BEGIN " in data and f"{kind}-----".encode() in data, key, f"{path} holds no PEM {kind.lower()}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,10 @@ class ServerConfig:
     auth_token: when set, every call but health and reflection needs
         `authorization: Bearer <token>` metadata.
     tls_cert, tls_key: PEM file paths; both set = TLS, neither = plaintext.
+    tls_client_ca: PEM file of the CA certificates a client's certificate must chain to; set =
+        mutual TLS: a client without such a certificate is refused in the handshake, before any
+        call (health and reflection too, so probes need a certificate). Needs tls_cert and tls_key.
+        Works with auth_token: the certificate says which machine connects, the token is still asked.
     grace_s: on stop, how long in-flight calls may run before they are cancelled.
     stream_max_in_flight: requests of one ExplainStream processed at once.
     max_concurrent_rpcs: Explain calls (and ExplainStream requests) served at once
@@ -186,6 +203,7 @@ class ServerConfig:
     auth_token: str = ""
     tls_cert: str = ""
     tls_key: str = ""
+    tls_client_ca: str = ""
     grace_s: float = 10.0
     stream_max_in_flight: int = 8
     max_concurrent_rpcs: int = 0
@@ -206,6 +224,8 @@ class ServerConfig:
         check(MIB <= self.max_message_bytes <= 2**31 - 1, "server.max_message_bytes", "must be 1 MiB..2 GiB")
         check(bool(self.tls_cert) == bool(self.tls_key), "server.tls_cert",
                "tls_cert and tls_key must be given together")
+        check(not self.tls_client_ca or self.tls, "server.tls_client_ca",
+              "needs tls_cert and tls_key: client certificates are asked for in a TLS handshake")
         check(self.auth_token == self.auth_token.strip(), "server.auth_token", "must not have surrounding spaces")
         check(0 <= self.grace_s <= 3600, "server.grace_s", "must be 0..3600 seconds")
         check(1 <= self.stream_max_in_flight <= 1024, "server.stream_max_in_flight", "must be 1..1024")
@@ -226,6 +246,19 @@ class ServerConfig:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    def read_tls(self) -> tuple[bytes, bytes, bytes | None]:
+        """(key, certificate chain, client CA or None) as PEM bytes, for a TLS server.
+
+        Read here, not when the config is built: the files may live only where the server runs (a
+        mounted secret). `attribution serve` calls it before Ray starts, so a missing or wrong file
+        is one line naming its key, not a failure deep in grpc's handshake setup.
+        """
+        check(self.tls, "server.tls_cert", "TLS is not configured")
+        key = _read_pem(self.tls_key, "server.tls_key", "PRIVATE KEY")
+        cert = _read_pem(self.tls_cert, "server.tls_cert", "CERTIFICATE")
+        client_ca = _read_pem(self.tls_client_ca, "server.tls_client_ca", "CERTIFICATE") if self.tls_client_ca else None
+        return key, cert, client_ca
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None, path: str = "server") -> "ServerConfig":

@@ -247,12 +247,15 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
-    """Adds the listening port (TLS when configured); returns the bound port. OSError when it cannot."""
+    """Adds the listening port (TLS, mutual when configured); returns the bound port. OSError when it cannot,
+    InvalidArgument naming the key when a TLS file cannot be read."""
     try:
         if config.tls:
-            key = pathlib.Path(config.tls_key).read_bytes()
-            cert = pathlib.Path(config.tls_cert).read_bytes()
-            port = server.add_secure_port(config.address, grpc.ssl_server_credentials([(key, cert)]))
+            key, cert, client_ca = config.read_tls()
+            # With a client CA, the handshake itself refuses a client whose certificate it did not sign.
+            credentials = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                                      require_client_auth=client_ca is not None)
+            port = server.add_secure_port(config.address, credentials)
         else:
             port = server.add_insecure_port(config.address)
     except RuntimeError as exc:  # grpc's way of saying the address is taken or invalid
@@ -341,8 +344,9 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
     if hasattr(backend, "refresh_replicas"):
         watcher = asyncio.create_task(_watch_replicas(health, backend, list(servicer.models), metrics),
                                       name="replica-health")
-    log.info("serving %s on %s (port %d)%s; metrics on %s", SERVICE_NAME, config.host, port,
-             " with TLS" if config.tls else "", metrics_port if metrics_port is not None else "no port")
+    security = (" with mutual TLS" if config.tls_client_ca else " with TLS") if config.tls else ""
+    log.info("serving %s on %s (port %d)%s; metrics on %s", SERVICE_NAME, config.host, port, security,
+             metrics_port if metrics_port is not None else "no port")
     return RunningServer(server=server, config=config, port=port, backend=backend, servicer=servicer,
                          health=health, metrics=metrics, metrics_port=metrics_port, jobs=servicer.jobs,
                          audit=audit_log, decoder=decoder, _stop_metrics=stop_metrics, _watcher=watcher,

@@ -22,6 +22,22 @@ def suggest(value: str, names: Sequence[str]) -> str:
     close = difflib.get_close_matches(value.replace("-", "_").lower(), list(names), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
+
+def add_tls_arguments(parser: argparse.ArgumentParser, ca_help: str = "PEM root certificates: use TLS") -> None:
+    """--ca, --cert and --key: the TLS options of every command that calls a server."""
+    parser.add_argument("--ca", default=None, help=ca_help)
+    parser.add_argument("--cert", default=None,
+                        help="PEM client certificate (chain), for a server that wants one (mutual TLS); with --key")
+    parser.add_argument("--key", default=None, help="PEM private key of --cert")
+
+
+def tls_options(args: argparse.Namespace) -> dict[str, str | None]:
+    """The client's TLS keywords from --ca, --cert and --key (TLS is on when any is given)."""
+    if (args.cert is None) != (args.key is None):
+        raise CliError("--cert and --key go together: the client certificate and its private key")
+    return {"root_certificates": args.ca, "client_cert": args.cert, "client_key": args.key}
+
+
 # subcommand -> (module with add_arguments(parser) and run(args), one-line help)
 _COMMANDS = {
     "serve": ("service.cli.serve", "start Ray, the workers, the gRPC front door and /metrics"),
@@ -99,6 +115,10 @@ def service_error_line(exc, args: argparse.Namespace) -> str:
 
     server = getattr(args, "server", None) or "the server"
     code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE and _tls_refused(exc, args):
+        hint = ("does it trust the CA that signed --cert?" if getattr(args, "cert", None)
+                else "if it wants a client certificate, give --cert and --key")
+        return f"{server} closed the TLS connection: {exc.details()} ({hint})"
     if code == grpc.StatusCode.UNAVAILABLE:
         return f"cannot reach {server}: {exc.details()} (is the service running there? `attribution serve` starts it)"
     if code == grpc.StatusCode.UNAUTHENTICATED:
@@ -106,6 +126,14 @@ def service_error_line(exc, args: argparse.Namespace) -> str:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"{server} did not answer in time: {exc.details()} (raise --timeout)"
     return f"{code.name}: {exc.details()}"
+
+
+def _tls_refused(exc, args: argparse.Namespace) -> bool:
+    """Whether a TLS connection was closed in its handshake: what a server that wants client certificates
+    does to a client without one (or with one it does not trust); grpc tells the client no more than that."""
+    details = exc.details() or ""
+    tls = bool(getattr(args, "ca", None) or getattr(args, "cert", None))
+    return tls and ("Socket closed" in details or "handshake" in details.lower())
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import pathlib
 import sys
 from typing import Any, AsyncIterator
 
+from service.cli import add_tls_arguments, tls_options
 from service.client import AsyncAttributionClient, ServiceError, build_request
 
 _PARAM_FLAGS = ("samples", "noise_fraction", "steps", "rule", "baseline", "layer", "top_k_channels",
@@ -59,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per input on stdout")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request deadline, seconds")
     parser.add_argument("--token", help="bearer token")
-    parser.add_argument("--ca", default=None, help="PEM root certificates: use TLS (with --server)")
+    add_tls_arguments(parser, ca_help="PEM root certificates: use TLS (with --server)")
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -72,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError("give image files (or folders of them) or --demo N")
     if not args.server and not args.local:
         raise CliError("give --server HOST:PORT or --local")
+    tls_options(args)  # --cert without --key is refused before any work
     _check_names(args)
     args.style = _style(args)
     inputs = _inputs(args)
@@ -205,8 +207,8 @@ async def _explain_all(args: argparse.Namespace, inputs: list[tuple[str, bytes]]
     run_id = uuid.uuid4().hex[:8]  # request ids unique per run: <run>-<index>-<stem>
     failures = 0
     async with _target(args) as address:
-        async with AsyncAttributionClient(address, token=args.token, timeout=args.timeout,
-                                          root_certificates=args.ca if args.server else None) as client:
+        tls = tls_options(args) if args.server else {}  # --local serves in-process, in plaintext
+        async with AsyncAttributionClient(address, token=args.token, timeout=args.timeout, **tls) as client:
             labels = await _labels(client, args.model)
             gate = asyncio.Semaphore(max(1, args.concurrency))
 

@@ -22,6 +22,7 @@ import numpy as np
 from google.protobuf import json_format
 
 from service._proto import attribution_pb2 as pb
+from service.cli import add_tls_arguments, tls_options
 from service.client import AttributionClient, array_from_tensor, build_request
 from service.errors import code_from_number
 
@@ -70,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _common(cmd: argparse.ArgumentParser, output: bool) -> None:
     cmd.add_argument("--server", default="localhost:50051", help="HOST:PORT of the service")
     cmd.add_argument("--token", default=None, help="bearer token, when the server wants one")
-    cmd.add_argument("--ca", default=None, help="PEM root certificates: use TLS")
+    add_tls_arguments(cmd)
     cmd.add_argument("--timeout", type=float, default=60.0, help="seconds per call (watch: none)")
     cmd.add_argument("--json", action="store_true", help="print the job as one JSON object")
     if output:
@@ -79,7 +80,7 @@ def _common(cmd: argparse.ArgumentParser, output: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = AttributionClient(args.server, token=args.token, root_certificates=args.ca, timeout=args.timeout)
+    client = AttributionClient(args.server, token=args.token, timeout=args.timeout, **tls_options(args))
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
     try:
         return _ACTIONS[args.jobs_command](client.stub, args, metadata)

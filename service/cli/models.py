@@ -7,6 +7,7 @@ import json
 from google.protobuf.json_format import MessageToDict
 
 from service._proto import attribution_pb2 as pb
+from service.cli import add_tls_arguments, tls_options
 from service.client import AttributionClient
 
 
@@ -14,13 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", required=True, help="HOST:PORT")
     parser.add_argument("--json", action="store_true", help="print the ModelInfo messages as JSON")
     parser.add_argument("--token", help="bearer token")
-    parser.add_argument("--ca", default=None, help="PEM root certificates: use TLS")
+    add_tls_arguments(parser)
     parser.add_argument("--timeout", type=float, default=10.0)
 
 
 def run(args: argparse.Namespace) -> int:
-    with AttributionClient(args.server, token=args.token, root_certificates=args.ca,
-                           timeout=args.timeout) as client:
+    with AttributionClient(args.server, token=args.token, timeout=args.timeout, **tls_options(args)) as client:
         models = client.models()
     if args.json:
         print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in models], indent=2))

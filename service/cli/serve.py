@@ -89,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         config = ServiceConfig.load(args.config, server_overrides(args))
         if getattr(args, "job_store", None):
             config = dataclasses.replace(config, jobs=dataclasses.replace(config.jobs, store=args.job_store))
+        if config.server.tls:
+            config.server.read_tls()  # the certificate files, which the config itself only names
     except InvalidArgument as exc:
         print(f"attribution serve: invalid config: {exc}", file=sys.stderr)
         return 2

@@ -235,6 +235,39 @@ def test_explain_and_models_take_the_tls_and_token_options(tls_server, images):
     assert done.returncode == 1 and "UNAUTHENTICATED" in done.stdout  # per input, on its own line
 
 
+@pytest.fixture(scope="module")
+def mtls_server(start_server, tmp_path_factory):
+    """A front door on mutual TLS: it lets in clients whose certificate its CA signed; yields (harness, pki)."""
+    pytest.importorskip("cryptography")
+    from tests.support import mutual_tls
+
+    pki = mutual_tls(tmp_path_factory.mktemp("mtls"))
+    harness = start_server(tls_cert=str(pki.server_cert), tls_key=str(pki.server_key), tls_client_ca=str(pki.ca))
+    yield harness, pki
+    harness.stop()
+
+
+def test_a_server_on_mutual_tls_takes_cert_and_key_and_says_when_they_are_missing(mtls_server, images):
+    harness, pki = mtls_server
+    secure = ["--server", harness.address, "--ca", str(pki.ca)]
+    signed = ["--cert", str(pki.client_cert), "--key", str(pki.client_key)]
+    done = attribution("models", *secure, *signed)
+    assert done.returncode == 0 and done.stdout.startswith("demo (default)"), done.stderr
+    done = attribution("explain", str(images / "a" / "photo.png"), *secure, *signed)
+    assert done.returncode == 0 and ": predicted " in done.stdout, done.stderr
+    for certificate, hint in (([], "give --cert and --key"),
+                              (["--cert", str(pki.foreign_cert), "--key", str(pki.foreign_key)],
+                               "does it trust the CA that signed --cert?")):
+        done = attribution("models", *secure, *certificate, "--timeout", "10")
+        said = [line for line in done.stderr.splitlines() if line.startswith("attribution")]
+        assert done.returncode == 1 and len(said) == 1, done.stderr
+        assert said[0].startswith(f"attribution models: {harness.address} closed the TLS connection: ")
+        assert said[0].endswith(f"({hint})" if certificate else f"(if it wants a client certificate, {hint})")
+    done = attribution("models", *secure, "--cert", str(pki.client_cert))
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "attribution models: --cert and --key go together: the client certificate and its private key")
+
+
 def test_an_unreadable_ca_file_is_one_line(tmp_path, images):
     missing = tmp_path / "missing.pem"
     for command in (["models"], ["explain", str(images / "a" / "photo.png")]):
