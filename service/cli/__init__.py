@@ -1,4 +1,4 @@
-"""`attribution serve | explain | models | jobs | audit | bench | loadtest`.
+"""`attribution serve | explain | models | jobs | audit | health | deploy | bench | loadtest`.
 
 Each subcommand is a module with `add_arguments(parser)` and `run(args)`. Building
 the parser imports only those modules, which import torch and Ray inside `run`:
@@ -45,6 +45,8 @@ _COMMANDS = {
     "models": ("service.cli.models", "list a server's models, layers and methods"),
     "jobs": ("service.cli.jobs", "offline jobs: submit | get | watch | cancel | list"),
     "audit": ("service.cli.audit", "audit logs: verify that logged maps reproduce"),
+    "health": ("service.cli.health", "ask a server's grpc.health.v1 service: exit 0 when SERVING"),
+    "deploy": ("service.cli.deploy", "deployment inputs: serve-config (KubeRay serveConfigV2) | warm-cache"),
     "loadtest": ("loadtests.cli", "drive a server with a closed- or open-loop load and report"),
 }
 _BENCHES = {
