@@ -1,8 +1,8 @@
 """One Explain request end to end, whatever transport carries it.
 
 admit (cost and deadline) -> validate and decode (off the loop) -> the backend ->
-encode (off the loop) -> metrics -> audit. The gRPC servicer (service/servicer.py)
-wraps it for Explain and ExplainStream; everything here speaks `ExplainRequest`,
+encode (off the loop) -> metrics -> audit, each a span of the request's trace
+(workers/tracing.py). The gRPC servicer (service/servicer.py) wraps it for Explain and ExplainStream; everything here speaks `ExplainRequest`,
 `ExplainResponse` and the project's error tree, never a gRPC context.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from service.decoding.pool import ImageDecoder
 from service.interceptors import REQUEST_ID
 from service.metrics import UNKNOWN, ServiceMetrics, Stopwatch
 from service.validation import estimate_cost, resolve_model, validate_explain
+from workers import tracing
 from workers.admission import Admission
 from workers.errors import Cancelled, DeadlineExceeded, Overloaded
 from workers.spec import ModelDescription
@@ -71,15 +72,29 @@ class ExplainFlow:
         return values * 4 <= self.inline_max_bytes
 
     async def run(self, request: pb.ExplainRequest, request_id: str,
-                  time_remaining: Callable[[], float | None]) -> pb.ExplainResponse | errors.Status:
+                  time_remaining: Callable[[], float | None],
+                  trace: dict[str, str] | None = None) -> pb.ExplainResponse | errors.Status:
         """One request end to end; a failure comes back as its classified Status.
 
         `time_remaining()` is the caller's deadline in seconds from now (None: no deadline).
+        `trace`: the client's W3C trace context (its `traceparent` metadata), the parent of this
+        request's spans (workers/tracing.py); the spec carries it on, so the audit record names the trace.
         """
+        with tracing.span("Explain", context=tracing.extract(trace), kind=tracing.SpanKind.SERVER) as span:
+            outcome = await self._run(request, request_id, time_remaining, trace, span)
+            if isinstance(outcome, errors.Status) and span.is_recording():
+                span.set_attribute("rpc.grpc.status_code", outcome.code_number)
+                span.set_status(tracing.StatusCode.ERROR, outcome.code_name)
+            return outcome
+
+    async def _run(self, request: pb.ExplainRequest, request_id: str, time_remaining: Callable[[], float | None],
+                   trace: dict[str, str] | None, span) -> pb.ExplainResponse | errors.Status:
         watch = Stopwatch()
         request_id = request_id or uuid.uuid4().hex
         REQUEST_ID.set(request_id)
         model_label, method_label, status = UNKNOWN, codec.METHOD_NAMES.get(request.method, UNKNOWN), errors.OK
+        if span.is_recording():
+            span.set_attributes({"attribution.request_id": request_id, "attribution.method": method_label})
         ticket, counted = None, False
         with self._metrics.track_inflight():
             try:
@@ -98,15 +113,19 @@ class ExplainFlow:
                 counted = True
                 # Before any decoding: a refusal costs microseconds, not a validation.
                 admission = self.admission.model(model.name)
-                estimate = estimate_cost(request, self.limits)
-                if estimate is not None:
-                    ticket = admission.admit(estimate, time_remaining())
+                with tracing.span("admission"):
+                    estimate = estimate_cost(request, self.limits)
+                    if estimate is not None:
+                        ticket = admission.admit(estimate, time_remaining())
                 # Off the event loop when it is real CPU work (images to decode, large tensors), so
                 # the loop keeps serving health checks and other streams; a small tensor request is
                 # validated inline, where the thread hop would cost more than the work.
                 validate = functools.partial(validate_explain, request, model, self.limits, request_id=request_id,
                                              time_remaining=time_remaining(), decoder=self._decoder)
-                spec = validate() if self._small_request(request) else await asyncio.to_thread(validate)
+                with tracing.span("validate") as step:
+                    spec = validate() if self._small_request(request) else await asyncio.to_thread(validate)
+                    if step.is_recording():
+                        step.set_attributes({"attribution.items": spec.items, "attribution.cost": spec.cost})
                 if ticket is None:  # its declared sizes were out of bounds: admitted on the validated cost
                     ticket = admission.admit(spec.cost, time_remaining())
                 else:
@@ -115,15 +134,21 @@ class ExplainFlow:
                     self._metrics.dropped.labels("front_door").inc()
                     raise DeadlineExceeded("the deadline passed before the request reached a worker; it was "
                                            "not computed")
-                result = await self._backend.explain(spec)
+                with tracing.span("backend", attributes={"attribution.model": model.name}):
+                    # The workers' spans continue this one (a Serve backend hands on its call's own span);
+                    # untraced here, the client's context still travels, for the audit record.
+                    spec.trace = (tracing.inject() if span.is_recording() else None) or trace
+                    result = await self._backend.explain(spec)
                 admission.observe_batch(result.batch_samples, result.compute_ms)
                 ticket.release(completed=True)
                 encode = functools.partial(codec.encode_result, result, spec, model)
-                response = encode() if self._small_result(spec, result) else await asyncio.to_thread(encode)
+                with tracing.span("encode"):
+                    response = encode() if self._small_result(spec, result) else await asyncio.to_thread(encode)
                 self._metrics.observe_result(spec, result)
                 response.timings.total_ms = watch.seconds * 1e3
                 if self.audit is not None:  # after total_ms: the record holds the final response
-                    await self.audit.record_async(spec, response)
+                    with tracing.span("audit"):
+                        await self.audit.record_async(spec, response)
                 return response
             except asyncio.CancelledError:  # the client went away or its deadline passed
                 remaining = time_remaining()

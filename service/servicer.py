@@ -20,6 +20,7 @@ from service._proto import attribution_pb2_grpc as pb_grpc
 from service.flow import ExplainFlow
 from service.interceptors import MalformedMessage, current_request_id
 from service.validation import resolve_model
+from workers import tracing
 from workers.spec import ModelDescription
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
 
     async def _explain(self, request: pb.ExplainRequest, context,
                        request_id: str) -> pb.ExplainResponse | errors.Status:
-        return await self.flow.run(request, request_id, context.time_remaining)
+        return await self.flow.run(request, request_id, context.time_remaining,
+                                   tracing.carrier_from_metadata(context.invocation_metadata()))
 
     async def ExplainStream(self, request_iterator: AsyncIterator[pb.ExplainRequest],
                             context) -> AsyncIterator[pb.ExplainResponse]:

@@ -8,6 +8,7 @@
     server: {...}            # service/config.py ServerConfig, with limits, admission, decode, coalesce
     jobs: {...}              # service/jobs/config.py JobsConfig, with offline
     audit: {...}             # service/audit/log.py AuditConfig
+    tracing: {...}           # workers/tracing.py TracingConfig (the front door's and the replicas' spans)
 
 `ServiceConfig.load(path)` reads the file and validates all of it: an unknown key
 at any level is refused with its path (`server.limits.max_itmes`), as is a value
@@ -29,8 +30,9 @@ from workers.serve.app import AppConfig
 from workers.config import load_config_file
 from workers.errors import InvalidArgument
 from workers.schema import check
+from workers.tracing import TracingConfig
 
-APP_KEYS = ("models", "default_model", "batching", "device", "cache_dir")
+APP_KEYS = ("models", "default_model", "batching", "device", "cache_dir", "tracing")
 SECTIONS = APP_KEYS + ("server", "jobs", "audit")
 
 
@@ -71,6 +73,11 @@ class ServiceConfig:
             raise InvalidArgument.field("--config", f"{str(path)!r} does not parse: {exc}") from None
         return cls.from_dict(raw, server_overrides)
 
+    @property
+    def tracing(self) -> TracingConfig:
+        """The `tracing:` section; it travels with the app config, since the replicas trace too."""
+        return self.app.tracing
+
     def summary(self) -> str:
         """What `--check` prints: the models and the settings that decide capacity."""
         models = ", ".join(f"{m.name} ({m.source}, {m.replicas if not m.autoscaling else 'autoscaling'} "
@@ -87,4 +94,4 @@ class ServiceConfig:
                 f"{lim.max_samples} samples / {lim.max_steps} steps per request, admission "
                 f"{'on' if s.admission.enabled else 'off'}\n"
                 f"jobs: {store}, concurrency {self.jobs.concurrency}, {self.jobs.offline.replicas} offline replica(s); "
-                f"audit: {'on' if self.audit.enabled else 'off by default'}")
+                f"audit: {'on' if self.audit.enabled else 'off by default'}; tracing: {self.tracing.exporter}")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from workers.affinity import check_cores
 from workers.errors import InvalidArgument
 from workers.schema import build, check, refuse_unknown
+from workers.tracing import TracingConfig
 
 if TYPE_CHECKING:
     from workers.batching import FoldBudget
@@ -300,6 +301,7 @@ class AppConfig:
     limits: Limits = field(default_factory=Limits)
     device: str = "auto"           # auto | cpu | cuda | cuda:N
     cache_dir: str = ""            # demo model cache; "" = the user's cache directory
+    tracing: TracingConfig = field(default_factory=TracingConfig)  # the front door's and the replicas'
 
     def __post_init__(self):
         names = [m.name for m in self.models]

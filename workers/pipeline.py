@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from workers import tracing
 from workers.batching import FoldWatch
 from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, InvalidArgument
 from workers.kernels.baselines import make_baseline
@@ -53,11 +54,38 @@ def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
                   abandoned: Callable[[ExplainSpec], bool] | None = None) -> list[ExplainResult | AttributionError]:
     """Runs a batch; each entry of the answer is a result or the typed error of that request.
 
+    While this process traces (workers/tracing.py), each request that carries a trace context
+    (`spec.trace`) gets a "kernel" span, a child of that context, over the batch's compute: each
+    request keeps its own trace, whichever batch it shared.
+
     abandoned(spec): the caller has gone (cancelled); such a request, like one whose deadline
     passed, is dropped at each stage boundary (before the prediction forward, before the kernels,
     and between the chunks of a gradient fold, whose remaining rows it leaves) and counted in
     `ctx.dropped` (the rows a fold never computed in `ctx.rows_skipped`).
     """
+    if not tracing.enabled():
+        return _explain_batch(ctx, specs, abandoned)
+    spans = [tracing.tracer.start_span("kernel", context=tracing.extract(spec.trace), attributes={
+        "attribution.request_id": spec.request_id, "attribution.model": ctx.model.name,
+        "attribution.method": spec.method, "attribution.cost": spec.cost,
+        "attribution.batch_requests": len(specs)}) if spec.trace else None for spec in specs]
+    outcomes: list = []
+    try:
+        outcomes = _explain_batch(ctx, specs, abandoned)
+        return outcomes
+    finally:
+        for i, span in enumerate(spans):
+            if span is None:
+                continue
+            outcome = outcomes[i] if i < len(outcomes) else None
+            if not isinstance(outcome, ExplainResult):
+                span.set_status(tracing.StatusCode.ERROR, type(outcome).__name__ if outcome is not None
+                                else "the batch failed")
+            span.end()
+
+
+def _explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
+                   abandoned: Callable[[ExplainSpec], bool] | None) -> list[ExplainResult | AttributionError]:
     started = time.perf_counter()
     gone = abandoned or (lambda spec: False)
     outcomes: list[ExplainResult | AttributionError | None] = [None] * len(specs)

@@ -139,6 +139,9 @@ class ExplainSpec(TensorFields):
     received_at: float = field(default_factory=time.time)
     # Per item sent as an encoded image, where its model input lies in that image; () for tensors.
     geometry: tuple[SourceGeometry, ...] = ()
+    # W3C trace context ({"traceparent": ..., "tracestate": ...}) of the span the work belongs to
+    # (workers/tracing.py): it crosses the Ray hop with the spec; None when the request is not traced.
+    trace: dict[str, str] | None = None
 
     @property
     def items(self) -> int:

@@ -8,8 +8,9 @@ door (service/audit/sinks.py; while it cannot be reached the records wait). A fu
 either blocks the caller or counts the request's records as dropped: a record
 is never lost without `attribution_audit_dropped_total` saying so.
 
-One record (schema 2) per item x map; RECORD_FIELDS lists the keys and JSON types:
-    schema             SCHEMA_VERSION (verify also reads schema 1, which lacks the four fields marked *)
+One record (schema 3) per item x map; RECORD_FIELDS lists the keys and JSON types:
+    schema             SCHEMA_VERSION (verify also reads schema 2, which lacks trace_id, and schema 1,
+                       which also lacks the four fields marked *)
     path *             "online" (Explain, ExplainStream) or "offline" (a job): how a re-run computes it
     guarantee, tolerance *   what a re-run is held to: "summary_within_tolerance" with tolerance 1e-3,
                        i.e. the re-run map's summary agrees within 1e-3 x the map's largest |value|
@@ -18,6 +19,8 @@ One record (schema 2) per item x map; RECORD_FIELDS lists the keys and JSON type
     received_ts        RFC 3339 UTC time the server received the request
     entry_id           hex, one per recorded request (request ids are client-chosen and may repeat)
     request_id, items  the request's id and item count
+    trace_id           the request's W3C trace id (32 hex; the client's `traceparent` or the server's own
+                       trace, workers/tracing.py), or null when the request was not traced
     model, model_version   name; sha256 of the weights
     method, seed       the requested method; the seed (0..2^64-1: read it as a big int)
     target_spec        {kind, indices, k}, the TargetSpec as requested

@@ -20,10 +20,11 @@ import torch
 
 from service import codec
 from service._proto import attribution_pb2 as pb
+from workers import tracing
 from workers.spec import ExplainSpec
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 LOG_NAME = "audit.jsonl"
 INPUTS_DIR = "inputs"
 # What a record guarantees (`guarantee`): a re-run on the same model version, config and hardware gives a
@@ -46,13 +47,20 @@ RECORD_FIELDS: dict[str, tuple[type, ...]] = {
 }
 SCHEMA_1_FIELDS = dict(RECORD_FIELDS)
 # Schema 2 (written now): how the map was computed and what a re-run is held to, and the map's summary.
-RECORD_FIELDS = {"schema": (int,), "path": (str,), "guarantee": (str,), "tolerance": (float,),
-                 **{k: v for k, v in SCHEMA_1_FIELDS.items() if k != "schema"}, "map_summary": (dict,)}
+SCHEMA_2_FIELDS = {"schema": (int,), "path": (str,), "guarantee": (str,), "tolerance": (float,),
+                   **{k: v for k, v in SCHEMA_1_FIELDS.items() if k != "schema"}, "map_summary": (dict,)}
+# Schema 3 (written now): the request's OpenTelemetry trace id after its request id (null when untraced).
+RECORD_FIELDS = {}
+for _key, _types in SCHEMA_2_FIELDS.items():
+    RECORD_FIELDS[_key] = _types
+    if _key == "request_id":
+        RECORD_FIELDS["trace_id"] = (str, type(None))
+del _key, _types
 
 
 def fields_for(schema: Any) -> dict[str, tuple[type, ...]] | None:
     """The keys and JSON types a record of `schema` has; None for a schema this code cannot read."""
-    return {1: SCHEMA_1_FIELDS, 2: RECORD_FIELDS}.get(schema) if type(schema) is int else None
+    return {1: SCHEMA_1_FIELDS, 2: SCHEMA_2_FIELDS, 3: RECORD_FIELDS}.get(schema) if type(schema) is int else None
 PATHS = ("online", "offline")
 
 
@@ -147,6 +155,7 @@ def _request_fields(entry: Entry, baseline: dict | None) -> dict[str, Any]:
     return {"schema": SCHEMA_VERSION, "path": entry.path, "guarantee": GUARANTEE, "tolerance": TOLERANCE,
             "ts": rfc3339(entry.ts), "received_ts": rfc3339(spec.received_at),
             "entry_id": uuid.uuid4().hex, "request_id": resp.request_id or spec.request_id,
+            "trace_id": tracing.trace_id(spec.trace),
             "items": len(resp.items), "model": resp.model or spec.model, "model_version": resp.model_version,
             "method": spec.method, "seed": int(spec.seed), "target_spec": target_spec, "params": params,
             "output": dataclasses.asdict(spec.output)}

@@ -2,8 +2,10 @@
 
 Handles route straight to the model's `OnlineWorker` replicas (Serve picks the
 least-loaded one); requests that arrive together travel as one call
-(service/backends/coalesce.py). Ray's own failures are translated here into the project's
-error tree, so nothing Ray-specific reaches the servicer.
+(service/backends/coalesce.py). Each request's "ray.handle_call" span is the parent of its
+replica-side spans (workers/tracing.py); a coalesced call gets a span linked to its members'.
+Ray's own failures are translated here into the project's error tree, so nothing
+Ray-specific reaches the servicer.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Callable
 
 from service.backends.coalesce import Coalescer
 from service.backends.limiter import GradientLimit
+from workers import tracing
 from workers.serve.app import APP_PREFIX, AppConfig, app_name
 from workers.errors import (AttributionError, DeadlineExceeded, InternalError, ModelNotFound, Overloaded,
                             Unavailable)
@@ -108,20 +111,37 @@ class ServeBackend:
         if timeout is not None and timeout <= 0:
             raise DeadlineExceeded("the deadline passed before the request reached a worker; it was not computed")
         self._handle(name)  # unknown models fail here, before coalescing
-        # A timeout or a cancelled caller cancels the future; the coalescer cancels the Ray
-        # request once no member of its call is waiting (a Ray handle never does so by itself).
-        try:
-            outcome = await asyncio.wait_for(self.coalescer.submit(name, spec, alone=name in self._alone), timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded("the deadline passed while the request was queued or computing") from None
-        if isinstance(outcome, AttributionError):
-            raise outcome
-        return outcome
+        # The handle call's span: the replica's spans (queue, kernel) are its children, through the
+        # context the spec carries across the hop; coalesced or not, each request keeps its own trace.
+        with tracing.span("ray.handle_call", kind=tracing.SpanKind.CLIENT,
+                          attributes={"attribution.model": name}) as span:
+            if span.is_recording():
+                spec.trace = tracing.inject()
+            # A timeout or a cancelled caller cancels the future; the coalescer cancels the Ray
+            # request once no member of its call is waiting (a Ray handle never does so by itself).
+            try:
+                outcome = await asyncio.wait_for(self.coalescer.submit(name, spec, alone=name in self._alone),
+                                                 timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded("the deadline passed while the request was queued or computing") from None
+            if isinstance(outcome, AttributionError):
+                raise outcome
+            if span.is_recording():
+                span.set_attributes({"attribution.batch_requests": outcome.batch_requests,
+                                     "attribution.queue_ms": outcome.queue_ms,
+                                     "attribution.compute_ms": outcome.compute_ms})
+            return outcome
 
     def _dispatch(self, model: str, specs: list[ExplainSpec]):
         handle = self._handle(model)
         if len(specs) == 1:
             return handle.explain.remote(specs[0])
+        if tracing.enabled():  # one call for several traces: a span of its own, linked to each member's
+            links = [link for link in map(tracing.link, (s.trace for s in specs)) if link is not None]
+            with tracing.span("ray.coalesced_call", context=tracing.Context(), kind=tracing.SpanKind.CLIENT,
+                              links=links, attributes={"attribution.model": model,
+                                                       "attribution.requests": len(specs)}):
+                return handle.explain_many.remote(specs)
         return handle.explain_many.remote(specs)
 
     def live_replicas(self) -> dict[str, int]:

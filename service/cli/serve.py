@@ -127,8 +127,11 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
     from service.server import create_server
     from workers.serve.app import deploy_all
 
+    from workers import tracing
+
     app_config, server_config, jobs_config = config.app, config.server, config.jobs
-    _check_ports(server_config)  # a port in use is found now, not after Ray and the replicas have started
+    _check_ports(server_config)
+    tracing.setup(config.tracing)  # the front door's spans; each replica sets up its own (OnlineWorker)  # a port in use is found now, not after Ray and the replicas have started
     torch.set_num_threads(server_config.torch_threads)  # the kernels run in the replicas
     # Before Ray starts: the raylet and the other daemons it spawns inherit the cores.
     pin_process(server_config.cpu_affinity, "server.cpu_affinity")
@@ -184,6 +187,7 @@ async def _serve(args: argparse.Namespace, config: "ServiceConfig") -> int:
         print("attribution: stopping (grace %.0fs)" % server_config.grace_s, flush=True)
         await server.stop(server_config.grace_s)
     finally:
+        tracing.shutdown()  # exports the spans still buffered
         if deployed and owns_ray:
             serve.shutdown()
         if owns_ray:

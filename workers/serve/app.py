@@ -16,6 +16,7 @@ from workers.config import (AppConfig, BatchingConfig, Limits, ModelConfig, mode
 from workers.schema import build
 from workers.serve.offline import OFFLINE_APP, offline_app_args
 from workers.config import OfflineConfig
+from workers.tracing import TracingConfig
 
 APP_PREFIX = "attribution-"
 
@@ -28,20 +29,22 @@ def online_app_args(config: AppConfig, cfg: ModelConfig) -> dict[str, Any]:
     """`build_online_app` arguments for one model (also what serve.yaml carries)."""
     return {"model": model_to_dict(cfg), "batching": dataclasses.asdict(config.batching),
             "limits": dataclasses.asdict(config.limits), "device": config.device, "cache_dir": config.cache_dir,
-            "is_default": cfg.name == config.default}
+            "is_default": cfg.name == config.default, "tracing": dataclasses.asdict(config.tracing)}
 
 
 def build_online_app(args: dict[str, Any]):
-    """Serve `import_path` target: args = {model: {...}, batching: {...}, limits: {...}, device, cache_dir, is_default}."""
+    """Serve `import_path` target: args = {model: {...}, batching: {...}, limits: {...}, device, cache_dir, is_default,
+    tracing: {...}}; each replica sets up its own tracer provider from `tracing` (workers/tracing.py)."""
     from workers.serve.online import online_deployment
 
     cfg = model_config_from_dict(args["model"])
     batching = build(BatchingConfig, args.get("batching"), "batching")
     limits = build(Limits, args.get("limits"), "server.limits")
+    tracing = TracingConfig.from_dict(args.get("tracing"))
     deployment = online_deployment(cfg, batching)
     return deployment.bind(model_to_dict(cfg), device=args.get("device", "auto"),
                            cache_dir=args.get("cache_dir") or None, is_default=bool(args.get("is_default")),
-                           limits=dataclasses.asdict(limits))
+                           limits=dataclasses.asdict(limits), tracing=dataclasses.asdict(tracing))
 
 
 def deploy_all(config: AppConfig, timeout_s: float = 300.0) -> list[str]:

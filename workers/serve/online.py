@@ -27,6 +27,7 @@ from workers.schema import build
 from workers.admission import ModelAdmission
 from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, Overloaded
 from workers.models import describe, load_model, select_device
+from workers import tracing as workers_tracing
 from workers.pipeline import WorkerContext, explain_batch
 from workers.slots import ComputeSlots
 from workers.spec import ExplainResult, ExplainSpec, ModelDescription
@@ -53,8 +54,12 @@ class OnlineWorker:
     """One model on one device; the class behind the `OnlineWorker` deployment."""
 
     def __init__(self, model: dict, device: str = "auto", cache_dir: str | None = None,
-                 is_default: bool = False, threads: int = 0, limits: dict | None = None):
+                 is_default: bool = False, threads: int = 0, limits: dict | None = None,
+                 tracing: dict | None = None):
         cfg: ModelConfig = model_config_from_dict(model)
+        # This replica's own tracer provider (it runs in a process of its own): its spans continue
+        # the front door's traces, whose context each spec carries (ExplainSpec.trace).
+        workers_tracing.setup(tracing, role="worker")
         # Before torch starts its thread pool, which then inherits the cores.
         pinned = pin_process(cfg.cpu_affinity, f"models[{cfg.name}].cpu_affinity")
         # Ray sets OMP_NUM_THREADS from the actor's num_cpus; be explicit so a
@@ -184,6 +189,8 @@ class OnlineWorker:
         except Exception as exc:  # the batch machinery itself broke: fail each request, typed
             log.exception("batch of %d failed", len(items))
             return [InternalError(f"worker failure: {type(exc).__name__}")] * len(items)
+        if workers_tracing.enabled():
+            _queue_spans(items, started)
         for (spec, arrived), outcome in zip(items, outcomes):
             self._abandoned.pop(id(spec), None)
             if isinstance(outcome, ExplainResult):
@@ -203,11 +210,25 @@ class OnlineWorker:
         if not torch.isfinite(out).all():
             raise RuntimeError("model produced non-finite logits on a zero input")
 
+    def finished_spans(self) -> list[dict]:
+        """This replica's finished spans, when its tracing exporter is "memory" (tests, debugging); else []."""
+        return workers_tracing.finished_span_records()
+
     def device_memory(self) -> dict:
         if self.device.type != "cuda":
             return {}
         return {"allocated_bytes": torch.cuda.memory_allocated(self.device),
                 "reserved_bytes": torch.cuda.memory_reserved(self.device)}
+
+
+def _queue_spans(items: list[tuple[ExplainSpec, float]], started: float) -> None:
+    """Each traced request's wait in this replica, from its arrival to its batch's compute (after the fact)."""
+    for spec, arrived in items:
+        if spec.trace:
+            span = workers_tracing.tracer.start_span("replica.queue", context=workers_tracing.extract(spec.trace),
+                                                     start_time=int(arrived * 1e9),
+                                                     attributes={"attribution.request_id": spec.request_id})
+            span.end(end_time=int(max(started, arrived) * 1e9))
 
 
 def online_deployment(cfg: ModelConfig, batching: BatchingConfig):
