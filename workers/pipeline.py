@@ -240,6 +240,7 @@ def _reraise(work: _Work, exc: Exception) -> None:
 
 def _run_gradients(ctx: WorkerContext, works: list[_Work], gone: Callable[[ExplainSpec], bool]) -> None:
     def alive(i: int) -> bool:
+        ctx.fold_checks += 1
         try:
             _check_alive(works[i], gone, ctx)
         except AttributionError as exc:

@@ -42,6 +42,7 @@ class WorkerContext:
     limits: GradientLimits = field(default_factory=GradientLimits)
     dropped: int = 0  # requests dropped after the batch started (deadline passed, caller gone)
     rows_skipped: int = 0  # folded rows of such requests never computed (left out of later chunks)
+    fold_checks: int = 0   # times a running fold asked whether its requests were still wanted (between chunks)
 
     @classmethod
     def create(cls, model: LoadedModel, budget: FoldBudget | None = None,

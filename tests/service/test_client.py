@@ -48,7 +48,8 @@ def test_models(client, server, capsys):
     assert info.name == "demo" and client.model().name == "demo"
     assert info.input_spec.resize == "stretch"
     from service.cli import models as models_cli
-    args = argparse.Namespace(server=server.address, token=None, ca=None, timeout=10.0, json=False)
+    args = argparse.Namespace(server=server.address, token=None, ca=None, cert=None, key=None, timeout=10.0,
+                              json=False)
     assert models_cli.run(args) == 0
     assert "input 3x64x64 (stretch)" in capsys.readouterr().out
 

@@ -173,6 +173,7 @@ class OnlineWorker:
         """Counters for operators and tests: what was refused, dropped (and where), computed."""
         return {"refused": self.refused, "dropped_waiting": self.slots.dropped,
                 "dropped_in_batch": self.ctx.dropped, "rows_skipped": self.ctx.rows_skipped,
+                "fold_checks": self.ctx.fold_checks,
                 "computed": self.computed,
                 "service_rate": self.admission.rate, "queued_cost": self.admission.queued,
                 "batch_wait_s": self._wait_now, "computing": not self.slots.idle}
