@@ -46,7 +46,7 @@ class WorkerContext:
     @classmethod
     def create(cls, model: LoadedModel, budget: FoldBudget | None = None,
                limits: Limits | None = None, max_rows: int | None = None) -> "WorkerContext":
-        taps = LayerTaps(model.module, model.cam_layers, model_name=model.name)
+        taps = LayerTaps(model.module, model.cam_layers, model_name=model.name, layouts=model.cam_layouts)
         return cls(model, taps, budget or FoldBudget(), kernel_limits(limits or Limits(), max_rows))
 
 

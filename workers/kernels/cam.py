@@ -202,9 +202,9 @@ def _predicted_rows(req: CamRequest) -> Tensor:
 
 def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
                              targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Layer activation and d(target logit)/d(activation), both float32 `(B, K, h, w)`,
-    then the logits `(B, classes)` float32 and the classes explained `(B,)`
-    (`targets`, with -1 replaced by the row's predicted class)."""
+    """Layer activation and d(target logit)/d(activation), both float32 `(B, K, h, w)`
+    whatever the layer's layout, then the logits `(B, classes)` float32 and the classes
+    explained `(B,)` (`targets`, with -1 replaced by the row's predicted class)."""
     # enable_grad: the caller may have disabled it. The graph spans only the layer to the
     # logits: the tap's leaf is the one tensor requiring grad.
     with torch.enable_grad():
@@ -222,7 +222,9 @@ def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
         (grad,) = torch.autograd.grad(score, act, allow_unused=True)
     if grad is None:
         raise InvalidArgument.field("layer", f"layer {tap.name!r} does not reach the model's output")
-    return act.detach().float(), grad.float(), logits.detach().float(), targets
+    size = tuple(x.shape[-2:])
+    act, grad = tap.to_nchw(act.detach(), size), tap.to_nchw(grad, size)   # (B, K, h, w)
+    return act.float(), grad.float(), logits.detach().float(), targets
 
 
 def _split_back(reqs: list[CamRequest], results: list[CamResult],
