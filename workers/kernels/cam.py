@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
 from workers.errors import InvalidArgument
 from workers.kernels.hooks import LayerTap, LayerTaps
+from workers.kernels.ranking import class_probabilities, predicted_classes
 
 CAM_VARIANTS = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
 
@@ -38,7 +39,8 @@ class CamRequest:
     """One CAM request: `inputs` `(N, C, H, W)` in model space on the model's device."""
 
     inputs: Tensor
-    targets: Tensor | None   # (N,) int64 class indices; None: each image's top-1 class in this forward
+    targets: Tensor | None   # (N,) int64 class indices; None: each image's top class in this forward
+                             # (ranked as workers.kernels.ranking: ties go to the lowest index)
     layer: str
     variants: tuple[str, ...] = ("grad_cam",)
 
@@ -202,7 +204,7 @@ def _explain_group(model: nn.Module, tap: LayerTap, reqs: list[CamRequest],
 
 
 def _predicted_rows(req: CamRequest) -> Tensor:
-    """-1 per image: its class is left to the model, the argmax of its own logits in the pass."""
+    """-1 per image: its class is left to the model, its top class in the pass (`ranking.predicted_classes`)."""
     return torch.full((req.inputs.shape[0],), -1, dtype=torch.long, device=req.inputs.device)
 
 
@@ -223,7 +225,8 @@ def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
             raise InvalidArgument.field("target", f"model output is {tuple(logits.shape)}, not (N, classes)")
         given = targets >= 0
         check_targets(targets[given], logits.shape[1])
-        targets = torch.where(given, targets, logits.detach().argmax(dim=1))
+        # Ranked on the probabilities the response reports, by the rule every method uses.
+        targets = torch.where(given, targets, predicted_classes(class_probabilities(logits.detach())))
         score = logits.gather(1, targets[:, None]).sum()  # images are independent: one backward
         (grad,) = torch.autograd.grad(score, act, allow_unused=True)
     if grad is None:
