@@ -130,10 +130,12 @@ def check_finite(probs: torch.Tensor, maps: dict[str, torch.Tensor], rows_per_it
 
 def build_items(probs: torch.Tensor, targets: torch.Tensor, k: int, maps: dict[str, torch.Tensor],
                 native: dict[str, torch.Tensor] | None = None,
-                completeness: torch.Tensor | None = None) -> list[ItemExplanation]:
+                completeness: torch.Tensor | None = None,
+                completeness_absolute: torch.Tensor | None = None) -> list[ItemExplanation]:
     """Per item: its top predictions and, per explained row (k per item) and per method, its map.
 
-    probs `# (N, classes)`, targets `# (N*k,)`, maps method -> `# (N*k, ...)`.
+    probs `# (N, classes)`, targets `# (N*k,)`, maps method -> `# (N*k, ...)`, completeness (relative)
+    and completeness_absolute `# (N*k,)` (IG only).
     """
     n, native = probs.shape[0], native or {}
     values, indices = top_classes(probs, min(TOP_PREDICTIONS, probs.shape[1]))
@@ -141,8 +143,10 @@ def build_items(probs: torch.Tensor, targets: torch.Tensor, k: int, maps: dict[s
     rows = torch.arange(n, device=probs.device).repeat_interleave(k)
     classes, scores = targets.cpu().tolist(), probs[rows, targets].cpu().tolist()
     errors = None if completeness is None else completeness.tolist()
+    gaps = None if completeness_absolute is None else completeness_absolute.tolist()
     return [ItemExplanation(best_classes[i], best_scores[i], [
         AttributionMap(method=method, target=classes[r], target_score=scores[r], map=values[r],
                        native=native[method][r] if method in native else None,
-                       completeness_error=None if errors is None else errors[r])
+                       completeness_error=None if errors is None else errors[r],
+                       completeness_error_absolute=None if gaps is None else gaps[r])
         for r in range(i * k, (i + 1) * k) for method, values in maps.items()]) for i in range(n)]
