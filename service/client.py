@@ -192,6 +192,7 @@ class Attribution:
     native_map: np.ndarray | None = None
     png_overlay: bytes | None = None
     completeness_error: float | None = None
+    completeness_error_absolute: float | None = None
     map_sha256: str = ""
 
 
@@ -241,6 +242,8 @@ class Explanation:
                         native_map=array_from_tensor(a.native_map) if a.HasField("native_map") else None,
                         png_overlay=a.png_overlay or None,
                         completeness_error=a.completeness_error if a.HasField("completeness_error") else None,
+                        completeness_error_absolute=(a.completeness_error_absolute
+                                                     if a.HasField("completeness_error_absolute") else None),
                         map_sha256=a.map_sha256) for a in i.attributions], i.input_sha256,
                             i.geometry if i.HasField("geometry") else None) for i in response.items]
         t = response.timings

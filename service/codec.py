@@ -344,6 +344,8 @@ def _attribution(amap: AttributionMap, item: torch.Tensor, output: OutputSpec,
         out.png_overlay = overlay_png(amap.map, item, model)
     if amap.completeness_error is not None:
         out.completeness_error = float(amap.completeness_error)
+    if amap.completeness_error_absolute is not None:
+        out.completeness_error_absolute = float(amap.completeness_error_absolute)
     return out
 
 

@@ -13,6 +13,7 @@ model's name and source::
                 resize: center_crop, crop_fraction: 0.875}   # how PNG/JPEG inputs reach that size
         cam_layer: layer4
         cam_layers: [layer3, layer4]
+        cam_layouts: {layer4: nchw}  # per CAM layer: nchw | nhwc | tokens; undeclared layers must show nchw
         labels: /models/imagenet.txt  # one per line, or an inline list
         replicas: 1
         num_gpus: 0
@@ -52,6 +53,9 @@ def no_cam_on_torchscript(cam_layers: tuple[str, ...]) -> str:
     return (f"CAM layers {', '.join(cam_layers)} were configured, but a TorchScript module cannot carry the forward "
             "hooks CAM methods need; load it as source torchvision (a state_dict or safetensors file) or export "
             "(torch.export), which support CAM, or remove cam_layer/cam_layers to serve the gradient methods only")
+# How a CAM layer's output is laid out: channels-first (N, C, H, W), channels-last (N, H, W, C), or
+# transformer tokens (N, 1 + h*w, C) with a leading class token over the input's patch grid.
+CAM_LAYOUTS = ("nchw", "nhwc", "tokens")
 # The Ray Serve autoscaling settings a model may set (ray.serve.config.AutoscalingConfig).
 AUTOSCALING_KEYS = ("min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
                     "upscale_delay_s", "downscale_delay_s", "look_back_period_s", "metrics_interval_s",
@@ -152,6 +156,9 @@ class ModelConfig:
     input: InputSpec = field(default_factory=InputSpec)
     cam_layer: str = ""            # default CAM layer; "" = the architecture's usual one
     cam_layers: tuple[str, ...] = ()
+    # Layer -> one of CAM_LAYOUTS. A layer not named here is checked when the model loads: it must show a
+    # channels-first output; anything else is refused, naming this setting.
+    cam_layouts: dict | None = None
     labels: tuple[str, ...] = ()
     replicas: int = 1              # online replicas (one per GPU where there are GPUs)
     num_gpus: float = 0.0          # per replica
@@ -177,6 +184,13 @@ class ModelConfig:
         check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
                "replicas and num_gpus must be >= 0, num_cpus > 0")
         check_resources(self.resources, f"models[{self.name}].resources")
+        if self.cam_layouts is not None:
+            where = f"models[{self.name}].cam_layouts"
+            check(isinstance(self.cam_layouts, dict), where, "must be a mapping of layer names to layouts")
+            check(self.source in CAM_SOURCES, where, no_cam_on_torchscript(tuple(self.cam_layouts)))
+            for layer, layout in self.cam_layouts.items():
+                check(layout in CAM_LAYOUTS, f"{where}.{layer}",
+                      f"{layout!r} is not a layout; choose one of {', '.join(CAM_LAYOUTS)}")
         if self.autoscaling is not None:
             where = f"models[{self.name}].autoscaling"
             check(isinstance(self.autoscaling, dict), where, "must be a mapping")

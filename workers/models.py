@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from workers.config import CAM_SOURCES, InputSpec, ModelConfig, no_cam_on_torchscript
-from workers.errors import LayerNotFound, ModelLoadError, ModelNotFound
+from workers.errors import InvalidArgument, LayerNotFound, ModelLoadError, ModelNotFound
+from workers.kernels.hooks import to_nchw
 from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS, ModelDescription
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class LoadedModel:
     device: torch.device
     cam_layers: tuple[str, ...] = ()
     default_cam_layer: str = ""
+    cam_layouts: dict[str, str] = field(default_factory=dict)  # every CAM layer's layout, declared or detected
     labels: tuple[str, ...] = ()
     _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
@@ -197,20 +199,32 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         raise ModelLoadError(f"model {cfg.name!r}: CAM layers not found: {', '.join(missing)}")
     if cam_layer and cam_layer not in cam_layers:
         cam_layers = tuple(cam_layers) + (cam_layer,)
-    num_classes = _probe_num_classes(module, spec, device, cfg, {n: modules[n] for n in cam_layers})
+    declared = dict(cfg.cam_layouts or {})
+    stray = [name for name in declared if name not in cam_layers]
+    if stray:
+        raise ModelLoadError(f"model {cfg.name!r}: cam_layouts names {', '.join(stray)}, which are not among its "
+                             f"CAM layers ({', '.join(cam_layers) or 'none'}); add them to cam_layers")
+    num_classes, shapes = _probe_num_classes(module, spec, device, cfg, {n: modules[n] for n in cam_layers})
+    layouts = _cam_layouts(cfg, spec, shapes, declared)
     if labels and len(labels) != num_classes:
         raise ModelLoadError(f"model {cfg.name!r}: {len(labels)} labels for {num_classes} classes")
     return LoadedModel(name=cfg.name, module=module, spec=spec, num_classes=num_classes, version=version,
                        device=device, cam_layers=tuple(cam_layers), default_cam_layer=cam_layer,
-                       labels=tuple(labels), _modules={n: modules[n] for n in cam_layers})
+                       cam_layouts=layouts, labels=tuple(labels), _modules={n: modules[n] for n in cam_layers})
 
 
 def _probe_num_classes(module: nn.Module, spec: InputSpec, device: torch.device, cfg: ModelConfig,
-                       layers: dict[str, nn.Module]) -> int:
-    """One tiny forward: checks the model runs on its input spec, reads the class count, and checks
-    that every CAM layer is really called (its forward hook fires) in the model's forward."""
-    fired: set[str] = set()
-    handles = [layer.register_forward_hook(lambda *_, name=name: fired.add(name)) for name, layer in layers.items()]
+                       layers: dict[str, nn.Module]) -> tuple[int, dict[str, object]]:
+    """One tiny forward: checks the model runs on its input spec, reads the class count, checks that
+    every CAM layer is really called (its forward hook fires) in the model's forward, and returns each
+    layer's first output shape (None where the output is not a tensor)."""
+    fired: dict[str, object] = {}
+
+    def record(name: str, output) -> None:
+        fired.setdefault(name, tuple(output.shape) if isinstance(output, torch.Tensor) else None)
+
+    handles = [layer.register_forward_hook(lambda _m, _a, out, name=name: record(name, out))
+               for name, layer in layers.items()]
     try:
         with torch.inference_mode():
             out = module(torch.zeros((1,) + spec.shape, device=device))
@@ -228,7 +242,30 @@ def _probe_num_classes(module: nn.Module, spec: InputSpec, device: torch.device,
         raise ModelLoadError(f"model {cfg.name!r} must return logits (N, classes), got {getattr(out, 'shape', out)}")
     if cfg.num_classes and out.shape[1] != cfg.num_classes:
         raise ModelLoadError(f"model {cfg.name!r}: config says {cfg.num_classes} classes, model gives {out.shape[1]}")
-    return int(out.shape[1])
+    return int(out.shape[1]), fired
+
+
+def _cam_layouts(cfg: ModelConfig, spec: InputSpec, shapes: dict[str, object],
+                 declared: dict[str, str]) -> dict[str, str]:
+    """Every CAM layer's layout: declared ones checked against the layer's output, the others detected.
+
+    A CAM map reduced over the wrong axes is a plausible-looking wrong answer, so a layer whose
+    output does not show the declared layout, or shows no channels-first layout when none is
+    declared, refuses the model at load with what to configure, instead of at the first request.
+    """
+    size = (spec.height, spec.width)
+    layouts: dict[str, str] = {}
+    for name, shape in shapes.items():
+        if shape is None:
+            raise ModelLoadError(f"model {cfg.name!r}: CAM layer {name!r} does not return a tensor; choose a layer "
+                                 "that does")
+        layout = declared.get(name)
+        try:
+            to_nchw(torch.empty(shape, device="meta"), name, layout, size)
+        except InvalidArgument as exc:
+            raise ModelLoadError(f"model {cfg.name!r}: {exc.violations[0].description}") from None
+        layouts[name] = layout or "nchw"
+    return layouts
 
 
 class ModelRegistry:

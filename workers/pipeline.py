@@ -47,6 +47,7 @@ class _Work:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)    # method -> (N*k, ...) host maps
     native: dict[str, torch.Tensor] = field(default_factory=dict)
     completeness: torch.Tensor | None = None
+    completeness_absolute: torch.Tensor | None = None
     dropped: AttributionError | None = None  # found dead between chunks of its fold
 
 
@@ -261,6 +262,7 @@ def _run_gradients(ctx: WorkerContext, works: list[_Work], gone: Callable[[Expla
         w.maps[w.spec.method] = finish_maps(res.attributions, out.reduction, out.normalization)
         if res.completeness_error is not None:
             w.completeness = res.completeness_error.float().cpu()
+            w.completeness_absolute = res.completeness_error_absolute.float().cpu()
 
 
 def _run_cam(ctx: WorkerContext, works: list[_Work]) -> None:
@@ -281,7 +283,8 @@ def _assemble(work: _Work, ctx: WorkerContext, compute_ms: float, samples: int, 
     k = spec.target.per_item if spec.target.kind == "top_k" else 1
     k = min(k, model.num_classes)
     check_finite(work.probs, work.maps, k)
-    items = build_items(work.probs, work.targets, k, work.maps, work.native, work.completeness)
+    items = build_items(work.probs, work.targets, k, work.maps, work.native, work.completeness,
+                        work.completeness_absolute)
     return ExplainResult(request_id=spec.request_id, model=model.name, model_version=model.version,
                          method=spec.method, items=items, compute_ms=compute_ms, batch_samples=samples,
                          batch_requests=requests)

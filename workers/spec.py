@@ -165,7 +165,8 @@ class AttributionMap(TensorFields):
     target_score: float
     map: torch.Tensor
     native: torch.Tensor | None = None     # CAM at the layer's resolution, (h, w)
-    completeness_error: float | None = None
+    completeness_error: float | None = None           # IG: relative, |sum(a) - delta| / max(|delta|, 1e-6)
+    completeness_error_absolute: float | None = None  # IG: |sum(a) - delta|
 
 
 @dataclass

@@ -17,6 +17,7 @@ from workers.config import Limits
 from workers.errors import InvalidArgument
 from workers.kernels.gradients import GradientLimits
 from workers.kernels.hooks import LayerTaps
+from workers.kernels.ranking import predicted_classes, top_classes
 from workers.models import LoadedModel, ModelRegistry, describe
 from workers.spec import AttributionMap, ItemExplanation, ModelDescription, TargetSpec
 
@@ -47,7 +48,7 @@ class WorkerContext:
     @classmethod
     def create(cls, model: LoadedModel, budget: FoldBudget | None = None,
                limits: Limits | None = None, max_rows: int | None = None) -> "WorkerContext":
-        taps = LayerTaps(model.module, model.cam_layers, model_name=model.name)
+        taps = LayerTaps(model.module, model.cam_layers, model_name=model.name, layouts=model.cam_layouts)
         return cls(model, taps, budget or FoldBudget(), kernel_limits(limits or Limits(), max_rows))
 
 
@@ -89,11 +90,12 @@ def resolve_targets(target: TargetSpec, probs: torch.Tensor | None, num_classes:
                     device: torch.device) -> tuple[torch.Tensor, int]:
     """The class explained per row `# (N*k,)` (best first per item for top-k) and k, checked against the model.
 
-    `probs` `# (N, classes)` may be None for given indices (nothing was predicted).
+    `probs` `# (N, classes)` may be None for given indices (nothing was predicted). Predicted classes are
+    ranked by `ranking.top_classes` (ties to the lowest index), as the CAM pass and `build_items` rank them.
     """
     if target.kind == "top_k":
         k = min(target.k, num_classes)
-        return probs.topk(k, dim=1).indices.reshape(-1), k
+        return top_classes(probs, k)[1].reshape(-1), k
     if target.kind == "indices":
         if len(target.indices) not in (1, n):
             raise InvalidArgument.field("target.class_indices", f"give one index or one per item ({n})")
@@ -102,7 +104,7 @@ def resolve_targets(target: TargetSpec, probs: torch.Tensor | None, num_classes:
         if bool(((targets < 0) | (targets >= num_classes)).any()):
             raise InvalidArgument.field("target", f"class indices must be in [0, {num_classes})")
         return targets, 1
-    return probs.argmax(dim=1), 1
+    return predicted_classes(probs), 1
 
 
 def check_finite(probs: torch.Tensor, maps: dict[str, torch.Tensor], rows_per_item: int) -> None:
@@ -129,19 +131,23 @@ def check_finite(probs: torch.Tensor, maps: dict[str, torch.Tensor], rows_per_it
 
 def build_items(probs: torch.Tensor, targets: torch.Tensor, k: int, maps: dict[str, torch.Tensor],
                 native: dict[str, torch.Tensor] | None = None,
-                completeness: torch.Tensor | None = None) -> list[ItemExplanation]:
+                completeness: torch.Tensor | None = None,
+                completeness_absolute: torch.Tensor | None = None) -> list[ItemExplanation]:
     """Per item: its top predictions and, per explained row (k per item) and per method, its map.
 
-    probs `# (N, classes)`, targets `# (N*k,)`, maps method -> `# (N*k, ...)`.
+    probs `# (N, classes)`, targets `# (N*k,)`, maps method -> `# (N*k, ...)`, completeness (relative)
+    and completeness_absolute `# (N*k,)` (IG only).
     """
     n, native = probs.shape[0], native or {}
-    top = probs.topk(min(TOP_PREDICTIONS, probs.shape[1]), dim=1)
-    top_classes, top_scores = top.indices.cpu().tolist(), top.values.cpu().tolist()
+    values, indices = top_classes(probs, min(TOP_PREDICTIONS, probs.shape[1]))
+    best_classes, best_scores = indices.cpu().tolist(), values.cpu().tolist()
     rows = torch.arange(n, device=probs.device).repeat_interleave(k)
     classes, scores = targets.cpu().tolist(), probs[rows, targets].cpu().tolist()
     errors = None if completeness is None else completeness.tolist()
-    return [ItemExplanation(top_classes[i], top_scores[i], [
+    gaps = None if completeness_absolute is None else completeness_absolute.tolist()
+    return [ItemExplanation(best_classes[i], best_scores[i], [
         AttributionMap(method=method, target=classes[r], target_score=scores[r], map=values[r],
                        native=native[method][r] if method in native else None,
-                       completeness_error=None if errors is None else errors[r])
+                       completeness_error=None if errors is None else errors[r],
+                       completeness_error_absolute=None if gaps is None else gaps[r])
         for r in range(i * k, (i + 1) * k) for method, values in maps.items()]) for i in range(n)]

@@ -304,7 +304,7 @@ class Timings(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_samples: _Optional[int] = ..., batch_requests: _Optional[int] = ...) -> None: ...
 
 class Attribution(_message.Message):
-    __slots__ = ("method", "target", "target_score", "map", "native_map", "png_overlay", "completeness_error", "map_sha256")
+    __slots__ = ("method", "target", "target_score", "map", "native_map", "png_overlay", "completeness_error", "map_sha256", "completeness_error_absolute")
     METHOD_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     TARGET_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +313,7 @@ class Attribution(_message.Message):
     PNG_OVERLAY_FIELD_NUMBER: _ClassVar[int]
     COMPLETENESS_ERROR_FIELD_NUMBER: _ClassVar[int]
     MAP_SHA256_FIELD_NUMBER: _ClassVar[int]
+    COMPLETENESS_ERROR_ABSOLUTE_FIELD_NUMBER: _ClassVar[int]
     method: Method
     target: int
     target_score: float
@@ -321,7 +322,8 @@ class Attribution(_message.Message):
     png_overlay: bytes
     completeness_error: float
     map_sha256: str
-    def __init__(self, method: _Optional[_Union[Method, str]] = ..., target: _Optional[int] = ..., target_score: _Optional[float] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., native_map: _Optional[_Union[Tensor, _Mapping]] = ..., png_overlay: _Optional[bytes] = ..., completeness_error: _Optional[float] = ..., map_sha256: _Optional[str] = ...) -> None: ...
+    completeness_error_absolute: float
+    def __init__(self, method: _Optional[_Union[Method, str]] = ..., target: _Optional[int] = ..., target_score: _Optional[float] = ..., map: _Optional[_Union[Tensor, _Mapping]] = ..., native_map: _Optional[_Union[Tensor, _Mapping]] = ..., png_overlay: _Optional[bytes] = ..., completeness_error: _Optional[float] = ..., map_sha256: _Optional[str] = ..., completeness_error_absolute: _Optional[float] = ...) -> None: ...
 
 class ItemResult(_message.Message):
     __slots__ = ("predicted_classes", "predicted_scores", "attributions", "input_sha256", "geometry")

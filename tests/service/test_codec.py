@@ -216,7 +216,8 @@ def test_encode_result_builds_the_response():
     spec = ExplainSpec(model="m", method="grad_cam", inputs=inputs, request_id="r1",
                        output=OutputSpec(dtype="uint8", png_overlay=True))
     maps = [AttributionMap("grad_cam", 2, 0.75, torch.rand(16, 12), native=torch.rand(4, 3)),
-            AttributionMap("layer_cam", 2, 0.75, torch.rand(16, 12), completeness_error=0.5)]
+            AttributionMap("layer_cam", 2, 0.75, torch.rand(16, 12), completeness_error=0.5,
+                           completeness_error_absolute=0.125)]
     result = ExplainResult("r1", "m", "v", "grad_cam", [ItemExplanation([2, 1], [0.75, 0.2], maps)] * 2,
                            queue_ms=1.0, compute_ms=2.0, batch_samples=2, batch_requests=1)
     response = codec.encode_result(result, spec, MODEL)
@@ -228,5 +229,6 @@ def test_encode_result_builds_the_response():
     assert first.map.dtype == pb.UINT8 and list(first.native_map.shape) == [4, 3]
     assert first.map_sha256 == hashlib.sha256(first.map.data).hexdigest()
     assert not first.HasField("completeness_error") and second.completeness_error == 0.5
+    assert not first.HasField("completeness_error_absolute") and second.completeness_error_absolute == 0.125
     assert first.png_overlay.startswith(b"\x89PNG")
     assert response.timings.compute_ms == 2.0 and response.timings.batch_samples == 2

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
 from workers.errors import InvalidArgument
 from workers.kernels.hooks import LayerTap, LayerTaps
+from workers.kernels.ranking import class_probabilities, predicted_classes
 
 CAM_VARIANTS = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
 
@@ -38,7 +39,8 @@ class CamRequest:
     """One CAM request: `inputs` `(N, C, H, W)` in model space on the model's device."""
 
     inputs: Tensor
-    targets: Tensor | None   # (N,) int64 class indices; None: each image's top-1 class in this forward
+    targets: Tensor | None   # (N,) int64 class indices; None: each image's top class in this forward
+                             # (ranked as workers.kernels.ranking: ties go to the lowest index)
     layer: str
     variants: tuple[str, ...] = ("grad_cam",)
 
@@ -74,13 +76,19 @@ def _grad_cam_plus_plus(act: Tensor, grad: Tensor) -> Tensor:
     # alpha (eq. 19) needs only first-order gradients g; exp(Y) cancels in alpha and
     # is a per-image scale on the weights, dropped (as pytorch-grad-cam does) since
     # it cannot change the map's shape and overflows for large logits.
-    g2 = grad.pow(2)
-    g3 = g2 * grad
-    act_sum = act.sum(dim=(2, 3), keepdim=True)                          # (B, K, 1, 1)
+    #
+    # alpha's denominator g²·(2 + ΣA·g) passes through zero where the signed activation
+    # sum is near -2/g: float32 cancellation there moved maps by up to 5e-3 on a trained
+    # model. The weights are evaluated in float64 (a (B, K, h, w) elementwise cost, small
+    # next to the pass), then the map in float32 like the other variants.
+    act64, grad64 = act.double(), grad.double()
+    g2 = grad64.pow(2)
+    g3 = g2 * grad64
+    act_sum = act64.sum(dim=(2, 3), keepdim=True)                        # (B, K, 1, 1)
     alpha = g2 / (2 * g2 + act_sum * g3 + _GRADCAM_PP_EPS)
-    alpha = torch.where(grad != 0, alpha, torch.zeros_like(alpha))
-    weights = (F.relu(grad) * alpha).sum(dim=(2, 3), keepdim=True)       # (B, K, 1, 1)
-    return (weights * act).sum(dim=1)
+    alpha = torch.where(grad64 != 0, alpha, torch.zeros_like(alpha))
+    weights = (F.relu(grad64) * alpha).sum(dim=(2, 3), keepdim=True)     # (B, K, 1, 1)
+    return (weights * act64).sum(dim=1).float()
 
 
 def _layer_cam(act: Tensor, grad: Tensor) -> Tensor:
@@ -196,15 +204,15 @@ def _explain_group(model: nn.Module, tap: LayerTap, reqs: list[CamRequest],
 
 
 def _predicted_rows(req: CamRequest) -> Tensor:
-    """-1 per image: its class is left to the model, the argmax of its own logits in the pass."""
+    """-1 per image: its class is left to the model, its top class in the pass (`ranking.predicted_classes`)."""
     return torch.full((req.inputs.shape[0],), -1, dtype=torch.long, device=req.inputs.device)
 
 
 def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
                              targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Layer activation and d(target logit)/d(activation), both float32 `(B, K, h, w)`,
-    then the logits `(B, classes)` float32 and the classes explained `(B,)`
-    (`targets`, with -1 replaced by the row's predicted class)."""
+    """Layer activation and d(target logit)/d(activation), both float32 `(B, K, h, w)`
+    whatever the layer's layout, then the logits `(B, classes)` float32 and the classes
+    explained `(B,)` (`targets`, with -1 replaced by the row's predicted class)."""
     # enable_grad: the caller may have disabled it. The graph spans only the layer to the
     # logits: the tap's leaf is the one tensor requiring grad.
     with torch.enable_grad():
@@ -217,12 +225,15 @@ def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
             raise InvalidArgument.field("target", f"model output is {tuple(logits.shape)}, not (N, classes)")
         given = targets >= 0
         check_targets(targets[given], logits.shape[1])
-        targets = torch.where(given, targets, logits.detach().argmax(dim=1))
+        # Ranked on the probabilities the response reports, by the rule every method uses.
+        targets = torch.where(given, targets, predicted_classes(class_probabilities(logits.detach())))
         score = logits.gather(1, targets[:, None]).sum()  # images are independent: one backward
         (grad,) = torch.autograd.grad(score, act, allow_unused=True)
     if grad is None:
         raise InvalidArgument.field("layer", f"layer {tap.name!r} does not reach the model's output")
-    return act.detach().float(), grad.float(), logits.detach().float(), targets
+    size = tuple(x.shape[-2:])
+    act, grad = tap.to_nchw(act.detach(), size), tap.to_nchw(grad, size)   # (B, K, h, w)
+    return act.float(), grad.float(), logits.detach().float(), targets
 
 
 def _split_back(reqs: list[CamRequest], results: list[CamResult],

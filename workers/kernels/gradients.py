@@ -44,8 +44,9 @@ __all__ = [
 
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre")
 METHODS = GRADIENT_METHODS  # the gradient family of the method table
-# |f(x)_t - f(b)_t| below this, the relative completeness error is meaningless
-# (IG explains a zero change); the absolute error is reported instead.
+# The relative completeness error divides by max(|f(x)_t - f(b)_t|, this): where IG
+# explains a (near) zero change the relative error is huge whatever the integration,
+# so the absolute error is always reported beside it and a client can tell the two apart.
 COMPLETENESS_TINY = 1e-6
 
 
@@ -84,8 +85,9 @@ class GradientLimits:
 @dataclass
 class GradientResult:
     attributions: Tensor  # (N, C, H, W) float32
-    completeness_error: Tensor | None  # (N,) float32, IG only
+    completeness_error: Tensor | None  # (N,) float32, IG only: relative, see completeness_error()
     rows: int  # folded rows this request cost (its batching cost)
+    completeness_error_absolute: Tensor | None = None  # (N,) float32, IG only: |sum(a) - delta|
 
 
 def request_cost(req: GradientRequest) -> int:
@@ -430,11 +432,22 @@ def _reduce(req: GradientRequest, grads: Tensor, endpoints: tuple[Tensor, Tensor
     path_integral = torch.matmul(weights, g).view(n, *item)  # (N, C, H, W)
     attributions = path_integral * (x - _baseline(req)).float()
     fx, fb = endpoints  # type: ignore[misc]
-    return GradientResult(attributions, completeness_error(attributions, fx - fb), cost)
+    relative, absolute = completeness_errors(attributions, fx - fb)
+    return GradientResult(attributions, relative, cost, absolute)
+
+
+def completeness_errors(attributions: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Per item `# (N,)` float32: the relative error |sum(a) - delta| / max(|delta|, COMPLETENESS_TINY)
+    and the absolute error |sum(a) - delta|.
+
+    The relative error is always relative (it once switched silently to the absolute one below the
+    guard, which the proto did not say); both are reported, so a large relative error over a tiny
+    delta (a small absolute error) is told apart from a poor integration.
+    """
+    gap = (attributions.flatten(1).sum(dim=1) - delta).abs()  # (N,)
+    return (gap / delta.abs().clamp_min(COMPLETENESS_TINY)).float(), gap.float()
 
 
 def completeness_error(attributions: Tensor, delta: Tensor) -> Tensor:
-    """|sum(a) - delta| / |delta| per item `# (N,)`; the absolute error where |delta| < COMPLETENESS_TINY."""
-    gap = (attributions.flatten(1).sum(dim=1) - delta).abs()  # (N,)
-    scale = delta.abs()
-    return torch.where(scale > COMPLETENESS_TINY, gap / scale.clamp_min(COMPLETENESS_TINY), gap).float()
+    """The relative completeness error per item `# (N,)` (see `completeness_errors`)."""
+    return completeness_errors(attributions, delta)[0]

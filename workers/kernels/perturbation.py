@@ -109,10 +109,9 @@ def _activations(model: nn.Module, tap: LayerTap, inputs: Tensor, targets: Tenso
         with tap.capture() as cap:  # one capture per forward: it keeps the first output
             _target_scores(model, inputs[chunk], targets[chunk],
                            check=targets if chunk.start == 0 else None)
-        if cap.activation is None or cap.activation.dim() != 4:
-            raise InvalidArgument.field(
-                "layer", f"layer {tap.name!r} gives no (N, K, h, w) activation in the forward")
-        parts.append(cap.activation)
+        if cap.activation is None:
+            raise InvalidArgument.field("layer", f"layer {tap.name!r} is not run by the model's forward")
+        parts.append(tap.to_nchw(cap.activation, tuple(inputs.shape[-2:])))  # (B, K, h, w)
     return torch.cat(parts)                                              # (N, K, h, w)
 
 

@@ -31,7 +31,8 @@ from tests.workers.kernels.test_hooks import tiny_model
 from workers.batching import FoldBudget
 from workers.demo import DEMO_CAM_LAYER
 from workers.errors import InvalidArgument, LayerNotFound
-from workers.kernels.cam import (CAM_VARIANTS, CamRequest, explain_cam, validate_cam_request)
+from workers.kernels.cam import (_GRADCAM_PP_EPS, CAM_VARIANTS, CamRequest, _grad_cam_plus_plus, explain_cam,
+                                 validate_cam_request)
 from workers.kernels.hooks import LayerTaps, hook_count
 
 PEERS = {"grad_cam": GradCAM, "grad_cam_plus_plus": GradCAMPlusPlus, "layer_cam": LayerCAM}
@@ -110,6 +111,27 @@ def test_matches_pytorch_grad_cam_on_resnet18(resnet, variant, layer):
     ours = all_variants(model, taps, x, t, layer)[variant]
     peer = peer_cam(variant, model, getattr(model, layer), x, t)
     torch.testing.assert_close(normalize(ours), peer, atol=2e-3, rtol=0)
+
+
+def _grad_cam_plus_plus_float64(act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ eq. 19 with exp-score, term by term in float64: the reference."""
+    a, g = act.double(), grad.double()
+    alpha = g**2 / (2 * g**2 + a.sum(dim=(2, 3), keepdim=True) * g**3 + _GRADCAM_PP_EPS)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    return ((torch.relu(g) * alpha).sum(dim=(2, 3), keepdim=True) * a).sum(dim=1)
+
+
+def test_grad_cam_plus_plus_matches_float64_where_its_denominator_nears_zero():
+    """Activation sums S = -20 with gradients around 0.1 put 2 + S*g near zero for many locations: in float32
+    that cancellation moved the map by 1% of its range; evaluated in float64, the map is the formula's."""
+    gen = torch.Generator().manual_seed(0)
+    act = torch.randn(2, 16, 7, 7, generator=gen) * 100
+    act = act - act.mean(dim=(2, 3), keepdim=True) - 20.0 / 49                 # each channel sums to -20
+    grad = torch.rand(2, 16, 7, 7, generator=gen) * 0.1 + 0.05
+    ref = _grad_cam_plus_plus_float64(act, grad)
+    ours = _grad_cam_plus_plus(act, grad)
+    assert ours.dtype == torch.float32
+    assert float((ours.double() - ref).abs().max() / ref.abs().max()) < 1e-6
 
 
 def _captum_grad_cam(model, layer_module, x, t):

@@ -16,8 +16,8 @@ from workers.batching import FoldBudget, FoldWatch
 from workers.errors import InvalidArgument
 from workers.kernels.baselines import make_baseline
 from workers.kernels.gradients import (METHODS, NOISE_METHODS, RULES, GradientLimits, GradientRequest,
-                                       _gauss_legendre, explain_gradients, integration_points, request_cost,
-                                       smoothgrad_noise, validate_gradient_request)
+                                       _gauss_legendre, completeness_errors, explain_gradients, integration_points,
+                                       request_cost, smoothgrad_noise, validate_gradient_request)
 
 # Captum asks for inputs that require grad and warns when they do not; ours never do.
 pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
@@ -116,6 +116,17 @@ def test_integrated_gradients_matches_captum(arch, rule):
     with torch.no_grad():
         change = (model(x) - model(baselines)).gather(1, t.unsqueeze(1)).squeeze(1)
     assert torch.allclose(ours.completeness_error, delta.abs() / change.abs(), rtol=1e-3, atol=1e-5)
+    assert torch.allclose(ours.completeness_error_absolute, delta.abs().float(), rtol=1e-3, atol=1e-6)
+
+
+def test_completeness_error_stays_relative_when_the_change_is_tiny():
+    """Where f(x) - f(b) nears zero the relative error is still relative (to the 1e-6 guard), not silently the
+    absolute one; the absolute error comes beside it, so a client can tell a tiny delta from a poor integration."""
+    attributions = torch.tensor([[3e-7, 0.0], [0.5, 0.25], [0.0, 0.0]])
+    delta = torch.tensor([0.0, 1.0, 2e-7])
+    relative, absolute = completeness_errors(attributions, delta)
+    torch.testing.assert_close(absolute, torch.tensor([3e-7, 0.25, 2e-7]))
+    torch.testing.assert_close(relative, torch.tensor([0.3, 0.25, 0.2]))
 
 
 @pytest.mark.parametrize("rule", RULES)
