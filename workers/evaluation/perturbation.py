@@ -28,10 +28,16 @@ raster order, which would bias the curve towards the image's top rows.
 
 Batching. Every (item, order, step) is one row: the rows of all items, all methods and the random
 order are generated chunk by chunk (a chunk never holds more than `rows_per_chunk` rows of the
-model under `budget`, forward only) and run through one inference forward each.
+model under `budget`, forward only) and run through one inference forward each. With
+`budget.measure`, the chunk is the smallest size as fast per row as any below that cap, from a
+forward-only cost curve measured once per model and row shape (workers/chunk_curve.py): on a CPU
+a small net runs several times faster per row in chunks of tens of rows than in one huge chunk.
 """
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -41,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
+from workers.chunk_curve import Timing, measure_curve
 from workers.errors import InvalidArgument
 from workers.evaluation.aggregate import MetricResult, metric
 from workers.kernels.baselines import gaussian_blur
@@ -213,7 +220,7 @@ def _run_rows(model: nn.Module, x: Tensor, targets: Tensor, orders: Tensor, coun
     n, o, _ = orders.shape
     s1 = len(counts)
     total = n * o * s1
-    chunk = rows_per_chunk(model, tuple(x.shape[1:]), budget, device=x.device, dtype=x.dtype, backward=False)
+    chunk = forward_rows(model, tuple(x.shape[1:]), budget, device=x.device, dtype=x.dtype)
     step_count = torch.as_tensor(counts, device=x.device)
     start, end = (x, baseline) if config.mode == "deletion" else (baseline, x)  # changed units go start -> end
     out = torch.empty(total, dtype=torch.float32, device=x.device)
@@ -227,6 +234,43 @@ def _run_rows(model: nn.Module, x: Tensor, targets: Tensor, orders: Tensor, coun
             logits = model(rows)
             out[piece] = torch.softmax(logits.float(), dim=1).gather(1, targets[item, None])[:, 0]
     return out.view(n, o, s1)
+
+
+# model -> {(row shape, dtype, device): rows}; weak on the model, like workers/chunk_curve.py's curves.
+_FORWARD_ROWS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_FORWARD_LOCK = threading.Lock()
+
+
+def forward_rows(model: nn.Module, row_shape: tuple[int, ...], budget: FoldBudget, *, device: torch.device | str,
+                 dtype: torch.dtype = torch.float32) -> int:
+    """Rows per inference chunk: the budget's forward-only cap, or with `budget.measure` the measured size below it."""
+    cap = rows_per_chunk(model, row_shape, budget, device=device, dtype=dtype, backward=False)
+    if not budget.measure:
+        return cap
+    key = (tuple(int(s) for s in row_shape), dtype, torch.device(device), cap)
+    with _FORWARD_LOCK:
+        per_model = _FORWARD_ROWS.setdefault(model, {})
+        if key not in per_model:
+            per_model[key] = measure_curve(model, cap, _forward_timing(key[0], dtype, key[2])).rows
+        return per_model[key]
+
+
+def _forward_timing(row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Timing:
+    """Seconds for one inference forward of `rows` random rows."""
+    generator = torch.Generator().manual_seed(0)
+
+    def timing(model: nn.Module, rows: int) -> float:
+        x = torch.rand((rows, *row_shape), generator=generator).to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return time.perf_counter() - started
+
+    return timing
 
 
 def _curves(fractions: np.ndarray, probs: Tensor, name: str, seed: int) -> Curves:

@@ -55,48 +55,56 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _min_max(maps: Tensor) -> Tensor:
-    flat = maps.flatten(1).double()
+    flat = maps.flatten(1).float()
     low = flat.amin(dim=1, keepdim=True)
     span = flat.amax(dim=1, keepdim=True) - low
     return ((flat - low) / span.clamp_min(1e-12)).view(maps.shape)
 
 
-def _gaussian_window(like: Tensor) -> Tensor:
-    radius = SSIM_WINDOW // 2
-    grid = torch.arange(-radius, radius + 1, dtype=like.dtype, device=like.device)
+def _window_1d(size: int, gaussian: bool, like: Tensor) -> Tensor:
+    """The separable window's taps `# (size,)`, summing to one."""
+    if not gaussian:
+        return torch.full((size,), 1.0 / size, dtype=like.dtype, device=like.device)
+    grid = torch.arange(size, dtype=like.dtype, device=like.device) - size // 2
     g = torch.exp(-(grid**2) / (2 * SSIM_SIGMA**2))
-    g = g / g.sum()
-    return (g[:, None] * g[None, :]).view(1, 1, SSIM_WINDOW, SSIM_WINDOW)
+    return g / g.sum()
+
+
+def _local_means(planes: Tensor, taps: Tensor) -> Tensor:
+    """Window means `# (B, 1, H-s+1, W-s+1)` of `planes` `# (B, 1, H, W)`: two 1-D passes, no padding."""
+    size = taps.shape[0]
+    out = F.conv2d(planes, taps.view(1, 1, 1, size))
+    return F.conv2d(out, taps.view(1, 1, size, 1))
 
 
 def ssim(a: Tensor, b: Tensor) -> Tensor:
     """Mean structural similarity `# (N,)` of maps `a[i]`, `b[i]` `# (N, H, W)` (Wang et al. 2004).
 
     Each map is min-max normalized to [0, 1] first (data range 1), then the SSIM index is taken
-    under an 11 x 11 Gaussian window (sigma 1.5), with C1 = (0.01)^2, C2 = (0.03)^2, over the
-    positions where the window fits (no padding), and averaged: the definition of
-    skimage's `structural_similarity(..., gaussian_weights=True, sigma=1.5, data_range=1)`.
-    Maps smaller than the window use a window of their own size (odd).
+    under an 11 x 11 Gaussian window (sigma 1.5), with C1 = (0.01)^2, C2 = (0.03)^2 and sample
+    (n - 1) window covariances, over the positions where the window fits (no padding), and
+    averaged: skimage's `structural_similarity(..., gaussian_weights=True, sigma=1.5,
+    data_range=1)`. Maps smaller than the window use a uniform window of their own (odd) size.
+    The window is separable, so it runs as two 1-D passes over the five planes at once.
     """
     _check_pair(a, b)
-    x = _min_max(a).unsqueeze(1)  # (N, 1, H, W) float64
+    n = a.shape[0]
+    x = _min_max(a).unsqueeze(1)  # (N, 1, H, W) float32
     y = _min_max(b).unsqueeze(1)
-    window = _gaussian_window(x)
     side = min(x.shape[-2], x.shape[-1])
-    if side < SSIM_WINDOW:
-        size = side if side % 2 else side - 1
-        window = torch.full((1, 1, size, size), 1.0 / (size * size), dtype=x.dtype, device=x.device)
-    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
-    var_x = F.conv2d(x * x, window) - mu_x**2
-    var_y = F.conv2d(y * y, window) - mu_y**2
-    cov = F.conv2d(x * y, window) - mu_x * mu_y
+    size = SSIM_WINDOW if side >= SSIM_WINDOW else (side if side % 2 else side - 1)
+    taps = _window_1d(size, size == SSIM_WINDOW, x)
+    means = _local_means(torch.cat([x, y, x * x, y * y, x * y]), taps).view(5, n, -1)  # (5, N, P)
+    mu_x, mu_y, xx, yy, xy = means.double()
     # skimage corrects the window variances to the sample (n - 1) form; so do we, for agreement.
-    n = window.shape[-1] * window.shape[-2]
-    correction = n / (n - 1) if n > 1 else 1.0
-    var_x, var_y, cov = var_x * correction, var_y * correction, cov * correction
+    count = size * size
+    correction = count / (count - 1) if count > 1 else 1.0
+    var_x = (xx - mu_x**2) * correction
+    var_y = (yy - mu_y**2) * correction
+    cov = (xy - mu_x * mu_y) * correction
     c1, c2 = SSIM_K1**2, SSIM_K2**2
     index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return index.flatten(1).mean(dim=1).float()
+    return index.mean(dim=1).float()
 
 
 def mean_pairwise_spearman(maps: Tensor) -> Tensor:
