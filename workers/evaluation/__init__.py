@@ -20,12 +20,14 @@ from workers.evaluation.completeness import CompletenessResult, completeness_dis
 from workers.evaluation.discrimination import DiscriminationResult, class_discrimination
 from workers.evaluation.localisation import LocalisationResult, localisation
 from workers.evaluation.perturbation import CurveConfig, PerturbationResult, perturbation_curves
-from workers.evaluation.randomization import Attribute, RandomizationResult, randomization_check
+from workers.evaluation.randomization import (Attribute, RandomizationResult, data_randomization_check,
+                                              randomization_check)
 from workers.evaluation.stability import Augmentation, StabilityResult, stability
 
 __all__ = [
     "Aggregate", "MetricResult", "aggregate", "metric", "cam_attribute", "gradient_attribute",
     "CompletenessResult", "completeness_distribution", "DiscriminationResult", "class_discrimination",
     "LocalisationResult", "localisation", "CurveConfig", "PerturbationResult", "perturbation_curves",
-    "Attribute", "RandomizationResult", "randomization_check", "Augmentation", "StabilityResult", "stability",
+    "Attribute", "RandomizationResult", "data_randomization_check", "randomization_check", "Augmentation",
+    "StabilityResult", "stability",
 ]

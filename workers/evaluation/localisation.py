@@ -57,7 +57,8 @@ def ground_truth(maps: Tensor, boxes: Tensor | None = None, masks: Tensor | None
         raise InvalidArgument.field("ground_truth", "give exactly one of boxes or masks")
     truth = boxes_to_masks(boxes, tuple(maps.shape[1:])) if boxes is not None else masks.bool()
     if tuple(truth.shape) != tuple(maps.shape):
-        raise InvalidArgument.field("ground_truth", f"must cover the maps {tuple(maps.shape)}, got {tuple(truth.shape)}")
+        raise InvalidArgument.field("ground_truth",
+                                    f"must cover the maps {tuple(maps.shape)}, got {tuple(truth.shape)}")
     return truth.to(maps.device)
 
 

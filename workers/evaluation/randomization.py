@@ -11,6 +11,10 @@ absolute-value comparison; `absolute=False` compares signed maps):
     Spearman rank correlation (ties averaged; a constant map correlates 0) and
     SSIM (maps min-max normalized, Gaussian 11 x 11 window; see workers/evaluation/similarity.py).
 
+Data randomization (Adebayo et al. 2018, section 4): the same comparison between the trained model
+and a model of the same architecture the CALLER trained on shuffled labels (`data_randomization_check`);
+one step, judged like the cascade's last.
+
 Verdict. A method FAILS when its maps survive randomization: the mean Spearman correlation of
     cascading:   the fully randomized model (the last step, every listed layer re-initialized),
     independent: the layer whose randomization changes the maps most (the lowest mean),
@@ -147,6 +151,21 @@ def randomization_check(model: nn.Module, inputs: Tensor, targets: Tensor, metho
     return {name: _verdict(name, mode, prepared[name], per_method[name], threshold, seed) for name in methods}
 
 
+def data_randomization_check(model: nn.Module, shuffled: nn.Module, inputs: Tensor, targets: Tensor,
+                             methods: Mapping[str, Attribute], *, threshold: float = SPEARMAN_THRESHOLD,
+                             absolute: bool = True, seed: int = 0) -> dict[str, RandomizationResult]:
+    """The data-randomization test: maps of `model` against maps of `shuffled` (trained by the caller on
+    permuted labels), same inputs and targets; fails above `threshold` like the cascade's last step."""
+    if not methods:
+        raise InvalidArgument.field("methods", "name at least one attribution method")
+    results = {}
+    for name, attribute in methods.items():
+        trained = _prepare(attribute(model, inputs, targets), absolute)
+        randomized = [(("<labels shuffled>",), _prepare(attribute(shuffled, inputs, targets), absolute))]
+        results[name] = _verdict(name, "data", trained, randomized, threshold, seed)
+    return results
+
+
 def _prepare(maps: Tensor, absolute: bool) -> Tensor:
     if not isinstance(maps, Tensor) or maps.dim() != 3:
         raise InvalidArgument.field("maps", "an attribution callable must return maps shaped (N, H, W)")
@@ -162,6 +181,6 @@ def _verdict(method: str, mode: str, trained: Tensor, randomized: list[tuple[tup
         steps.append(Step(layers, rho, metric("randomization_ssim", ssim(trained, maps), seed=seed),
                           flagged=bool(rho.aggregate.mean > threshold)))
     means = [step.spearman.aggregate.mean for step in steps]
-    decisive = means[-1] if mode == "cascading" else min(means)
+    decisive = min(means) if mode == "independent" else means[-1]
     return RandomizationResult(method, mode, steps, passed=bool(decisive <= threshold), threshold=threshold,
                                trained_maps=trained, randomized_maps=[maps for _, maps in randomized])

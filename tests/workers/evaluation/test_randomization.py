@@ -80,3 +80,18 @@ def test_edge_detector_fails_and_served_methods_pass(mode: str, demo_model, held
     if mode == "cascading":
         assert results["vanilla"].steps[-1].layers == tuple(reversed(parametrized_layers(demo_model)))
         assert results["vanilla"].curve[-1] < SPEARMAN_THRESHOLD / 2
+
+
+def test_data_randomization_compares_with_the_callers_model() -> None:
+    from workers.evaluation.randomization import data_randomization_check
+
+    model, other = _tiny(), _tiny()
+    reinitialize(other[0], seed=1)
+    reinitialize(other[3], seed=2)
+    x = torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    targets = torch.tensor([0, 1, 2, 0])
+    results = data_randomization_check(model, other, x, targets, {"edge": edge_detector, "ixg": _input_times_gradient})
+    assert results["edge"].mode == "data" and not results["edge"].passed
+    assert results["edge"].steps[0].layers == ("<labels shuffled>",)
+    same = data_randomization_check(model, model, x, targets, {"ixg": _input_times_gradient})
+    assert same["ixg"].curve.tolist() == pytest.approx([1.0])
