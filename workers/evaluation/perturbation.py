@@ -29,9 +29,9 @@ raster order, which would bias the curve towards the image's top rows.
 Batching. Every (item, order, step) is one row: the rows of all items, all methods and the random
 order are generated chunk by chunk (a chunk never holds more than `rows_per_chunk` rows of the
 model under `budget`, forward only) and run through one inference forward each. With
-`budget.measure`, the chunk is the smallest size as fast per row as any below that cap, from a
-forward-only cost curve measured once per model and row shape (workers/chunk_curve.py): on a CPU
-a small net runs several times faster per row in chunks of tens of rows than in one huge chunk.
+`budget.measure`, the chunk is the largest size within 10 % of the best time per row below that cap,
+from a forward-only cost curve measured once per model and row shape (workers/chunk_curve.py): on a
+CPU a small net runs several times faster per row in chunks of tens of rows than in one huge chunk.
 """
 from __future__ import annotations
 
