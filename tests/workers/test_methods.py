@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from service import codec, validation
-from service import client as client_module
+from service import client_messages as client_module
 from service._proto import attribution_pb2 as pb
 from loadtests import scenario
 from workers import methods, spec
