@@ -36,7 +36,7 @@ TOLERANCE = 0.10          # sizes within 10 % of the best time per row count as 
 FIRST_SIZE = 4
 PROBE_BUDGET_S = 5.0      # at most this long per curve (the last size started is finished)
 
-# model -> {(row shape, dtype, device): ChunkCurve}; weak on the model, like batching's probes.
+# model -> {(row shape, dtype, device, backward): ChunkCurve}; weak on the model, like batching's probes.
 _CURVES: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -97,22 +97,40 @@ def forward_backward_timing(row_shape: tuple[int, ...], dtype: torch.dtype, devi
     return timing
 
 
+def forward_timing(row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Timing:
+    """Seconds for one inference forward of `rows` random rows (folds without a backward pass)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def timing(model: nn.Module, rows: int) -> float:
+        x = torch.rand((rows, *row_shape), generator=generator).to(device=device, dtype=dtype)
+        with torch.inference_mode():
+            _sync(device)
+            started = time.perf_counter()
+            model(x)
+            _sync(device)
+            return time.perf_counter() - started
+
+    return timing
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def measured_rows(model: nn.Module, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
-                  cap: int, budget_s: float = PROBE_BUDGET_S) -> int:
-    """The measured chunk size for this model and row (probed on first use, cached), at most `cap`."""
+                  cap: int, budget_s: float = PROBE_BUDGET_S, backward: bool = True) -> int:
+    """The measured chunk size for this model and row (probed on first use, cached), at most `cap`;
+    `backward=False` measures inference forwards alone."""
     device = torch.device(device)
-    key = (tuple(int(s) for s in row_shape), dtype, device)
+    key = (tuple(int(s) for s in row_shape), dtype, device, backward)
     with _LOCK:  # one probe per model and row at a time; concurrent first calls wait for it
         per_model = _CURVES.setdefault(model, {})
         curve = per_model.get(key)
         if curve is None or (curve.cap < cap and curve.rows == curve.cap):
             # Not probed yet, or probed under a smaller cap that it hit: the best may lie above.
-            curve = measure_curve(model, cap, forward_backward_timing(key[0], dtype, device), budget_s)
+            timing = forward_backward_timing if backward else forward_timing
+            curve = measure_curve(model, cap, timing(key[0], dtype, device), budget_s)
             per_model[key] = curve
             log.info("chunk curve for %s rows %s on %s: %d rows per chunk (of a cap of %d); seconds per row %s",
                      type(model).__name__, key[0], device, curve.rows, cap,
@@ -121,7 +139,8 @@ def measured_rows(model: nn.Module, row_shape: tuple[int, ...], dtype: torch.dty
 
 
 def curve_for(model: nn.Module, row_shape: tuple[int, ...], dtype: torch.dtype,
-              device: torch.device | str) -> ChunkCurve | None:
+              device: torch.device | str, backward: bool = True) -> ChunkCurve | None:
     """The cached curve, if one was measured (operators and tests)."""
     with _LOCK:
-        return _CURVES.get(model, {}).get((tuple(int(s) for s in row_shape), dtype, torch.device(device)))
+        key = (tuple(int(s) for s in row_shape), dtype, torch.device(device), backward)
+        return _CURVES.get(model, {}).get(key)

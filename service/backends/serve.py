@@ -50,13 +50,14 @@ class ServeBackend:
                                    limit=self._call_limit,
                                    observe=self._observe_call if self.adaptive_in_flight else None)
 
-    def _per_replica_limit(self, model: str) -> int:
-        if not self.adaptive_in_flight:
-            return self.max_in_flight_per_replica
+    def _limiter(self, model: str) -> GradientLimit:
         if model not in self.limiters:
             self.limiters[model] = GradientLimit(initial=min(4, self.max_in_flight_per_replica),
                                                  max_limit=self.max_in_flight_per_replica)
-        return self.limiters[model].limit
+        return self.limiters[model]
+
+    def _per_replica_limit(self, model: str) -> int:
+        return self._limiter(model).limit if self.adaptive_in_flight else self.max_in_flight_per_replica
 
     def _call_limit(self, model: str) -> int:
         """Calls in flight allowed for `model`: a few per running replica (0 = unbounded).
@@ -69,9 +70,8 @@ class ServeBackend:
     def _observe_call(self, model: str, seconds: float, cost: int, in_flight: int) -> None:
         if model in self._alone:
             return
-        self._per_replica_limit(model)  # creates the model's limiter on first use
         replicas = max(1, self._live.get(model, 1))
-        self.limiters[model].observe(seconds, cost, -(-in_flight // replicas))
+        self._limiter(model).observe(seconds, cost, -(-in_flight // replicas))
 
     @classmethod
     def from_config(cls, config: AppConfig, **options) -> "ServeBackend":

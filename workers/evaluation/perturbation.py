@@ -35,9 +35,6 @@ CPU a small net runs several times faster per row in chunks of tens of rows than
 """
 from __future__ import annotations
 
-import threading
-import time
-import weakref
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -47,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
-from workers.chunk_curve import Timing, measure_curve
+from workers.chunk_curve import measured_rows
 from workers.errors import InvalidArgument
 from workers.evaluation.aggregate import MetricResult, metric
 from workers.kernels.baselines import gaussian_blur
@@ -236,41 +233,13 @@ def _run_rows(model: nn.Module, x: Tensor, targets: Tensor, orders: Tensor, coun
     return out.view(n, o, s1)
 
 
-# model -> {(row shape, dtype, device): rows}; weak on the model, like workers/chunk_curve.py's curves.
-_FORWARD_ROWS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_FORWARD_LOCK = threading.Lock()
-
-
 def forward_rows(model: nn.Module, row_shape: tuple[int, ...], budget: FoldBudget, *, device: torch.device | str,
                  dtype: torch.dtype = torch.float32) -> int:
     """Rows per inference chunk: the budget's forward-only cap, or with `budget.measure` the measured size below it."""
     cap = rows_per_chunk(model, row_shape, budget, device=device, dtype=dtype, backward=False)
     if not budget.measure:
         return cap
-    key = (tuple(int(s) for s in row_shape), dtype, torch.device(device), cap)
-    with _FORWARD_LOCK:
-        per_model = _FORWARD_ROWS.setdefault(model, {})
-        if key not in per_model:
-            per_model[key] = measure_curve(model, cap, _forward_timing(key[0], dtype, key[2])).rows
-        return per_model[key]
-
-
-def _forward_timing(row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Timing:
-    """Seconds for one inference forward of `rows` random rows."""
-    generator = torch.Generator().manual_seed(0)
-
-    def timing(model: nn.Module, rows: int) -> float:
-        x = torch.rand((rows, *row_shape), generator=generator).to(device=device, dtype=dtype)
-        with torch.inference_mode():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            started = time.perf_counter()
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter() - started
-
-    return timing
+    return measured_rows(model, row_shape, dtype, torch.device(device), cap=cap, backward=False)
 
 
 def _curves(fractions: np.ndarray, probs: Tensor, name: str, seed: int) -> Curves:
