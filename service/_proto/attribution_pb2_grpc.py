@@ -54,6 +54,11 @@ class AttributionServiceStub:
                 request_serializer=attribution_dot_v1_dot_attribution__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=attribution_dot_v1_dot_attribution__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.AdoptRecommendation = channel.unary_unary(
+                '/attribution.v1.AttributionService/AdoptRecommendation',
+                request_serializer=attribution_dot_v1_dot_attribution__pb2.AdoptRecommendationRequest.SerializeToString,
+                response_deserializer=attribution_dot_v1_dot_attribution__pb2.ModelInfo.FromString,
+                _registered_method=True)
         self.SubmitJob = channel.unary_unary(
                 '/attribution.v1.AttributionService/SubmitJob',
                 request_serializer=attribution_dot_v1_dot_attribution__pb2.SubmitJobRequest.SerializeToString,
@@ -114,6 +119,13 @@ class AttributionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdoptRecommendation(self, request, context):
+        """Adopts an evaluation's recommendation as the model's defaults.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SubmitJob(self, request, context):
         """Offline jobs: expensive gradient-free methods (Score-CAM, occlusion) and
         bulk runs of any method. Jobs are durable across restarts.
@@ -169,6 +181,11 @@ def add_AttributionServiceServicer_to_server(servicer, server):
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
                     request_deserializer=attribution_dot_v1_dot_attribution__pb2.GetModelRequest.FromString,
+                    response_serializer=attribution_dot_v1_dot_attribution__pb2.ModelInfo.SerializeToString,
+            ),
+            'AdoptRecommendation': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptRecommendation,
+                    request_deserializer=attribution_dot_v1_dot_attribution__pb2.AdoptRecommendationRequest.FromString,
                     response_serializer=attribution_dot_v1_dot_attribution__pb2.ModelInfo.SerializeToString,
             ),
             'SubmitJob': grpc.unary_unary_rpc_method_handler(
@@ -304,6 +321,33 @@ class AttributionService:
             target,
             '/attribution.v1.AttributionService/GetModel',
             attribution_dot_v1_dot_attribution__pb2.GetModelRequest.SerializeToString,
+            attribution_dot_v1_dot_attribution__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptRecommendation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/attribution.v1.AttributionService/AdoptRecommendation',
+            attribution_dot_v1_dot_attribution__pb2.AdoptRecommendationRequest.SerializeToString,
             attribution_dot_v1_dot_attribution__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
