@@ -21,7 +21,8 @@ from service._proto import attribution_pb2 as pb
 from workers import methods
 from service.decoding.pool import Busy, Decoded, DecodeFailure, ImageDecoder, InlineDecoder
 from workers.errors import FieldViolation, InternalError, InvalidArgument, Overloaded
-from workers.spec import AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec, SourceGeometry
+from workers.spec import (AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec, SourceGeometry,
+                          pixels_to_model_space)
 
 # ------------------------------------------------------------ enum names --
 # The workers speak lower-case names (workers/spec.py); the wire speaks enums.
@@ -104,18 +105,18 @@ def to_model_space(raw: torch.Tensor, space: int, model: ModelDescription, field
                                                "model-space floats")
         return raw.to(torch.float32)
     if raw.dtype == torch.uint8:
-        pixels = raw.to(torch.float32) / 255.0
+        x = pixels_to_model_space(raw, model.mean, model.std)
     else:
         lo, hi = float(raw.min()), float(raw.max())
         if lo < 0.0 or hi > 1.0:
             raise InvalidArgument.field(data_field, f"PIXELS floats must lie in [0, 1], found values from {lo:.6g} "
                                                     f"to {hi:.6g}; scale 0..255 data by 1/255 (or send it as UINT8), "
                                                     "or send normalized values with space MODEL")
-        pixels = raw
-    x = normalize(pixels, model)
+        x = normalize(raw, model)
     if not bool(torch.isfinite(x).all()):  # only a degenerate std can do this to values in [0, 1]
         raise InvalidArgument.field(data_field, "overflows float32 when normalized with the model's mean/std")
     return x
+
 
 # ------------------------------------------------------------- images in --
 

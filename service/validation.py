@@ -81,7 +81,7 @@ def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits
     rid = _request_id(request.request_id, limits, v) or request_id or uuid.uuid4().hex
     method = _method(request.method, model, offline, v)
     declared = _declared_items(request.inputs)
-    inputs, geometry = _inputs(request.inputs, model, limits, declared, v, decoder)
+    inputs, geometry, pixels = _inputs(request.inputs, model, limits, declared, v, decoder)
     items = int(inputs.shape[0]) if inputs is not None else declared
     target = _target(request.target, model, limits, items, v)
     params = _params(request, method, model, limits, items, v) if method else _DEFAULTS
@@ -92,7 +92,9 @@ def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits
     deadline = time.time() + time_remaining if time_remaining is not None else None
     return ExplainSpec(model=model.name, method=method, inputs=inputs, request_id=rid, target=target,
                        params=params, output=output, seed=int(request.seed), audit=_AUDIT[request.audit],
-                       deadline=deadline, geometry=geometry)
+                       deadline=deadline, geometry=geometry, pixels_u8=pixels,
+                       pixel_mean=model.mean if pixels is not None else (),
+                       pixel_std=model.std if pixels is not None else ())
 
 
 def estimate_cost(request: pb.ExplainRequest, limits: Limits) -> int | None:
@@ -148,35 +150,39 @@ def _declared_items(inputs: pb.Inputs) -> int:
 
 
 def _inputs(inputs: pb.Inputs, model: ModelDescription, limits: Limits, declared: int,
-            v: _Violations, decoder: ImageDecoder | None) -> tuple[torch.Tensor | None, tuple]:
-    """Model-space inputs `# (N, C, H, W)` and, for encoded images, each one's SourceGeometry;
-    None with violations added."""
+            v: _Violations, decoder: ImageDecoder | None) -> tuple[torch.Tensor | None, tuple, torch.Tensor | None]:
+    """Model-space inputs `# (N, C, H, W)`; for encoded images, each one's SourceGeometry; for a uint8
+    pixel tensor, the pixels themselves (N, C, H, W), which cross the Ray hop in their place
+    (`ExplainSpec.pixels_u8`). None with violations added."""
     source = inputs.WhichOneof("source")
     if source is None:
         v.add("inputs", "set inputs.tensor (raw pixels or model-space values) or inputs.images (PNG/JPEG)")
-        return None, ()
+        return None, (), None
     if source == "images" and declared == 0:
         v.add("inputs.images.images", "needs at least one image")
-        return None, ()
+        return None, (), None
     if declared > limits.max_items:
         v.add(f"inputs.{source}", f"has {declared} items; at most {limits.max_items} per request")
-        return None, ()
+        return None, (), None
     if inputs.space not in (pb.INPUT_SPACE_UNSPECIFIED, pb.PIXELS, pb.MODEL):
         v.add("inputs.space", f"unknown input space {inputs.space}; use PIXELS or MODEL")
-        return None, ()
+        return None, (), None
     try:
         if source == "images":
             if inputs.space == pb.MODEL:
                 raise InvalidArgument.field("inputs.space", "encoded images are pixel data; leave space unset "
                                                             "or PIXELS")
-            return codec.decode_images_with_geometry(inputs.images.images, model, limits.max_image_pixels,
-                                                     "inputs.images.images", decoder)
+            x, geometry = codec.decode_images_with_geometry(inputs.images.images, model, limits.max_image_pixels,
+                                                            "inputs.images.images", decoder)
+            return x, geometry, None
         raw = codec.decode_tensor(inputs.tensor, "inputs.tensor")
         _check_item_shape(raw, model, "inputs.tensor.shape")
-        return codec.to_model_space(raw, inputs.space, model, "inputs.tensor.dtype"), ()
+        x = codec.to_model_space(raw, inputs.space, model, "inputs.tensor.dtype")
+        pixels = raw.contiguous() if raw.dtype == torch.uint8 else None
+        return x, (), pixels
     except InvalidArgument as exc:
         v.extend(exc)
-        return None, ()
+        return None, (), None
 
 
 def _check_item_shape(x: torch.Tensor, model: ModelDescription, field: str) -> None:

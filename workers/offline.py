@@ -82,7 +82,8 @@ def _slice(spec: ExplainSpec, chunk: slice) -> ExplainSpec:
     custom = params.baseline_tensor
     if custom is not None and custom.shape[0] > 1:
         params = dataclasses.replace(params, baseline_tensor=custom[chunk])
-    return dataclasses.replace(spec, inputs=spec.inputs[chunk], target=target, params=params,
+    pixels = spec.pixels_u8[chunk] if spec.pixels_u8 is not None else None
+    return dataclasses.replace(spec, inputs=spec.inputs[chunk], pixels_u8=pixels, target=target, params=params,
                                geometry=spec.geometry[chunk])
 
 

@@ -122,9 +122,27 @@ class SourceGeometry:
     y1: float
 
 
+def pixels_to_model_space(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 pixels 0..255 `# (N, C, H, W)` -> model space float32, ((x / 255) - mean) / std per channel.
+
+    The one definition: the front door (service/codec.py) and a worker receiving
+    `ExplainSpec.pixels_u8` both use it, so their model-space tensors are bit for bit equal.
+    """
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    return (pixels.to(torch.float32) / 255.0 - mean_t) / std_t
+
+
 @dataclass
 class ExplainSpec(TensorFields):
-    """One validated request. `inputs` is model space, float32, CPU, (N, C, H, W)."""
+    """One validated request. `inputs` is model space, float32, CPU, (N, C, H, W).
+
+    When the request sent uint8 pixels, `pixels_u8` keeps them (N, C, H, W) with the model's
+    `pixel_mean` / `pixel_std`: pickled for the Ray hop, the spec then carries the pixels
+    instead of `inputs` (a quarter of the bytes, and under Ray's inline-argument size where
+    the float32 tensor is not) and the receiving side normalizes them again with
+    `pixels_to_model_space`, bit for bit the tensor the front door validated.
+    """
 
     model: str
     method: str
@@ -142,6 +160,23 @@ class ExplainSpec(TensorFields):
     # W3C trace context ({"traceparent": ..., "tracestate": ...}) of the span the work belongs to
     # (workers/tracing.py): it crosses the Ray hop with the spec; None when the request is not traced.
     trace: dict[str, str] | None = None
+    pixels_u8: torch.Tensor | None = None
+    pixel_mean: tuple[float, ...] = ()
+    pixel_std: tuple[float, ...] = ()
+
+    def __getstate__(self) -> dict:
+        state = TensorFields.__getstate__(self)
+        pixels = self.pixels_u8
+        carry = pixels is not None and tuple(pixels.shape) == tuple(self.inputs.shape) and bool(self.pixel_mean)
+        dropped = "inputs" if carry else "pixels_u8"  # pixels that do not match the inputs are never sent
+        state[dropped] = None
+        state["__tensor_fields__"] = tuple(n for n in state.get("__tensor_fields__", ()) if n != dropped)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        TensorFields.__setstate__(self, state)
+        if self.inputs is None:
+            self.inputs = pixels_to_model_space(self.pixels_u8, self.pixel_mean, self.pixel_std)
 
     @property
     def items(self) -> int:

@@ -67,6 +67,21 @@ def test_every_online_method_equals_the_in_process_kernel(client, in_process, de
         np.testing.assert_allclose(item.attributions[0].map, ref.attributions[0].map.numpy(), rtol=1e-4, atol=1e-6)
 
 
+def test_uint8_pixels_cross_the_hop_as_pixels_and_explain_the_same_input(client, in_process, demo_heldout):
+    """A uint8 request's spec carries its pixels over Ray, not the float tensor, and the replica
+    rebuilds the very model-space input the front door validated (same input_sha256, same maps)."""
+    u8 = (_pixels(demo_heldout, 0, 2) * 255).round().astype(np.uint8)
+    served = client.explain(u8, method="integrated_gradients", steps=8, seed=3)
+    as_float = client.explain(u8.astype(np.float32) / 255.0, method="integrated_gradients", steps=8, seed=3)
+    spec = ExplainSpec(model="demo", method="integrated_gradients", seed=3,
+                       inputs=_model_space(u8.astype(np.float32) / 255.0), params=MethodParams(steps=8))
+    local = in_process.explain_sync(spec)
+    for item, other, ref in zip(served.items, as_float.items, local.items):
+        assert item.input_sha256 == other.input_sha256
+        np.testing.assert_array_equal(item.attributions[0].map, other.attributions[0].map)
+        np.testing.assert_allclose(item.attributions[0].map, ref.attributions[0].map.numpy(), rtol=1e-4, atol=1e-6)
+
+
 def _model_space(x: np.ndarray) -> torch.Tensor:
     from workers.demo import to_model_space
 

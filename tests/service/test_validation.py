@@ -55,6 +55,17 @@ def test_cam_defaults_and_variants():
     assert not _validate(explain_request(_images(), output={"native_resolution": True})).output.native_resolution
 
 
+def test_uint8_pixels_are_kept_for_the_hop_and_floats_are_not():
+    pixels = (_images(2) * 255).round().to(torch.uint8)
+    request = explain_request(_images(2), pb.GRAD_CAM)
+    request.inputs.tensor.CopyFrom(pixels_tensor(_images(2), "uint8", "NHWC"))
+    spec = _validate(request)
+    assert spec.pixels_u8 is not None and torch.equal(spec.pixels_u8, pixels)
+    assert (spec.pixel_mean, spec.pixel_std) == (DEMO.mean, DEMO.std)
+    assert torch.equal(spec.inputs, codec.normalize(pixels.float() / 255.0, DEMO))  # the same model-space tensor
+    assert _validate(explain_request(_images(2), pb.GRAD_CAM)).pixels_u8 is None
+
+
 @pytest.mark.parametrize("patch,stride,expected", [(0, 0, (8, 4)), (6, 0, (6, 3)), (1, 0, (1, 1)), (5, 2, (5, 2))])
 def test_occlusion_defaults_offline(patch, stride, expected):
     request = explain_request(_images(), pb.OCCLUSION, occlusion={"patch_size": patch, "stride": stride})

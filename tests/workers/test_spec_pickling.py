@@ -60,3 +60,36 @@ def test_tensors_that_need_grad_or_have_no_numpy_dtype_are_left_to_torch():
     spec = ExplainSpec(model="m", method="vanilla", inputs=torch.rand(1, 3, 2, 2, dtype=torch.bfloat16))
     back = _roundtrip(spec)
     assert back.inputs.dtype == torch.bfloat16 and torch.equal(back.inputs, spec.inputs)
+
+
+def _pixel_spec(n: int = 2, size: int = 112) -> ExplainSpec:
+    from workers.spec import pixels_to_model_space
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8)
+    return ExplainSpec(model="m", method="grad_cam", inputs=pixels_to_model_space(pixels, mean, std),
+                       pixels_u8=pixels, pixel_mean=mean, pixel_std=std)
+
+
+def test_a_spec_with_uint8_pixels_crosses_as_pixels_and_arrives_bit_for_bit_equal():
+    spec = _pixel_spec()
+    payload = pickle.dumps(spec, protocol=5)
+    float_only = pickle.dumps(ExplainSpec(model="m", method="grad_cam", inputs=spec.inputs), protocol=5)
+    assert len(payload) < 0.3 * len(float_only)  # a quarter of the input bytes, plus the envelope
+    back = pickle.loads(payload)
+    assert back.inputs.dtype == torch.float32 and torch.equal(back.inputs, spec.inputs)
+    assert torch.equal(back.pixels_u8, spec.pixels_u8)
+    back.inputs.add_(1.0)  # writable
+
+
+def test_pixels_that_no_longer_match_the_inputs_are_never_sent():
+    spec = _pixel_spec()
+    spec.inputs = spec.inputs[:1]  # e.g. a slice made without its pixels
+    back = _roundtrip(spec)
+    assert back.pixels_u8 is None and torch.equal(back.inputs, spec.inputs)
+
+
+def test_a_job_chunk_slices_the_pixels_with_the_inputs():
+    from workers.offline import _slice
+    spec = _pixel_spec(n=4, size=16)
+    part = _roundtrip(_slice(spec, slice(1, 3)))
+    assert torch.equal(part.inputs, spec.inputs[1:3]) and torch.equal(part.pixels_u8, spec.pixels_u8[1:3])
