@@ -131,13 +131,20 @@ def _eigen_cam(act: Tensor, _grad: Tensor | None) -> Tensor:
 def eigen_projection(act: Tensor) -> Tensor:
     """Signed projection `(B, h, w)` of each image's activations `(B, K, h, w)` on their first principal
     component (locations are the samples, channels the features, centred per channel), with the sign
-    rule of the module docstring. Computed in float64, returned float32."""
+    rule of the module docstring. Computed in float64, returned float32.
+
+    Only the first component is needed, so it comes from the eigendecomposition of the smaller Gram
+    matrix: with M the centred `(h*w, K)` data, M·v1 = σ1·u1 where u1 is the top eigenvector of M·Mᵀ
+    `(h*w, h*w)` (eigenvalue σ1²), or v1 that of Mᵀ·M `(K, K)` when the channels are fewer."""
     b, _, h, w = act.shape
     m = act.double().flatten(2).transpose(1, 2)                          # (B, h*w, K)
     m = m - m.mean(dim=1, keepdim=True)
-    # M·v1 = σ1·u1: the projection is the first left singular vector scaled by its singular value.
-    u, s, _ = torch.linalg.svd(m, full_matrices=False)                   # (B, h*w, r), (B, r)
-    proj = u[:, :, 0] * s[:, :1]                                         # (B, h*w)
+    if m.shape[1] <= m.shape[2]:
+        values, vectors = torch.linalg.eigh(m @ m.transpose(1, 2))        # ascending, (B, h*w, h*w)
+        proj = vectors[:, :, -1] * values[:, -1:].clamp_min(0).sqrt()    # (B, h*w)
+    else:
+        _, vectors = torch.linalg.eigh(m.transpose(1, 2) @ m)            # (B, K, K)
+        proj = (m @ vectors[:, :, -1:])[:, :, 0]                         # (B, h*w)
     flip = proj.amin(dim=1).abs() > proj.amax(dim=1).abs()
     proj = torch.where(flip[:, None], -proj, proj)
     return proj.view(b, h, w).float()
