@@ -4,12 +4,20 @@ On a random-init ResNet-18 (fixed seed, eval, frozen; `--cam-model demo` for smo
 `--cam-size` px, layer4, it times,
 interleaved after a warm-up (`kernel_bench.measure`; ratios are medians of per-repeat ratios):
 
-    grad_cam, grad_cam_plus_plus, layer_cam   ours: explain_cam (one forward, backward stopped
-        at layer4); floor: one full forward + backward-to-input over the same batch (target
-        ratio <= 0.6); peer: pytorch-grad-cam (hooks registered per call, as its `with` use).
+    grad_cam, grad_cam_plus_plus, layer_cam, hires_cam, xgrad_cam   ours: explain_cam (one
+        forward, backward stopped at layer4); floor: one full forward + backward-to-input over
+        the same batch (target ratio <= 0.6); peer: pytorch-grad-cam (hooks registered per
+        call, as its `with` use).
+    eigen_cam    ours: explain_cam, which runs the forward alone; floor: one plain inference
+        forward over the same batch (target <= 1.25: the per-image SVD on top); peer:
+        pytorch-grad-cam EigenCAM.
     score_cam    ours: score_cam; floor: plain inference forwards over the same N*K masked
         inputs in the same chunks (target <= 1.10); peer: pytorch-grad-cam ScoreCAM with its
         batch_size set to our chunk size.
+    ablation_cam ours: ablation_cam; floor: plain inference forwards over the same N*K ablated
+        rows in the same chunks (target <= 1.10); peer: pytorch-grad-cam AblationCAM with its
+        batch_size set to our chunk size (it swaps the layer for its cached output, so its rows
+        skip the layer's own compute; ours rerun it).
     occlusion    ours: occlusion; floor: plain inference forwards over the same N*P occluded
         inputs in the same chunks (target <= 1.10); peer: Captum Occlusion with
         perturbations_per_eval giving the same rows per forward.
@@ -34,19 +42,20 @@ from loadtests.bench_args import CAM_LAYERS, FOLD_REQUESTS  # noqa: F401
 from loadtests.bench_args import cam_arguments as add_arguments  # noqa: F401  (python -m)
 from loadtests.kernel_bench import build_model, machine_info, measure, paired_ratio
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
-from workers.kernels.cam import CAM_VARIANTS, CamRequest, explain_cam
+from workers.kernels.cam import CAM_VARIANTS, GRADIENT_FREE_VARIANTS, CamRequest, explain_cam
 from workers.kernels.hooks import LayerTaps
-from workers.kernels.perturbation import occlusion, score_cam
+from workers.kernels.perturbation import ablation_cam, occlusion, score_cam
 
 # The CAM layer per model: ResNet's last stage; the demo net (small, for smoke runs) its own.
 LAYERS = CAM_LAYERS
-TARGETS = {"cam": 0.6, "perturbation": 1.10}
+TARGETS = {"cam": 0.6, "cam_forward_only": 1.25, "perturbation": 1.10}
 
 
 def _pytorch_grad_cam(name: str):
     import pytorch_grad_cam
     peers = {"grad_cam": "GradCAM", "grad_cam_plus_plus": "GradCAMPlusPlus", "layer_cam": "LayerCAM",
-             "score_cam": "ScoreCAM"}
+             "hires_cam": "HiResCAM", "xgrad_cam": "XGradCAM", "eigen_cam": "EigenCAM", "score_cam": "ScoreCAM",
+             "ablation_cam": "AblationCAM"}
     return getattr(pytorch_grad_cam, peers[name])
 
 
@@ -102,21 +111,26 @@ def _row(method: str, times: dict[str, list[float]], target: float, **extra) -> 
 
 def bench_cam_variant(model, taps, layer, variant, x, t, repeats) -> dict:
     ours = lambda: explain_cam(model, taps, [CamRequest(x, t, layer, (variant,))])  # noqa: E731
-    times = measure({"ours": ours, "floor": _backward_floor(model, x, t),
-                     "peer": _peer_cam(variant, model, layer, x, t)}, repeats, x.device)
-    return _row(variant, times, TARGETS["cam"], rows=int(x.shape[0]), peer="pytorch-grad-cam")
+    forward_only = variant in GRADIENT_FREE_VARIANTS
+    floor = _inference_floor(model, x, x.shape[0])[0] if forward_only else _backward_floor(model, x, t)
+    times = measure({"ours": ours, "floor": floor, "peer": _peer_cam(variant, model, layer, x, t)},
+                    repeats, x.device)
+    return _row(variant, times, TARGETS["cam_forward_only" if forward_only else "cam"], rows=int(x.shape[0]),
+                peer="pytorch-grad-cam")
 
 
-def bench_score_cam(model, taps, layer, x, t, repeats) -> dict:
+def bench_channel_perturbation(method: str, model, taps, layer, x, t, repeats) -> dict:
+    """Score-CAM or Ablation-CAM over every channel: N*K inference rows."""
     with torch.inference_mode(), taps[layer].capture() as cap:
         model(x[:1])
-    masked = x.shape[0] * cap.activation.shape[1]  # N * K
-    floor, chunk = _inference_floor(model, x, masked)
-    ours = lambda: score_cam(model, taps, x, t, layer)  # noqa: E731
-    times = measure({"ours": ours, "floor": floor, "peer": _peer_cam("score_cam", model, layer, x, t, chunk)},
+    rows = x.shape[0] * taps[layer].to_nchw(cap.activation, tuple(x.shape[-2:])).shape[1]  # N * K
+    floor, chunk = _inference_floor(model, x, rows)
+    kernel = score_cam if method == "score_cam" else ablation_cam
+    ours = lambda: kernel(model, taps, x, t, layer)  # noqa: E731
+    times = measure({"ours": ours, "floor": floor, "peer": _peer_cam(method, model, layer, x, t, chunk)},
                     repeats, x.device)
-    return _row("score_cam", times, TARGETS["perturbation"], rows=masked, chunk_rows=chunk,
-                peer="pytorch-grad-cam")
+    return _row(method, times, TARGETS["perturbation"], rows=rows, chunk_rows=chunk, peer="pytorch-grad-cam")
+
 
 
 def bench_occlusion(model, x, t, patch, stride, repeats) -> dict:
@@ -165,8 +179,8 @@ def cam_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     with LayerTaps(model, [layer], model_name=args.cam_model) as taps:
         rows += [bench_cam_variant(model, taps, layer, v, xb, tb, repeats) for v in CAM_VARIANTS if v not in skip]
-        if "score_cam" not in skip:
-            rows.append(bench_score_cam(model, taps, layer, xp, tp, repeats))
+        rows += [bench_channel_perturbation(m, model, taps, layer, xp, tp, repeats)
+                 for m in ("score_cam", "ablation_cam") if m not in skip]
         if "occlusion" not in skip:
             rows.append(bench_occlusion(model, xp, tp, args.cam_patch, args.cam_stride, repeats))
         if "fold" not in skip:

@@ -312,8 +312,8 @@ def _cam_params(p: pb.CamParams, method: str, model: ModelDescription, v: _Viola
     for value in p.also:
         name = codec.METHOD_NAMES.get(value)
         if name not in CAM_METHODS:
-            v.add("cam.also", f"{method_label(value)} is not a CAM variant; only GRAD_CAM, GRAD_CAM_PLUS_PLUS "
-                              "and LAYER_CAM can share the pass")
+            shared = ", ".join(method_label(codec.METHOD_ENUMS[m]) for m in CAM_METHODS)
+            v.add("cam.also", f"{method_label(value)} is not a CAM variant; only {shared} can share the pass")
         elif name != method and name not in also:  # the method itself and repeats add no map
             also.append(name)
     return MethodParams(layer=layer, also=tuple(also))

@@ -52,8 +52,12 @@ METHODS: tuple[Method, ...] = (
     Method("grad_cam", "GRAD_CAM", "cam", "cam"),
     Method("grad_cam_plus_plus", "GRAD_CAM_PLUS_PLUS", "cam", "cam"),
     Method("layer_cam", "LAYER_CAM", "cam", "cam"),
+    Method("hires_cam", "HIRES_CAM", "cam", "cam"),
+    Method("xgrad_cam", "XGRAD_CAM", "cam", "cam"),
+    Method("eigen_cam", "EIGEN_CAM", "cam", "cam"),
     Method("score_cam", "SCORE_CAM", "perturbation", "score_cam", online=False),
     Method("occlusion", "OCCLUSION", "perturbation", "occlusion", online=False),
+    Method("ablation_cam", "ABLATION_CAM", "perturbation", "score_cam", online=False),
 )
 
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}

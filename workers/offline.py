@@ -1,4 +1,4 @@
-"""Offline work: Score-CAM, occlusion and bulk runs of any online method, with progress and cancellation.
+"""Offline work: Score-CAM, Ablation-CAM, occlusion and bulk runs of any online method, with progress and cancellation.
 
 `run_offline` explains one spec chunk by chunk of items (a thousand images never
 sit on the device at once) and reports the fraction done after every kernel chunk;
@@ -33,7 +33,7 @@ import torch
 from workers.batching import iter_chunks
 from workers.config import Limits, OfflineConfig
 from workers.errors import AttributionError, Cancelled
-from workers.kernels.perturbation import occlusion, score_cam
+from workers.kernels.perturbation import ablation_cam, occlusion, score_cam
 from workers.models import ModelRegistry
 from workers.pipeline import explain_batch
 from workers.stages import (ContextCache, WorkerContext, build_items, check_finite, resolve_targets,
@@ -98,7 +98,7 @@ def _online_chunk(ctx: WorkerContext, spec: ExplainSpec, _progress: Progress,
 
 def _perturbation_chunk(ctx: WorkerContext, spec: ExplainSpec, progress: Progress,
                         cancelled: IsCancelled) -> list[ItemExplanation]:
-    """A chunk of Score-CAM or occlusion: predict, resolve targets, run the kernel, finish the maps."""
+    """A chunk of Score-CAM, Ablation-CAM or occlusion: predict, resolve targets, run the kernel, finish the maps."""
     model = ctx.model
     x = to_device(spec.inputs, model.device)                             # (n, C, H, W)
     with torch.inference_mode():
@@ -107,10 +107,11 @@ def _perturbation_chunk(ctx: WorkerContext, spec: ExplainSpec, progress: Progres
     targets, k = resolve_targets(spec.target, probs, model.num_classes, x.shape[0], x.device)  # (n*k,)
     rows = x if k == 1 else x.repeat_interleave(k, dim=0)               # (n*k, C, H, W)
     p = spec.params
-    if spec.method == "score_cam":
-        maps = score_cam(model.module, ctx.taps, rows, targets, p.layer or model.default_cam_layer,
-                         top_k_channels=p.top_k_channels, budget=ctx.budget, progress=progress,
-                         cancelled=cancelled)                            # (n*k, H, W)
+    if spec.method in ("score_cam", "ablation_cam"):
+        kernel = score_cam if spec.method == "score_cam" else ablation_cam
+        maps = kernel(model.module, ctx.taps, rows, targets, p.layer or model.default_cam_layer,
+                      top_k_channels=p.top_k_channels, budget=ctx.budget, progress=progress,
+                      cancelled=cancelled)                               # (n*k, H, W)
     else:
         maps = occlusion(model.module, rows, targets, patch_size=p.patch_size, stride=p.stride,
                          baseline_value=p.baseline_value, budget=ctx.budget, progress=progress,

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator
 from service.cli import add_tls_arguments, tls_options
 from service.client import AsyncAttributionClient, ServiceError, build_request
 
-_PARAM_FLAGS = ("samples", "noise_fraction", "steps", "rule", "baseline", "layer", "top_k_channels",
+_PARAM_FLAGS = ("samples", "noise_fraction", "steps", "rule", "baseline", "layer", "also", "top_k_channels",
                 "patch_size", "stride")
 
 
@@ -42,7 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rule", help="Integrated Gradients: riemann_* or gauss_legendre")
     parser.add_argument("--baseline", help="Integrated Gradients: zero, black, blurred, uniform_noise, dataset_mean")
     parser.add_argument("--layer", help="CAM layer (default: the model's)")
-    parser.add_argument("--top-k-channels", type=int, help="Score-CAM channels kept")
+    parser.add_argument("--also", type=_name_list, metavar="METHODS",
+                        help="CAM: further CAM variants from the same pass, comma-separated "
+                             "(e.g. hires_cam,xgrad_cam,eigen_cam)")
+    parser.add_argument("--top-k-channels", type=int, help="Score-CAM / Ablation-CAM channels kept")
     parser.add_argument("--patch-size", type=int, help="occlusion patch")
     parser.add_argument("--stride", type=int, help="occlusion stride")
     parser.add_argument("--seed", type=int, default=0)
@@ -64,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def _name_list(value: str) -> list[str]:
+    """A comma-separated list of names, blanks dropped."""
+    return [name.strip() for name in value.split(",") if name.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,10 +109,12 @@ def _check_names(args: argparse.Namespace) -> None:
     known = {"--method": (args.method, enum_names(pb.Method)),
              "--baseline": (args.baseline, [b for b in enum_names(pb.BaselineKind) if b != "custom"]),
              "--rule": (args.rule, enum_names(pb.IntegrationRule))}
-    for flag, (value, names) in known.items():
+    checks = [(flag, value, names) for flag, (value, names) in known.items()]
+    checks += [("--also", value, enum_names(pb.Method)) for value in args.also or ()]
+    for flag, value, names in checks:
         try:
             if value is not None:
-                enum_value(flag, value)
+                enum_value("--method" if flag == "--also" else flag, value)
         except ValueError:
             hint = suggest(value, names)
             raise CliError(f"{flag} {value!r} is not known{f' ({hint[2:]})' if hint else ''}; one of: "

@@ -18,8 +18,8 @@ def test_standalone_run_writes_the_report(tmp_path):
     bench_cam.main([*TINY, "--json", str(out)])
     report = json.loads(out.read_text())
     methods = [r["method"] for r in report["results"]]
-    assert methods == ["grad_cam", "grad_cam_plus_plus", "layer_cam", "score_cam", "occlusion",
-                       "fold_3_batch1_grad_cam"]
+    assert methods == ["grad_cam", "grad_cam_plus_plus", "layer_cam", "hires_cam", "xgrad_cam", "eigen_cam",
+                       "score_cam", "ablation_cam", "occlusion", "fold_3_batch1_grad_cam"]
     for row in report["results"]:
         assert KEYS <= set(row), row
         assert all(isinstance(row[k], float) and row[k] > 0 for k in KEYS - {"method"}), row

@@ -320,3 +320,14 @@ def test_closed_loop_clients_honour_the_servers_pushback():
     refused = result.recorder.codes["RESOURCE_EXHAUSTED"]
     assert set(result.recorder.codes) == {"RESOURCE_EXHAUSTED"}
     assert 2 <= refused <= 2 * (1 + int(1 / 0.3))
+
+
+@pytest.mark.parametrize("method, enum", [("hires_cam", pb.HIRES_CAM), ("xgrad_cam", pb.XGRAD_CAM),
+                                          ("eigen_cam", pb.EIGEN_CAM)])
+def test_new_cam_methods_in_a_scenario(method, enum):
+    scenario = scenario_from_dict({"mix": [{"method": method, "layer": "block3"}]})
+    info = pb.ModelInfo(name="demo", is_default=True, input_spec=pb.InputSpec(channels=3, height=64, width=64))
+    request = pb.ExplainRequest.FromString(encode_requests(scenario, {"demo": info}).entries[0].payloads[0])
+    assert request.method == enum and request.WhichOneof("params") == "cam" and request.cam.layer == "block3"
+    with pytest.raises(ScenarioError, match="not an online method"):
+        scenario_from_dict({"mix": [{"method": "ablation_cam"}]})

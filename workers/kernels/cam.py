@@ -1,4 +1,4 @@
-"""Class activation maps: Grad-CAM, Grad-CAM++ and Layer-CAM from one pass to the layer.
+"""Class activation maps from one pass to the layer: Grad-CAM and its online relatives.
 
 - Grad-CAM (Selvaraju et al., 2017, arXiv:1610.02391): channel weights are the
   spatial mean of the gradient of the target logit.
@@ -6,8 +6,20 @@
   closed-form second/third-order terms (eq. 19) obtained with an exponential score.
 - Layer-CAM (Jiang et al., 2021, IEEE TIP 30:5875): element-wise ReLU'd gradients
   weight each activation location.
+- HiResCAM (Draelos & Carin, 2020, arXiv:2011.08891): the element-wise product of
+  gradient and activation, summed over channels (no spatial averaging of the gradient).
+- XGrad-CAM (Fu et al., 2020, arXiv:2008.02312): channel weights
+  Σ(A·g) / ΣA over the layer's locations (the activation-normalized gradient).
+- EigenCAM (Muhammad & Yeasin, 2020, arXiv:2008.00299): the projection of the
+  activations, centred per channel, on their first principal component. It reads no
+  gradient and no class: a pass that only asks for EigenCAM runs the forward alone.
+  The sign of a principal component is arbitrary; the rule here is pytorch-grad-cam's
+  sign correction (`get_2d_projection_with_sign_correction`): the projection is
+  flipped when its most negative value is larger in magnitude than its most positive
+  one, so the strongest response is positive (and survives the ReLU). pytorch-grad-cam's
+  `EigenCAM` itself keeps the SVD's sign, whichever LAPACK returns.
 
-All three need only (activations, gradients) at the layer, so requests for any of
+All of them need only (activations, gradients) at the layer, so requests for any of
 them on one layer fold into one forward and one backward that stops at the layer
 (see `hooks.LayerTap`). Maps are float32 `(N, H, W)`, ReLU'd, upsampled bilinearly
 (half-pixel centres, like Captum's `LayerAttribution.interpolate(..., "bilinear")`
@@ -28,10 +40,13 @@ from workers.errors import InvalidArgument
 from workers.kernels.hooks import LayerTap, LayerTaps
 from workers.kernels.ranking import class_probabilities, predicted_classes
 
-CAM_VARIANTS = ("grad_cam", "grad_cam_plus_plus", "layer_cam")
+CAM_VARIANTS = ("grad_cam", "grad_cam_plus_plus", "layer_cam", "hires_cam", "xgrad_cam", "eigen_cam")
+# Variants that read the activations alone: a pass asking only for these runs no backward.
+GRADIENT_FREE_VARIANTS = frozenset({"eigen_cam"})
 
-# Grad-CAM++ denominator guard; the value pytorch-grad-cam uses, so maps agree.
+# Grad-CAM++ and XGrad-CAM denominator guards; the values pytorch-grad-cam uses, so maps agree.
 _GRADCAM_PP_EPS = 1e-6
+_XGRAD_EPS = 1e-7
 
 
 @dataclass(frozen=True)
@@ -63,8 +78,9 @@ class CamResult:
 
 
 # ---------------------------------------------------------------- variants
-# Each takes activations and gradients `(B, K, h, w)` (float32) and returns the
-# un-ReLU'd map `(B, h, w)`.
+# Each takes activations and gradients `(B, K, h, w)` (float32; the gradients None when
+# the pass ran no backward, for the gradient-free variants) and returns the un-ReLU'd
+# map `(B, h, w)`.
 
 def _grad_cam(act: Tensor, grad: Tensor) -> Tensor:
     weights = grad.mean(dim=(2, 3), keepdim=True)                       # (B, K, 1, 1)
@@ -95,10 +111,52 @@ def _layer_cam(act: Tensor, grad: Tensor) -> Tensor:
     return (F.relu(grad) * act).sum(dim=1)
 
 
-_VARIANT_FNS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+def _hires_cam(act: Tensor, grad: Tensor) -> Tensor:
+    return (grad * act).sum(dim=1)
+
+
+def _xgrad_cam(act: Tensor, grad: Tensor) -> Tensor:
+    # The denominator ΣA is a signed sum on layers with negative activations: weights in
+    # float64 (a (B, K, h, w) elementwise cost), the map in float32, as Grad-CAM++.
+    act64, grad64 = act.double(), grad.double()
+    act_sum = act64.sum(dim=(2, 3), keepdim=True)                        # (B, K, 1, 1)
+    weights = (grad64 * act64).sum(dim=(2, 3), keepdim=True) / (act_sum + _XGRAD_EPS)
+    return (weights * act64).sum(dim=1).float()
+
+
+def _eigen_cam(act: Tensor, _grad: Tensor | None) -> Tensor:
+    return eigen_projection(act)
+
+
+def eigen_projection(act: Tensor) -> Tensor:
+    """Signed projection `(B, h, w)` of each image's activations `(B, K, h, w)` on their first principal
+    component (locations are the samples, channels the features, centred per channel), with the sign
+    rule of the module docstring. Computed in float64, returned float32.
+
+    Only the first component is needed, so it comes from the eigendecomposition of the smaller Gram
+    matrix: with M the centred `(h*w, K)` data, M·v1 = σ1·u1 where u1 is the top eigenvector of M·Mᵀ
+    `(h*w, h*w)` (eigenvalue σ1²), or v1 that of Mᵀ·M `(K, K)` when the channels are fewer."""
+    b, _, h, w = act.shape
+    m = act.double().flatten(2).transpose(1, 2)                          # (B, h*w, K)
+    m = m - m.mean(dim=1, keepdim=True)
+    if m.shape[1] <= m.shape[2]:
+        values, vectors = torch.linalg.eigh(m @ m.transpose(1, 2))        # ascending, (B, h*w, h*w)
+        proj = vectors[:, :, -1] * values[:, -1:].clamp_min(0).sqrt()    # (B, h*w)
+    else:
+        _, vectors = torch.linalg.eigh(m.transpose(1, 2) @ m)            # (B, K, K)
+        proj = (m @ vectors[:, :, -1:])[:, :, 0]                         # (B, h*w)
+    flip = proj.amin(dim=1).abs() > proj.amax(dim=1).abs()
+    proj = torch.where(flip[:, None], -proj, proj)
+    return proj.view(b, h, w).float()
+
+
+_VARIANT_FNS: dict[str, Callable[[Tensor, Tensor | None], Tensor]] = {
     "grad_cam": _grad_cam,
     "grad_cam_plus_plus": _grad_cam_plus_plus,
     "layer_cam": _layer_cam,
+    "hires_cam": _hires_cam,
+    "xgrad_cam": _xgrad_cam,
+    "eigen_cam": _eigen_cam,
 }
 
 
@@ -152,7 +210,8 @@ def validate_cam_request(req: CamRequest, taps: LayerTaps, num_classes: int) -> 
 
 def explain_cam(model: nn.Module, taps: LayerTaps, requests: list[CamRequest],
                 budget: FoldBudget = FoldBudget()) -> list[CamResult]:
-    """CAM maps for every request, one forward + one truncated backward per row.
+    """CAM maps for every request, one forward + one truncated backward per row
+    (the forward alone where a layer's fold asks only for gradient-free variants).
 
     Requests on the same layer (and with the same image shape, dtype and device) are
     folded: their inputs are concatenated `(sum N, C, H, W)`, chunked to `budget`,
@@ -183,6 +242,7 @@ def _group_by_layer(requests: list[CamRequest]) -> dict[tuple, list[int]]:
 def _explain_group(model: nn.Module, tap: LayerTap, reqs: list[CamRequest],
                    results: list[CamResult], budget: FoldBudget) -> None:
     variants = tuple(v for v in CAM_VARIANTS if any(v in r.variants for r in reqs))
+    backward = any(v not in GRADIENT_FREE_VARIANTS for v in variants)
     # Detached: an input that requires grad would make autograd record the forward up to
     # the layer, which the backward never visits.
     inputs = torch.cat([r.inputs.detach() for r in reqs])                # (sum N, C, H, W)
@@ -190,11 +250,12 @@ def _explain_group(model: nn.Module, tap: LayerTap, reqs: list[CamRequest],
                          for r in reqs])                                 # (sum N,)
     size = tuple(inputs.shape[-2:])
     rows = rows_per_chunk(model, tuple(inputs.shape[1:]), budget, device=inputs.device,
-                          dtype=inputs.dtype, backward=True)
+                          dtype=inputs.dtype, backward=backward)
     native: dict[str, list[Tensor]] = {v: [] for v in variants}
     outputs: dict[str, list[Tensor]] = {"logits": [], "targets": []}
     for chunk in iter_chunks(inputs.shape[0], rows):
-        act, grad, logits, explained = _activation_and_gradient(model, tap, inputs[chunk], targets[chunk])
+        act, grad, logits, explained = _activation_and_gradient(model, tap, inputs[chunk], targets[chunk],
+                                                                backward)
         for v in variants:
             native[v].append(F.relu(_VARIANT_FNS[v](act, grad)))         # (B, h, w)
         outputs["logits"].append(logits)
@@ -208,15 +269,16 @@ def _predicted_rows(req: CamRequest) -> Tensor:
     return torch.full((req.inputs.shape[0],), -1, dtype=torch.long, device=req.inputs.device)
 
 
-def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
-                             targets: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor, targets: Tensor,
+                             backward: bool = True) -> tuple[Tensor, Tensor | None, Tensor, Tensor]:
     """Layer activation and d(target logit)/d(activation), both float32 `(B, K, h, w)`
     whatever the layer's layout, then the logits `(B, classes)` float32 and the classes
-    explained `(B,)` (`targets`, with -1 replaced by the row's predicted class)."""
+    explained `(B,)` (`targets`, with -1 replaced by the row's predicted class).
+    `backward` False: the forward alone, under no_grad, and the gradient is None."""
     # enable_grad: the caller may have disabled it. The graph spans only the layer to the
     # logits: the tap's leaf is the one tensor requiring grad.
-    with torch.enable_grad():
-        with tap.capture(require_grad=True) as cap:
+    with torch.set_grad_enabled(backward):
+        with tap.capture(require_grad=backward) as cap:
             logits = model(x)                                            # (B, classes)
         act = cap.activation
         if act is None:
@@ -227,13 +289,16 @@ def _activation_and_gradient(model: nn.Module, tap: LayerTap, x: Tensor,
         check_targets(targets[given], logits.shape[1])
         # Ranked on the probabilities the response reports, by the rule every method uses.
         targets = torch.where(given, targets, predicted_classes(class_probabilities(logits.detach())))
-        score = logits.gather(1, targets[:, None]).sum()  # images are independent: one backward
-        (grad,) = torch.autograd.grad(score, act, allow_unused=True)
-    if grad is None:
-        raise InvalidArgument.field("layer", f"layer {tap.name!r} does not reach the model's output")
+        grad = None
+        if backward:
+            score = logits.gather(1, targets[:, None]).sum()  # images are independent: one backward
+            (grad,) = torch.autograd.grad(score, act, allow_unused=True)
+            if grad is None:
+                raise InvalidArgument.field("layer", f"layer {tap.name!r} does not reach the model's output")
     size = tuple(x.shape[-2:])
-    act, grad = tap.to_nchw(act.detach(), size), tap.to_nchw(grad, size)   # (B, K, h, w)
-    return act.float(), grad.float(), logits.detach().float(), targets
+    act = tap.to_nchw(act.detach(), size).float()                        # (B, K, h, w)
+    grad = None if grad is None else tap.to_nchw(grad, size).float()
+    return act, grad, logits.detach().float(), targets
 
 
 def _split_back(reqs: list[CamRequest], results: list[CamResult],

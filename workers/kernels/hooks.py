@@ -22,6 +22,10 @@ shared tensor would turn the captured activation into the post-ReLU one. The cop
 takes the in-place edit; the clone's backward is the identity, so the gradient at
 the leaf is the gradient at the layer's output.
 
+A capture may also *edit* the output the rest of the forward sees (`capture(edit=fn)`):
+Ablation-CAM zeroes one channel per row that way, the captured activation staying the
+layer's own output.
+
 A layer's output need not be `(N, C, H, W)`: channels-last maps `(N, H, W, C)` and
 transformer tokens `(N, 1 + h*w, C)` are CAM-able once their layout is known
 (`LAYOUTS`); the kernels turn captured tensors into `(N, C, h, w)` with `to_nchw`.
@@ -31,7 +35,7 @@ from __future__ import annotations
 import contextvars
 import itertools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from torch import Tensor, nn
@@ -55,10 +59,11 @@ class Capture:
     with respect to it.
     """
 
-    __slots__ = ("require_grad", "activation")
+    __slots__ = ("require_grad", "edit", "activation")
 
-    def __init__(self, require_grad: bool):
+    def __init__(self, require_grad: bool, edit: Callable[[Tensor], Tensor] | None = None):
         self.require_grad = require_grad
+        self.edit = edit
         self.activation: Tensor | None = None
 
 
@@ -78,6 +83,11 @@ class LayerTap:
         """`t`, this layer's output (or its gradient), as `(N, C, h, w)` for an input of `size`."""
         return to_nchw(t, self.name, self.layout, size)
 
+    @property
+    def channel_axis(self) -> int:
+        """The channel axis of this layer's raw output: 1 (nchw, or undeclared), -1 (nhwc, tokens)."""
+        return -1 if self.layout in ("nhwc", "tokens") else 1
+
     def _hook(self, module: nn.Module, args: tuple, output):
         cap = _ACTIVE.get().get(self._key)
         if cap is None or cap.activation is not None:
@@ -87,6 +97,10 @@ class LayerTap:
         if not isinstance(output, Tensor):
             raise InvalidArgument.field(
                 "layer", f"layer {self.name!r} returns {type(output).__name__}, not a tensor")
+        if cap.edit is not None:
+            # The captured tensor stays the layer's output; the forward goes on with the edit.
+            cap.activation = output.detach()
+            return cap.edit(output)
         if cap.require_grad:
             # A fresh leaf, so the backward stops here; the forward goes on with a copy of
             # it, so an in-place edit downstream touches neither the leaf nor the capture.
@@ -98,9 +112,15 @@ class LayerTap:
         return output.clone()
 
     @contextmanager
-    def capture(self, *, require_grad: bool = False) -> Iterator[Capture]:
-        """Capture this layer's output for forwards run inside the block, in this context only."""
-        cap = Capture(require_grad)
+    def capture(self, *, require_grad: bool = False,
+                edit: Callable[[Tensor], Tensor] | None = None) -> Iterator[Capture]:
+        """Capture this layer's output for forwards run inside the block, in this context only.
+
+        `edit`: the rest of the forward sees `edit(output)` instead of a copy of the output; it
+        must return a new tensor (never edit its argument in place). Not with `require_grad`."""
+        if edit is not None and require_grad:
+            raise ValueError("a capture either edits the output or takes gradients, not both")
+        cap = Capture(require_grad, edit)
         token = _ACTIVE.set({**_ACTIVE.get(), self._key: cap})
         try:
             yield cap

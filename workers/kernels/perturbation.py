@@ -1,4 +1,4 @@
-"""Perturbation attributions: Score-CAM and occlusion, as batched masked forwards.
+"""Perturbation attributions: Score-CAM, Ablation-CAM and occlusion, as batched masked forwards.
 
 Both spend their time in inference forwards over many perturbed copies of the
 inputs, so both build those copies chunk by chunk (the chunk sized by the memory
@@ -104,23 +104,39 @@ def score_cam(model: nn.Module, taps: LayerTaps, inputs: Tensor, targets: Tensor
 
 def _activations(model: nn.Module, tap: LayerTap, inputs: Tensor, targets: Tensor,
                  rows: int) -> Tensor:
-    parts = []
+    return _activations_and_scores(model, tap, inputs, targets, rows)[0]
+
+
+def _activations_and_scores(model: nn.Module, tap: LayerTap, inputs: Tensor, targets: Tensor,
+                            rows: int) -> tuple[Tensor, Tensor]:
+    """The layer's activations `(N, K, h, w)` (channels first, whatever its layout) and the
+    target logits `(N,)` float32 of the inputs, from the same forwards."""
+    parts, scores = [], []
     for chunk in iter_chunks(inputs.shape[0], rows):
         with tap.capture() as cap:  # one capture per forward: it keeps the first output
-            _target_scores(model, inputs[chunk], targets[chunk],
-                           check=targets if chunk.start == 0 else None)
+            scores.append(_target_scores(model, inputs[chunk], targets[chunk],
+                                         check=targets if chunk.start == 0 else None))
         if cap.activation is None:
             raise InvalidArgument.field("layer", f"layer {tap.name!r} is not run by the model's forward")
         parts.append(tap.to_nchw(cap.activation, tuple(inputs.shape[-2:])))  # (B, K, h, w)
-    return torch.cat(parts)                                              # (N, K, h, w)
+    return torch.cat(parts), torch.cat(scores)                           # (N, K, h, w), (N,)
+
+
+def top_channels(act: Tensor, k: int) -> Tensor:
+    """Indices `(N, k)` of the k channels of highest activation energy (Σ A² over the layer's
+    locations) of each image of `act` `(N, K, h, w)`, strongest first; every channel, in
+    order, when k is 0 or >= K. Score-CAM and Ablation-CAM keep the same channels."""
+    n, channels = act.shape[:2]
+    if k == 0 or k >= channels:
+        return torch.arange(channels, device=act.device).expand(n, channels)
+    return act.pow(2).sum(dim=(2, 3)).topk(k, dim=1).indices             # (N, k)
 
 
 def _select_channels(act: Tensor, k: int) -> Tensor:
     """The k channels of highest energy per image `(N, k, h, w)`; all when k is 0 or >= K."""
     if k == 0 or k >= act.shape[1]:
         return act
-    energy = act.pow(2).sum(dim=(2, 3))                                  # (N, K)
-    idx = energy.topk(k, dim=1).indices                                  # (N, k)
+    idx = top_channels(act, k)                                           # (N, k)
     return act.gather(1, idx[:, :, None, None].expand(-1, -1, *act.shape[2:]))
 
 
@@ -141,6 +157,74 @@ def _score_cam_weights(model: nn.Module, inputs: Tensor, targets: Tensor, act: T
         scores[chunk] = _target_scores(model, masked, targets[image])
         steps.advance(chunk.stop - chunk.start)
     return torch.softmax(scores.view(n, k), dim=1)                       # (N, k)
+
+
+# ---------------------------------------------------------------- Ablation-CAM
+
+def ablation_cam(model: nn.Module, taps: LayerTaps, inputs: Tensor, targets: Tensor, layer: str, *,
+                 top_k_channels: int = 0, budget: FoldBudget = FoldBudget(),
+                 progress: Progress = None, cancelled: IsCancelled = None) -> Tensor:
+    """Ablation-CAM (Desai & Ramaswamy, WACV 2020) maps `(N, H, W)` float32, ReLU'd.
+
+    The weight of channel k is the relative drop of the target logit y when channel k of
+    the layer's output is set to zero: w_k = (y - y_k) / y (y = 0 divides by 1, the drop
+    itself). The map is ReLU(Σ w_k A_k), upsampled like the other CAMs. Every (image,
+    channel) ablation is one row: the rows of all images are folded into the batch
+    dimension, many per inference chunk, the channel zeroed at the layer by the tap's
+    edit (`LayerTap.capture(edit=...)`) along the layer's channel axis, whatever its
+    layout. `top_k_channels > 0` ablates only the k channels of highest activation
+    energy per image (`top_channels`, as Score-CAM keeps); the others weigh 0. Cost:
+    one forward per item for y and the activations, then one per ablated channel.
+
+    pytorch-grad-cam's AblationCAM zeroes too where the layer's smallest value is 0 (a
+    post-ReLU layer), but on a layer with negative values it sets the channel to
+    (its batch's minimum - 1e7) instead; here the channel is always zeroed, as the paper.
+    """
+    tap = taps[layer]
+    check_batch(inputs, targets)
+    _int_param(top_k_channels, "score_cam.top_k_channels", 0)
+    rows = rows_per_chunk(model, tuple(inputs.shape[1:]), budget, device=inputs.device,
+                          dtype=inputs.dtype, backward=False)
+    with torch.inference_mode():
+        act, base = _activations_and_scores(model, tap, inputs, targets, rows)  # (N, K, h, w), (N,)
+        channels = top_channels(act, top_k_channels)                     # (N, k)
+        ablated = _ablated_scores(model, tap, inputs, targets, channels, act.shape[1], rows,
+                                  _Steps("ablation_cam", channels.numel(), progress, cancelled))  # (N, k)
+    # Outside inference mode, so callers get ordinary tensors they may edit in place.
+    act = act.float()
+    scale = torch.where(base != 0, base, torch.ones_like(base))[:, None]  # (N, 1)
+    weights = torch.zeros(act.shape[:2], device=act.device).scatter_(
+        1, channels, (base[:, None] - ablated) / scale)                  # (N, K)
+    native = F.relu((weights[:, :, None, None] * act).sum(dim=1))       # (N, h, w)
+    return upsample_map(native, tuple(inputs.shape[-2:]))               # (N, H, W)
+
+
+def _ablated_scores(model: nn.Module, tap: LayerTap, inputs: Tensor, targets: Tensor, channels: Tensor,
+                    width: int, rows: int, steps: _Steps) -> Tensor:
+    """Target logits `(N, k)` with channel `channels[i, j]` of image i zeroed at the layer.
+
+    Row r of the fold is image r // k with its (r % k)-th kept channel ablated."""
+    n, k = channels.shape
+    flat = channels.reshape(-1)                                          # (N*k,)
+    scores = torch.empty(n * k, device=inputs.device)
+    for chunk in iter_chunks(n * k, rows):
+        steps.check()
+        image = torch.arange(chunk.start, chunk.stop, device=inputs.device) // k
+        drop = torch.zeros(chunk.stop - chunk.start, width, dtype=torch.bool, device=inputs.device)
+        drop[torch.arange(drop.shape[0], device=inputs.device), flat[chunk]] = True  # (B, K)
+
+        def ablate(out: Tensor, drop: Tensor = drop) -> Tensor:
+            if out.shape[tap.channel_axis] != width:
+                raise InvalidArgument.field("layer", f"layer {tap.name!r} changed its channel count between "
+                                                     f"forwards ({width}, then {out.shape[tap.channel_axis]})")
+            shape = [drop.shape[0]] + [1] * (out.dim() - 1)
+            shape[tap.channel_axis] = width
+            return out.masked_fill(drop.view(shape), 0)
+
+        with tap.capture(edit=ablate):
+            scores[chunk] = _target_scores(model, inputs[image], targets[image])
+        steps.advance(chunk.stop - chunk.start)
+    return scores.view(n, k)
 
 
 # ---------------------------------------------------------------- occlusion

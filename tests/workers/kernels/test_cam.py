@@ -1,5 +1,5 @@
-"""Grad-CAM, Grad-CAM++ and Layer-CAM: agreement with the peers, localization, folding,
-concurrency and every typed error.
+"""Grad-CAM, Grad-CAM++, Layer-CAM, HiResCAM, XGrad-CAM and EigenCAM: agreement with the
+peers, localization, folding, concurrency and every typed error.
 
 Definition differences with the peers, and how the comparisons absorb them:
 - pytorch-grad-cam min-max normalizes each map at the layer's resolution and then
@@ -11,6 +11,11 @@ Definition differences with the peers, and how the comparisons absorb them:
 - pytorch-grad-cam needs an input that requires grad (it backpropagates to the
   input through `loss.backward()`); we stop the backward at the layer. Same
   gradients at the layer, so the same maps.
+- EigenCAM: the sign of a principal component is arbitrary; pytorch-grad-cam's EigenCAM
+  keeps LAPACK's, we apply its own sign correction
+  (`get_2d_projection_with_sign_correction`). The peer here is pytorch-grad-cam's
+  EigenCAM with that projection (`SignCorrectedEigenCAM`); test_cam_variants.py shows
+  the plain EigenCAM agrees with ours up to that sign, image by image.
 - Captum's LayerGradCam (relu_attributions=True) + `LayerAttribution.interpolate(
   ..., "bilinear")` is the same definition as ours: compared without normalization.
 """
@@ -23,8 +28,9 @@ import pytest
 import torch
 import torchvision
 from captum.attr import LayerAttribution, LayerGradCam
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection_with_sign_correction
 from torch import nn
 
 from tests.workers.kernels.test_hooks import tiny_model
@@ -35,7 +41,17 @@ from workers.kernels.cam import (_GRADCAM_PP_EPS, CAM_VARIANTS, CamRequest, _gra
                                  validate_cam_request)
 from workers.kernels.hooks import LayerTaps, hook_count
 
-PEERS = {"grad_cam": GradCAM, "grad_cam_plus_plus": GradCAMPlusPlus, "layer_cam": LayerCAM}
+
+
+class SignCorrectedEigenCAM(EigenCAM):
+    """pytorch-grad-cam's EigenCAM with its own sign-corrected projection: our sign rule."""
+
+    def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
+        return get_2d_projection_with_sign_correction(activations)
+
+
+PEERS = {"grad_cam": GradCAM, "grad_cam_plus_plus": GradCAMPlusPlus, "layer_cam": LayerCAM,
+         "hires_cam": HiResCAM, "xgrad_cam": XGradCAM, "eigen_cam": SignCorrectedEigenCAM}
 RESNET_LAYERS = ("layer3", "layer4")
 
 
