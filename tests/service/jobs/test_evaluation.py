@@ -139,3 +139,23 @@ def test_cancelling_a_running_evaluation_stops_it_between_steps(start_service, d
     quick = stub.SubmitJob(pb.SubmitJobRequest(evaluation=evaluation(demo_heldout, 4, metrics=[pb.DELETION])),
                            timeout=60)
     assert wait_final(stub, quick.id).state == pb.SUCCEEDED
+
+
+def test_client_helpers_and_cli_adopt(start_service, demo_heldout, capsys):
+    from service.cli import main
+    from service.client import AttributionClient
+
+    service = start_service()
+    with AttributionClient(service.address, timeout=60) as client:
+        job = client.submit_evaluation(demo_heldout.images[:4].numpy(), methods=["grad_cam", {
+            "method": "integrated_gradients", "steps": 8}], target=demo_heldout.labels[:4].tolist(),
+            metrics=["deletion", "pointing_game"], boxes=demo_heldout.boxes[:4].tolist(), curve_steps=4,
+            item_names=[f"item{i}.png" for i in range(4)])
+        assert job.is_evaluation and list(job.item_names) == [f"item{i}.png" for i in range(4)]
+        final = wait_final(client.stub, job.id)
+        assert final.state == pb.SUCCEEDED and client.job(job.id, include_result=True).evaluation.num_items == 4
+    assert main(["models", "--server", service.address, "adopt", "demo", "--job", job.id]) == 0
+    printed = capsys.readouterr().out
+    assert f"evaluation {job.id}, adopted" in printed and "default method:" in printed
+    assert main(["models", "--server", service.address, "adopt", "demo", "--job", "nope"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
