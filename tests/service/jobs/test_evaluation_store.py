@@ -5,7 +5,6 @@ from __future__ import annotations
 import sqlite3
 import uuid
 
-import pytest
 
 from service._proto import attribution_pb2 as pb
 from service.jobs.pg_store import PostgresJobStore
