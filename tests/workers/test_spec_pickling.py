@@ -89,7 +89,7 @@ def test_pixels_that_no_longer_match_the_inputs_are_never_sent():
 
 
 def test_a_job_chunk_slices_the_pixels_with_the_inputs():
-    from workers.offline import _slice
+    from workers.offline import slice_spec
     spec = _pixel_spec(n=4, size=16)
-    part = _roundtrip(_slice(spec, slice(1, 3)))
+    part = _roundtrip(slice_spec(spec, slice(1, 3)))
     assert torch.equal(part.inputs, spec.inputs[1:3]) and torch.equal(part.pixels_u8, spec.pixels_u8[1:3])
