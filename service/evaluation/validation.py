@@ -99,7 +99,7 @@ def _items(request: pb.EvaluationRequest, model: ModelDescription, limits: Limit
     if has_inputs:
         declared = (len(request.inputs.images.images) if request.inputs.HasField("images")
                     else int(request.inputs.tensor.shape[0]) if len(request.inputs.tensor.shape) == 4 else 1)
-        inputs, _ = _prefixed(v, lambda w: _inputs(request.inputs, model, limits, declared, w, decoder))
+        inputs = _prefixed(v, lambda w: _inputs(request.inputs, model, limits, declared, w, decoder))[0]
         return inputs, []
     files = datasets.get(request.dataset)
     if files is None:
@@ -116,7 +116,7 @@ def _items(request: pb.EvaluationRequest, model: ModelDescription, limits: Limit
         v.add("evaluation.dataset", f"{request.dataset!r} cannot be read: {exc.strerror}")
         return None, []
     source = pb.Inputs(images=pb.EncodedImages(images=images))
-    inputs, _ = _prefixed(v, lambda w: _inputs(source, model, limits, len(images), w, decoder))
+    inputs = _prefixed(v, lambda w: _inputs(source, model, limits, len(images), w, decoder))[0]
     return inputs, [f.name for f in files]
 
 
