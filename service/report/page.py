@@ -11,8 +11,8 @@ import math
 from typing import Sequence
 
 from service._proto import attribution_pb2 as pb
-from service.report.summary import (better, columns, interval, metric_name, method_name, ordered_methods, ratio_to_floor,
-                                    recommended_label, verdict, _CURVES, _RANDOMIZATION)
+from service.report.summary import (CURVE_METRICS, RANDOMIZATION_METRICS, better, columns, interval, metric_name,
+                                    method_name, ordered_methods, ratio_to_floor, recommended_label, verdict)
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:72rem;padding:0 1rem;
@@ -23,6 +23,7 @@ th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:left;vertical-align:
 th{background:#f4f4f4}td.num{font-variant-numeric:tabular-nums;white-space:nowrap}
 .pass{color:#1e8449;font-weight:600}.fail{color:#c0392b;font-weight:600}.none{color:#888}
 .rec{background:#eafaf1;border:1px solid #a9dfbf;padding:.6rem 1rem;border-radius:4px}
+.wide{overflow-x:auto}.figs{display:flex;flex-wrap:wrap;gap:0 1.5rem;align-items:flex-start}
 figure{margin:1rem 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.8rem;color:#555}code{background:#f4f4f4;padding:0 .2rem}
 """
@@ -79,10 +80,11 @@ def _ranking(result: pb.EvaluationResult) -> str:
         cells = "".join(f'<td class="num">{_e(interval(c.find(method)))}</td>' for c in cols)
         rows.append(f"<tr><td>{rank if method.label in result.ranking else '&ndash;'}</td>"
                     f"<td><b>{_e(method.label)}</b><br><small>{_e(method_name(method.method.method))}</small></td>"
-                    f"{cells}<td>{_mark(*verdict(method, _RANDOMIZATION))}</td>"
-                    f"<td>{_mark(*verdict(method, _CURVES))}</td></tr>")
-    return (f'<table id="ranking"><thead><tr><th>rank</th><th>method</th>{head}<th>randomization</th>'
-            f'<th>beats random order</th></tr></thead><tbody>{"".join(rows)}</tbody></table>'
+                    f"{cells}<td>{_mark(*verdict(method, RANDOMIZATION_METRICS))}</td>"
+                    f"<td>{_mark(*verdict(method, CURVE_METRICS))}</td></tr>")
+    return (f'<div class="wide"><table id="ranking"><thead><tr><th>rank</th><th>method</th>{head}'
+            f'<th>randomization</th><th>beats random order</th></tr></thead><tbody>{"".join(rows)}</tbody>'
+            '</table></div>'
             '<p><small>mean [interval] per metric; &darr; lower is better, &uarr; higher is better.</small></p>')
 
 
@@ -96,9 +98,10 @@ def _details(result: pb.EvaluationResult) -> str:
                         f"<td>{_e(v.statistic)}</td><td class=\"num\">{_e(interval(v, 4))}</td>"
                         f"<td class=\"num\">{v.missing}</td><td class=\"num\">{_e(reference)}</td>"
                         f"<td>{passed}</td></tr>")
-    return ('<table id="details"><thead><tr><th>method</th><th>metric</th><th>variant</th><th>statistic</th>'
+    return ('<div class="wide"><table id="details"><thead><tr><th>method</th><th>metric</th><th>variant</th>'
+            '<th>statistic</th>'
             '<th>mean [interval]</th><th>missing</th><th>reference</th><th>verdict</th></tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>')
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
 
 
 def _figure(png: bytes, alt: str, caption: str) -> str:
@@ -136,7 +139,8 @@ def index_html(result: pb.EvaluationResult, figures: dict[str, list[tuple[str, s
     """The page. figures: section ("curves", "sanity", "examples", "cost") -> [(alt, caption, png)]."""
     def section(name: str) -> str:
         shown = figures.get(name, [])
-        return "".join(_figure(png, alt, caption) for alt, caption, png in shown) or "<p>None in this result.</p>"
+        pictures = "".join(_figure(png, alt, caption) for alt, caption, png in shown)
+        return f'<div class="figs">{pictures}</div>' if pictures else "<p>None in this result.</p>"
 
     names = ", ".join(_e(n) for n in item_names[:12]) + (" &hellip;" if len(item_names) > 12 else "")
     limits = "".join(f"<li><b>{_e(t)}.</b> {_e(text)}</li>" for t, text in _LIMITS)

@@ -11,11 +11,10 @@ from typing import Any, Sequence
 
 from service._proto import attribution_pb2 as pb
 
-# Which direction is better, by (metric, statistic); "" matches any statistic of the metric.
-_LOWER_IS_BETTER = {(pb.DELETION, "auc"), (pb.MODEL_RANDOMIZATION, ""), (pb.DATA_RANDOMIZATION, ""),
-                    (pb.COMPLETENESS, ""), (pb.CLASS_DISCRIMINATION, "")}
-_RANDOMIZATION = (pb.MODEL_RANDOMIZATION, pb.DATA_RANDOMIZATION)
-_CURVES = (pb.DELETION, pb.INSERTION)
+# Metrics where every statistic is better low: correlations with a randomized model's maps or between classes.
+_LOWER_IS_BETTER = (pb.MODEL_RANDOMIZATION, pb.DATA_RANDOMIZATION, pb.CLASS_DISCRIMINATION)
+RANDOMIZATION_METRICS = (pb.MODEL_RANDOMIZATION, pb.DATA_RANDOMIZATION)
+CURVE_METRICS = (pb.DELETION, pb.INSERTION)
 
 
 def metric_name(metric: int) -> str:
@@ -35,13 +34,14 @@ def method_name(method: int) -> str:
 
 def better(value: pb.MetricValue) -> str:
     """"lower" or "higher": which way this value improves."""
-    lower = (value.metric, value.statistic) in _LOWER_IS_BETTER or (value.metric, "") in _LOWER_IS_BETTER
+    lower = (value.metric in _LOWER_IS_BETTER or (value.metric == pb.DELETION and value.statistic == "auc")
+             or (value.metric == pb.COMPLETENESS and "within" not in value.statistic))  # an error, not a share
     return "lower" if lower else "higher"
 
 
 def is_chance_comparison(value: pb.MetricValue) -> bool:
     """A deletion / insertion value judged against the random order (it carries `passed`)."""
-    return value.metric in _CURVES and value.HasField("passed")
+    return value.metric in CURVE_METRICS and value.HasField("passed")
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,8 @@ def summary(result: pb.EvaluationResult, item_names: Sequence[str] = ()) -> dict
     rec = result.recommendation
     methods = []
     for rank, method in enumerate(ordered_methods(result), start=1):
-        randomization, _ = verdict(method, _RANDOMIZATION)
-        chance, _ = verdict(method, _CURVES)
+        randomization, _ = verdict(method, RANDOMIZATION_METRICS)
+        chance, _ = verdict(method, CURVE_METRICS)
         methods.append({"rank": rank if method.label in result.ranking else None, "label": method.label,
                         "method": method_name(method.method.method),
                         "metrics": [value_dict(v) for v in method.metrics],
@@ -174,7 +174,7 @@ def ranking_table(result: pb.EvaluationResult) -> str:
     for rank, method in enumerate(ordered_methods(result), start=1):
         rows.append([str(rank) if method.label in result.ranking else "-", method.label]
                     + [interval(c.find(method)) for c in cols]
-                    + [mark(verdict(method, _RANDOMIZATION)[0]), mark(verdict(method, _CURVES)[0])])
+                    + [mark(verdict(method, RANDOMIZATION_METRICS)[0]), mark(verdict(method, CURVE_METRICS)[0])])
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     label = recommended_label(result)
