@@ -55,6 +55,7 @@ class ExplainFlow:
         self.inline_max_bytes = inline_max_bytes
         self.inline_max_calls = inline_max_calls  # ... while at most this many calls are in progress (0: always)
         self.shedder = shedder  # service.loop_lag.LagShedder: refuses while this process's loop runs late
+        self.defaults = None  # service.evaluation.defaults.ModelDefaults, when the server runs evaluation jobs
 
     def _inline(self) -> bool:
         """Few calls in progress: the loop has time for small work, and a thread hop would cost more.
@@ -99,6 +100,8 @@ class ExplainFlow:
         with self._metrics.track_inflight():
             try:
                 model = resolve_model(request.model, self.models)
+                if self.defaults is not None:  # the adopted method and CAM layer, when the request names none
+                    model = self.defaults.apply(model)
                 model_label = model.name
                 if self._max_explains and self._explaining >= self._max_explains:
                     raise Overloaded(f"this server is answering {self._explaining} explain calls, its limit "

@@ -62,6 +62,18 @@ MIGRATIONS = (
     CREATE INDEX attribution_audit_request ON attribution_audit (request_id);
     CREATE INDEX attribution_audit_ts ON attribution_audit (ts);
     """,
+    # 3: evaluation jobs (the job's kind, the recommendation beside its result) and adopted recommendations.
+    """
+    ALTER TABLE attribution_jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'explain';
+    ALTER TABLE attribution_job_results ADD COLUMN recommendation BYTEA;
+    CREATE INDEX attribution_jobs_evaluations ON attribution_jobs (model, kind, state, finished);
+    CREATE TABLE attribution_adoptions (
+        model TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL,
+        recommendation BYTEA NOT NULL,
+        adopted DOUBLE PRECISION NOT NULL
+    );
+    """,
 )
 
 

@@ -303,6 +303,8 @@ async def create_server(config: ServerConfig, backend: ExplainBackend, *, metric
         flow = ExplainFlow(backend, list(models.values()), config.limits, metrics, decoder, admission,
                            config.max_concurrent_rpcs, audit=audit_log, inline_max_bytes=config.inline_max_bytes,
                            inline_max_calls=config.inline_max_calls, shedder=shedder)
+        if job_queue is not None:
+            flow.defaults = job_queue.defaults  # adopted recommendations apply to Explain too
         servicer = AttributionServicer(flow, config.stream_max_in_flight, jobs=job_queue)
         metrics.registry.register(AdmissionCollector(admission, lag))
         if getattr(backend, "coalescer", None) is not None:

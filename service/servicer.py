@@ -128,16 +128,32 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         """Items a SubmitJob request may carry here; 0 without an offline queue."""
         return self.jobs.runner.limits.max_items if self.jobs is not None else 0
 
+    async def _describe(self, model: ModelDescription) -> pb.ModelInfo:
+        """ModelInfo; with an offline queue, the adopted defaults and the latest evaluation's recommendation too."""
+        if self.jobs is None or self.jobs.defaults is None:
+            return codec.model_info(model, self._limits, self._job_items)
+        return await self.jobs.defaults.describe(model, self._limits, self._job_items)
+
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[codec.model_info(m, self._limits, self._job_items)
-                                             for m in self._models.values()])
+        try:
+            return pb.ListModelsResponse(models=[await self._describe(m) for m in self._models.values()])
+        except Exception as exc:
+            await errors.abort_with(context, exc)
 
     async def GetModel(self, request: pb.GetModelRequest, context) -> pb.ModelInfo:
         try:
-            model = resolve_model(request.name, self._models)
+            return await self._describe(resolve_model(request.name, self._models))
         except Exception as exc:
             await errors.abort_with(context, exc)
-        return codec.model_info(model, self._limits, self._job_items)
+
+    async def AdoptRecommendation(self, request: pb.AdoptRecommendationRequest, context) -> pb.ModelInfo:
+        try:
+            if self.jobs is None or self.jobs.defaults is None:
+                raise errors.Unimplemented("recommendations come from evaluation jobs, which this server does not "
+                                           "run (it runs without an offline backend)")
+            return await self.jobs.defaults.adopt(request, self._models, self._limits, self._job_items)
+        except Exception as exc:
+            await errors.abort_with(context, exc)
 
     # --------------------------------------------------------------- jobs --
 

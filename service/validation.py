@@ -124,9 +124,12 @@ def _method(method: int, model: ModelDescription, offline: bool, v: _Violations)
     """The method's name, or "" (with a violation) when it cannot run here."""
     choices = model.offline_methods if offline else model.online_methods
     listed = ", ".join(method_label(codec.METHOD_ENUMS[m]) for m in choices)
+    if method == pb.METHOD_UNSPECIFIED and model.default_method in codec.METHOD_ENUMS:
+        method = codec.METHOD_ENUMS[model.default_method]  # the model's adopted recommendation
     name = codec.METHOD_NAMES.get(method)
     if method == pb.METHOD_UNSPECIFIED or name is None:
-        what = "must be set" if method == pb.METHOD_UNSPECIFIED else f"unknown method {method}"
+        what = ("must be set (the model has no adopted default method)" if method == pb.METHOD_UNSPECIFIED
+                else f"unknown method {method}")
         v.add("method", f"{what}; one of: {listed}")
         return ""
     if name in OFFLINE_ONLY_METHODS and not offline:

@@ -33,6 +33,7 @@ import torch
 from workers.batching import iter_chunks
 from workers.config import Limits, OfflineConfig
 from workers.errors import AttributionError, Cancelled
+from workers.evaluation.jobspec import EvaluationOutcome, EvaluationSpec
 from workers.kernels.perturbation import occlusion, score_cam
 from workers.models import ModelRegistry
 from workers.pipeline import explain_batch
@@ -61,7 +62,7 @@ def run_offline(ctx: WorkerContext, spec: ExplainSpec, *, items_per_chunk: int =
         if cancelled is not None and cancelled():
             raise Cancelled(f"job cancelled after {chunk.start} of {total} items")
         report = None if progress is None else _scaled(progress, chunk.start, chunk.stop - chunk.start, total)
-        items.extend(run_chunk(ctx, _slice(spec, chunk), report, cancelled))
+        items.extend(run_chunk(ctx, slice_spec(spec, chunk), report, cancelled))
         if progress is not None:
             progress(chunk.stop / total)
     return ExplainResult(request_id=spec.request_id, model=ctx.model.name, model_version=ctx.model.version,
@@ -74,7 +75,7 @@ def _scaled(progress: Callable[[float], None], done: int, size: int, total: int)
     return lambda fraction: progress((done + fraction * size) / total)
 
 
-def _slice(spec: ExplainSpec, chunk: slice) -> ExplainSpec:
+def slice_spec(spec: ExplainSpec, chunk: slice) -> ExplainSpec:
     """The spec restricted to items `chunk`: inputs, per-item targets and per-item baselines."""
     target, params = spec.target, spec.params
     if target.kind == "indices" and len(target.indices) > 1:
@@ -135,8 +136,10 @@ class OfflineExecutor:
         self._running: set[threading.Event] = set()
         self.items_per_chunk = items_per_chunk
 
-    async def stream(self, spec: ExplainSpec) -> AsyncIterator[float | ExplainResult]:
-        """Progress fractions (coalesced when the reader is slower), then the `ExplainResult`.
+    async def stream(self, spec: ExplainSpec | EvaluationSpec
+                     ) -> AsyncIterator[float | ExplainResult | EvaluationOutcome]:
+        """Progress fractions (coalesced when the reader is slower), then the `ExplainResult` (an
+        `EvaluationSpec`'s `EvaluationOutcome`, workers/evaluation/job.py).
 
         Raises the spec's typed error. Closing the generator early (CancelledError or
         aclose) sets the cancel flag: the kernel raises `Cancelled` at its next chunk
@@ -152,7 +155,12 @@ class OfflineExecutor:
             except RuntimeError:  # the loop closed under a job being abandoned: nobody is listening
                 stop.set()
 
-        def compute() -> ExplainResult:
+        def compute():
+            if isinstance(spec, EvaluationSpec):
+                from workers.evaluation.job import run_evaluation  # it runs the methods through this module
+
+                return run_evaluation(self._contexts, spec, items_per_chunk=self.items_per_chunk, progress=report,
+                                      cancelled=stop.is_set)
             return run_offline(self._contexts(spec.model), spec, items_per_chunk=self.items_per_chunk,
                                progress=report, cancelled=stop.is_set)
 
@@ -193,7 +201,7 @@ class LocalOfflineWorker:
         self._executor = OfflineExecutor(self._contexts.get, concurrency=config.max_ongoing_requests,
                                          items_per_chunk=config.items_per_chunk)
 
-    def run(self, spec: ExplainSpec) -> AsyncIterator[float | ExplainResult]:
+    def run(self, spec: ExplainSpec | EvaluationSpec) -> AsyncIterator[float | ExplainResult | EvaluationOutcome]:
         return self._executor.stream(spec)
 
     async def models(self) -> list[ModelDescription]:

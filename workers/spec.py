@@ -209,3 +209,4 @@ class ModelDescription:
     is_default: bool = False
     resize: str = "stretch"        # how encoded images reach height x width (workers.config.InputSpec)
     crop_fraction: float = 0.875
+    default_method: str = ""       # what a request naming no method gets (an adopted recommendation); "" = none

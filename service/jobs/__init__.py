@@ -12,6 +12,7 @@ events.py carries changes to watchers, metrics.py exports them, cli.py is
 """
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass
 from typing import Mapping
@@ -20,6 +21,7 @@ from prometheus_client import CollectorRegistry
 
 from service.config import Limits
 from service.decoding.pool import ImageDecoder
+from service.evaluation.defaults import ModelDefaults
 from service.jobs.config import JobsConfig
 from service.jobs.metrics import JobMetrics
 from service.backends.offline import OfflineBackend
@@ -39,6 +41,7 @@ class Jobs:
     runner: JobRunner
     service: JobService
     metrics: JobMetrics | None = None
+    defaults: ModelDefaults | None = None  # adopted recommendations (service/evaluation/defaults.py)
 
     @classmethod
     def create(cls, data_dir: str | os.PathLike | None, backend: OfflineBackend,
@@ -47,13 +50,17 @@ class Jobs:
                audit=None) -> "Jobs":
         """Opens the store (`config.store`, else `<data_dir>/jobs.sqlite3`; None: the user's data directory)
         and wires the parts."""
+        datasets = config.evaluation.list_datasets()  # a missing data set fails the start, not a job
         store = open_store(data_dir, max_attempts=config.max_attempts, url=config.store, lease_s=config.lease_s)
         metrics = JobMetrics(registry, store.counts) if registry is not None else None
         runner = JobRunner(store, backend, models, limits=limits, config=config, metrics=metrics, decoder=decoder,
-                           audit=audit)
-        return cls(store=store, runner=runner, service=JobService(store, runner), metrics=metrics)
+                           audit=audit, datasets=datasets)
+        defaults = ModelDefaults(store, refresh_s=config.poll_s)
+        return cls(store=store, runner=runner, service=JobService(store, runner, defaults), metrics=metrics,
+                   defaults=defaults)
 
     async def start(self) -> None:
+        await asyncio.to_thread(self.defaults.load)
         await self.runner.start()
 
     def close(self) -> None:

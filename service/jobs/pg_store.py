@@ -15,7 +15,8 @@ that several processes on several hosts run jobs from one table at once:
 - The schema is versioned (service/pgschema.py): a service applies the migrations it knows
   under an advisory lock at start, and refuses a database a newer service has migrated.
 
-Results are stored in the table as the serialized ExplainResponse (BYTEA), like SQLite's.
+Results are stored in the table as the serialized ExplainResponse (BYTEA; an evaluation's EvaluationResult,
+with its Recommendation beside it), like SQLite's; adopted recommendations live in `attribution_adoptions`.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class PostgresJobStore(StoreReads):
     max_attempts: a job whose lease ran out this many times fails instead of running again.
     """
 
-    _jobs, _results, _mark = "attribution_jobs", "attribution_job_results", "%s"
+    _jobs, _results, _adoptions, _mark = "attribution_jobs", "attribution_job_results", "attribution_adoptions", "%s"
 
     def __init__(self, url: str, *, lease_s: float = 30.0, max_attempts: int = 5, pool_size: int = 4,
                  connect_timeout_s: float = 10.0):
@@ -84,6 +85,10 @@ class PostgresJobStore(StoreReads):
         with self._pool.connection() as conn:
             return conn.execute(sql, args).fetchone()
 
+    def _all(self, sql: str, args: tuple) -> list[tuple]:
+        with self._pool.connection() as conn:
+            return conn.execute(sql, args).fetchall()
+
     def counts(self) -> dict[int, int]:
         with self._pool.connection() as conn:
             found = dict(conn.execute("SELECT state, COUNT(*) FROM attribution_jobs GROUP BY state").fetchall())
@@ -113,10 +118,10 @@ class PostgresJobStore(StoreReads):
         with self._pool.connection() as conn:
             row = conn.execute(
                 f"INSERT INTO attribution_jobs (id, state, priority, idempotency_key, model, method, num_items, "
-                f"request, created, item_names) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+                f"request, created, item_names, kind) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
                 f"ON CONFLICT (idempotency_key) DO NOTHING RETURNING {COLUMNS}",
                 (job.id, QUEUED, job.priority, key, job.model, job.method, job.num_items, job.request, time.time(),
-                 job.item_names)).fetchone()
+                 job.item_names, job.kind)).fetchone()
             if row is not None:
                 return record_from_row(row), True
             row = conn.execute(f"SELECT {COLUMNS} FROM attribution_jobs WHERE idempotency_key = %s",
@@ -153,7 +158,7 @@ class PostgresJobStore(StoreReads):
         return bool(row[0])
 
     def finish(self, job_id: str, token: str, state: int, *, error: tuple[int, str] = (0, ""),
-               result: bytes | None = None) -> JobRecord:
+               result: bytes | None = None, recommendation: bytes | None = None) -> JobRecord:
         if state not in FINAL_STATES:
             raise InvalidArgument.field("state", f"{state} is not a final state")
         progress = "1.0" if state == SUCCEEDED else "progress"
@@ -165,9 +170,16 @@ class PostgresJobStore(StoreReads):
             if row is None:
                 raise StaleAttempt(f"job {job_id}: attempt {token[:8]} no longer owns it")
             if result is not None:
-                conn.execute("INSERT INTO attribution_job_results (job_id, response) VALUES (%s, %s)",
-                             (job_id, result))
+                conn.execute("INSERT INTO attribution_job_results (job_id, response, recommendation) "
+                             "VALUES (%s, %s, %s)", (job_id, result, recommendation))
         return record_from_row(row)
+
+    def adopt(self, model: str, job_id: str, recommendation: bytes) -> None:
+        with self._pool.connection() as conn:
+            conn.execute("INSERT INTO attribution_adoptions (model, job_id, recommendation, adopted) "
+                         "VALUES (%s, %s, %s, %s) ON CONFLICT (model) DO UPDATE SET job_id = EXCLUDED.job_id, "
+                         "recommendation = EXCLUDED.recommendation, adopted = EXCLUDED.adopted",
+                         (model, job_id, recommendation, time.time()))
 
     def release(self, job_id: str, token: str) -> JobRecord:
         row = self._owned(

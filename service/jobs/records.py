@@ -15,6 +15,7 @@ from workers.errors import FailedPrecondition
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = pb.QUEUED, pb.RUNNING, pb.SUCCEEDED, pb.FAILED, pb.CANCELLED
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+EXPLAIN, EVALUATION = "explain", "evaluation"  # JobRecord.kind
 ALL_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
@@ -32,8 +33,9 @@ class NewJob:
     model: str
     method: int            # pb.Method
     num_items: int
-    request: bytes         # serialized ExplainRequest
+    request: bytes         # serialized ExplainRequest (an evaluation job's: EvaluationRequest)
     item_names: str = "[]"  # JSON list of the submitted item names ([] when none)
+    kind: str = "explain"   # "explain", or "evaluation" (SubmitJobRequest.evaluation)
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class JobRecord:
     error_message: str
     seq: int
     item_names: str = "[]"  # JSON list
+    kind: str = "explain"   # EXPLAIN or EVALUATION
+
+    @property
+    def is_evaluation(self) -> bool:
+        return self.kind == EVALUATION
 
     @property
     def final(self) -> bool:
@@ -74,7 +81,7 @@ class JobStore(Protocol):
         """The job; `JobNotFound` otherwise."""
 
     def result(self, job_id: str) -> bytes | None:
-        """The serialized ExplainResponse of a SUCCEEDED job; None otherwise."""
+        """The serialized ExplainResponse (an evaluation's EvaluationResult) of a SUCCEEDED job; None otherwise."""
 
     def request(self, job_id: str) -> bytes:
         """The serialized ExplainRequest the job runs."""
@@ -91,8 +98,19 @@ class JobStore(Protocol):
         cancellation was requested. `StaleAttempt` if the attempt lost the job (its lease ran out)."""
 
     def finish(self, job_id: str, token: str, state: int, *, error: tuple[int, str] = (0, ""),
-               result: bytes | None = None) -> JobRecord:
-        """Final state (with its result, in one transaction); `StaleAttempt` if not the owner."""
+               result: bytes | None = None, recommendation: bytes | None = None) -> JobRecord:
+        """Final state (with its result and an evaluation's serialized Recommendation, in one transaction);
+        `StaleAttempt` if not the owner."""
+
+    def recommendation(self, model: str, job_id: str = "") -> tuple[str, bytes] | None:
+        """(job id, serialized Recommendation) of the model's latest SUCCEEDED evaluation that made one, or
+        of evaluation `job_id` when given; None when there is none."""
+
+    def adopt(self, model: str, job_id: str, recommendation: bytes) -> None:
+        """Makes `recommendation` (from evaluation `job_id`) the model's adopted defaults, durably."""
+
+    def adoptions(self) -> dict[str, bytes]:
+        """Every model's adopted Recommendation, serialized."""
 
     def release(self, job_id: str, token: str) -> JobRecord:
         """Gives a RUNNING job back to the queue (graceful stop); `StaleAttempt` if not the owner."""

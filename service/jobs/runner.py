@@ -7,6 +7,12 @@ prepare (the stored request decoded and validated again, offline=True) -> execut
 result in one store transaction, under the token). A stale token at any write
 means another attempt owns the job now: this one drops its work silently.
 
+An evaluation job (`JobRecord.is_evaluation`) takes the same path with an `EvaluationSpec`
+(service/evaluation/validation.py): the offline worker runs it phase by phase (workers/evaluation/job.py)
+and answers an `EvaluationOutcome`, stored as the wire `EvaluationResult` with its `Recommendation`
+beside it. It is not audited map by map: it explains no prediction, and the job row (request, model
+version, times, result) is its record; its summary is logged.
+
 Cancellation reaches a running job two ways: `cancel(job_id)` from CancelJob in
 this process, or the store's cancel flag read back at each progress write (a
 CancelJob served by another process). Either closes the backend stream, which
@@ -32,6 +38,7 @@ from service.jobs.store import CANCELLED, FAILED, SUCCEEDED, JobRecord, JobStore
 from service.decoding.pool import ImageDecoder
 from service.validation import resolve_model, validate_explain
 from workers.errors import Cancelled, InternalError, Unavailable
+from workers.evaluation.jobspec import EvaluationOutcome, EvaluationSpec
 from workers.spec import ExplainResult, ExplainSpec, ModelDescription
 
 log = logging.getLogger(__name__)
@@ -57,8 +64,10 @@ class JobRunner:
 
     def __init__(self, store: JobStore, backend: OfflineBackend, models: Mapping[str, ModelDescription], *,
                  limits: Limits, config: JobsConfig = JobsConfig(), events: JobEvents | None = None,
-                 metrics: JobMetrics | None = None, decoder: ImageDecoder | None = None, audit=None):
+                 metrics: JobMetrics | None = None, decoder: ImageDecoder | None = None, audit=None,
+                 datasets: Mapping[str, tuple] | None = None):
         self.store, self.backend, self.config, self.metrics = store, backend, config, metrics
+        self.datasets = dict(datasets or {})  # evaluation data sets: name -> image files (jobs.evaluation)
         self.models = dict(models)
         self.limits = config.request_limits(limits)
         self.decoder = decoder  # the server's image decoder (None: in-process, trusted inputs only)
@@ -136,8 +145,9 @@ class JobRunner:
         self.publish(job)
         beat = asyncio.create_task(self._heartbeat(job, cancel), name=f"job-heartbeat-{job.id}")
         try:
-            state, error, result = await self._attempt(job, cancel)
-            final = await asyncio.to_thread(self.store.finish, job.id, job.token, state, error=error, result=result)
+            state, error, result, recommendation = await self._attempt(job, cancel)
+            final = await asyncio.to_thread(self.store.finish, job.id, job.token, state, error=error, result=result,
+                                            recommendation=recommendation)
         except StaleAttempt as exc:
             log.warning("dropping the work of job %s: %s", job.id, exc.message)
             return
@@ -155,8 +165,8 @@ class JobRunner:
             await self.audit.record_async(*audited, path="offline")
         self.publish(final)
         if self.metrics is not None:
-            self.metrics.observe_finished(codec.METHOD_NAMES.get(final.method, "unknown"), final.state,
-                                          final.finished - final.started)
+            kind = "evaluation" if final.is_evaluation else codec.METHOD_NAMES.get(final.method, "unknown")
+            self.metrics.observe_finished(kind, final.state, final.finished - final.started)
         log.info("job %s %s after %.1f s", job.id, pb.JobState.Name(final.state), final.finished - final.started)
 
     async def _heartbeat(self, job: JobRecord, cancel: asyncio.Event) -> None:
@@ -174,23 +184,45 @@ class JobRunner:
             except Exception as exc:  # the store is unreachable for now: the lease may still hold at the next beat
                 log.warning("job %s: renewing its lease failed: %s", job.id, exc)
 
-    async def _attempt(self, job: JobRecord, cancel: asyncio.Event) -> tuple[int, tuple[int, str], bytes | None]:
-        """(final state, (code, message), result bytes) of one attempt; raises StaleAttempt."""
+    async def _attempt(self, job: JobRecord,
+                       cancel: asyncio.Event) -> tuple[int, tuple[int, str], bytes | None, bytes | None]:
+        """(final state, (code, message), result bytes, recommendation bytes) of one attempt; raises StaleAttempt."""
         try:
+            if job.is_evaluation:
+                return await self._evaluate(job, cancel)
             spec, model = await self._prepare(job)
             result = await self._execute(job, spec, cancel)
             response = await asyncio.to_thread(_encode, result, spec, model, job.started)
             self._to_audit[job.id] = (spec, response)
-            return SUCCEEDED, (0, ""), response.SerializeToString()
+            return SUCCEEDED, (0, ""), response.SerializeToString(), None
         except Cancelled as exc:
             if cancel.is_set():
-                return CANCELLED, (0, ""), None
+                return CANCELLED, (0, ""), None, None
             status = errors.classify(Unavailable(f"the offline worker stopped the job: {exc.message}"))
         except StaleAttempt:
             raise
         except Exception as exc:  # classified once; a traceback never reaches the client
             status = errors.classify(exc)
-        return FAILED, (status.code_number, status.message), None
+        return FAILED, (status.code_number, status.message), None, None
+
+    async def _evaluate(self, job: JobRecord, cancel: asyncio.Event) -> tuple[int, tuple[int, str], bytes, bytes | None]:
+        """An evaluation job: validated again, run on the offline worker, stored as an EvaluationResult."""
+        from service.evaluation.results import evaluation_result
+        from service.evaluation.validation import validate_evaluation
+
+        request = pb.EvaluationRequest.FromString(await asyncio.to_thread(self.store.request, job.id))
+        checked = await asyncio.to_thread(validate_evaluation, request, self.models, self.limits,
+                                          self.config.evaluation, self.datasets, request_id=job.id,
+                                          decoder=self.decoder)
+        outcome = await self._execute(job, checked.spec, cancel)
+        result = await asyncio.to_thread(evaluation_result, outcome, checked.spec, checked.model, checked.pinned,
+                                         job.id, time.time())
+        log.info("evaluation %s of %s on %d items: ranking %s, recommended %s; %d forward / %d backward rows in "
+                 "%.1f s (floor %.1f s)", job.id, outcome.model, outcome.num_items, outcome.ranking,
+                 outcome.recommended or "none", outcome.forward_rows, outcome.backward_rows, outcome.seconds,
+                 outcome.floor_seconds)
+        recommendation = result.recommendation.SerializeToString() if result.HasField("recommendation") else None
+        return SUCCEEDED, (0, ""), result.SerializeToString(), recommendation
 
     async def _prepare(self, job: JobRecord) -> tuple[ExplainSpec, ModelDescription]:
         raw = await asyncio.to_thread(self.store.request, job.id)
@@ -200,7 +232,8 @@ class JobRunner:
                                        request_id=job.id, decoder=self.decoder)
         return spec, model
 
-    async def _execute(self, job: JobRecord, spec: ExplainSpec, cancel: asyncio.Event) -> ExplainResult:
+    async def _execute(self, job: JobRecord, spec: ExplainSpec | EvaluationSpec,
+                       cancel: asyncio.Event) -> ExplainResult | EvaluationOutcome:
         """The backend's result; reruns on Unavailable (a replica died) up to `config.retries` times."""
         progress = _Progress(shown=job.progress)
         for attempt in range(self.config.retries + 1):
@@ -233,10 +266,11 @@ class JobRunner:
             raise Cancelled("the job was cancelled")
         return task.result()
 
-    async def _consume(self, job: JobRecord, spec: ExplainSpec, progress: _Progress) -> ExplainResult:
+    async def _consume(self, job: JobRecord, spec: ExplainSpec | EvaluationSpec,
+                       progress: _Progress) -> ExplainResult | EvaluationOutcome:
         async with contextlib.aclosing(self.backend.run(spec)) as stream:
             async for item in stream:
-                if isinstance(item, ExplainResult):
+                if isinstance(item, (ExplainResult, EvaluationOutcome)):
                     self._count_samples(spec, progress, 1.0)  # the last steps may have been coalesced away
                     return item
                 await self._advance(job, spec, progress, min(1.0, max(0.0, float(item))))
@@ -257,7 +291,7 @@ class JobRunner:
 
     def _count_samples(self, spec: ExplainSpec, progress: _Progress, fraction: float) -> None:
         """Counts the work between what was shown and `fraction`, then shows `fraction`."""
-        if self.metrics is not None and fraction > progress.shown:
+        if self.metrics is not None and fraction > progress.shown and isinstance(spec, ExplainSpec):
             self.metrics.add_samples(spec.model, spec.method, (fraction - progress.shown) * spec.cost)
         progress.shown = max(progress.shown, fraction)
 

@@ -16,8 +16,10 @@ from typing import AsyncIterator
 from service._proto import attribution_pb2 as pb
 from service.jobs.events import order_key
 from service.jobs.runner import JobRunner
-from service.jobs.store import ALL_STATES, CANCELLED, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore, NewJob
-from service.validation import resolve_model, validate_explain
+from service import codec
+from service.jobs.store import (ALL_STATES, CANCELLED, EVALUATION, FAILED, RUNNING, SUCCEEDED, JobRecord, JobStore,
+                                NewJob)
+from service.validation import _PARAMS_FIELD, resolve_model, validate_explain
 from workers.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -29,15 +31,17 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 500
 
 
 def job_proto(job: JobRecord, result: bytes | None = None) -> pb.Job:
-    """A stored job as the wire `Job`; `result` is the stored ExplainResponse bytes, if asked for."""
+    """A stored job as the wire `Job`; `result` is the stored ExplainResponse (an evaluation's
+    EvaluationResult) bytes, if asked for."""
     out = pb.Job(id=job.id, state=job.state, progress=job.progress, priority=job.priority,
                  idempotency_key=job.idempotency_key, model=job.model, method=job.method,
                  num_items=job.num_items, created_unix_s=job.created, started_unix_s=job.started,
-                 finished_unix_s=job.finished, item_names=json.loads(job.item_names or "[]"))
+                 finished_unix_s=job.finished, item_names=json.loads(job.item_names or "[]"),
+                 is_evaluation=job.is_evaluation)
     if job.state == FAILED:
         out.error.CopyFrom(pb.ExplainError(code=job.error_code, message=job.error_message))
     if result is not None:
-        out.result.ParseFromString(result)
+        (out.evaluation if job.is_evaluation else out.result).ParseFromString(result)
     return out
 
 
@@ -50,11 +54,13 @@ def _job_id(job_id: str) -> str:
 class JobService:
     """SubmitJob, GetJob, WatchJob, CancelJob and ListJobs over a store and its runner."""
 
-    def __init__(self, store: JobStore, runner: JobRunner):
+    def __init__(self, store: JobStore, runner: JobRunner, defaults=None):
         self.store, self.runner = store, runner
+        self.defaults = defaults  # service.evaluation.defaults.ModelDefaults: adopted methods and layers
 
     async def submit(self, request: pb.SubmitJobRequest, context=None) -> pb.Job:
-        """Validates the request as an offline one and queues it; the same idempotency key gives the same job."""
+        """Validates the request as an offline one (or an evaluation) and queues it; the same idempotency key
+        gives the same job."""
         key = request.idempotency_key
         if not MIN_PRIORITY <= request.priority <= MAX_PRIORITY:
             raise InvalidArgument.field("priority", f"must be {MIN_PRIORITY}..{MAX_PRIORITY}, got {request.priority}")
@@ -64,7 +70,14 @@ class JobService:
         if any(len(n) > MAX_ITEM_NAME_CHARS or not n.isprintable() for n in names):
             raise InvalidArgument.field("item_names", f"each must be at most {MAX_ITEM_NAME_CHARS} printable "
                                                       "characters")
+        if request.HasField("evaluation"):
+            if request.HasField("request"):
+                raise InvalidArgument.field("request", "set either request (an explanation job) or evaluation "
+                                                       "(an evaluation job), not both")
+            return await self._submit_evaluation(request, names)
         model = resolve_model(request.request.model, self.runner.models)
+        if self.defaults is not None:
+            model = self.defaults.apply(model)  # a request naming no method (or CAM layer) gets the adopted one
         job_id = uuid.uuid4().hex
         # Validated now so a bad request fails the call, not the job; off the loop: images decode here.
         spec = await asyncio.to_thread(validate_explain, request.request, model, self.runner.limits, offline=True,
@@ -77,9 +90,34 @@ class JobService:
         stored.CopyFrom(request.request)
         # Pinned, so the job runs the same model and keeps its request id whatever the defaults become.
         stored.request_id, stored.model = spec.request_id, model.name
+        stored.method = codec.METHOD_ENUMS[spec.method]
+        field = _PARAMS_FIELD[spec.method]
+        if field in ("cam", "score_cam") and not getattr(stored, field).layer:
+            getattr(stored, field).layer = spec.params.layer
         new = NewJob(id=job_id, priority=request.priority, idempotency_key=key, model=model.name,
-                     method=request.request.method, num_items=spec.items, request=stored.SerializeToString(),
+                     method=stored.method, num_items=spec.items, request=stored.SerializeToString(),
                      item_names=json.dumps(names))
+        job, created = await asyncio.to_thread(self.store.submit, new)
+        if created:
+            self.runner.wake()
+        return job_proto(job)
+
+    async def _submit_evaluation(self, request: pb.SubmitJobRequest, names: list[str]) -> pb.Job:
+        from service.evaluation.validation import validate_evaluation
+
+        job_id = uuid.uuid4().hex
+        runner = self.runner
+        checked = await asyncio.to_thread(validate_evaluation, request.evaluation, runner.models, runner.limits,
+                                          runner.config.evaluation, runner.datasets, request_id=job_id,
+                                          decoder=runner.decoder)
+        items = checked.spec.items
+        if names and len(names) != items:
+            raise InvalidArgument.field("item_names", f"has {len(names)} names for {items} items; give one "
+                                                      "per item, or none")
+        new = NewJob(id=job_id, priority=request.priority, idempotency_key=request.idempotency_key,
+                     model=checked.model.name, method=pb.METHOD_UNSPECIFIED, num_items=items,
+                     request=checked.pinned.SerializeToString(), item_names=json.dumps(names or checked.item_names),
+                     kind=EVALUATION)
         job, created = await asyncio.to_thread(self.store.submit, new)
         if created:
             self.runner.wake()

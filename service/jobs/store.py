@@ -30,8 +30,8 @@ from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 from service.jobs.records import (  # noqa: F401  (the store's vocabulary, re-exported)
-    ALL_STATES, CANCELLED, COLUMNS, FAILED, FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore, NewJob,
-    StaleAttempt, record_from_row)
+    ALL_STATES, CANCELLED, COLUMNS, EVALUATION, EXPLAIN, FAILED, FINAL_STATES, QUEUED, RUNNING, SUCCEEDED, JobRecord,
+    JobStore, NewJob, StaleAttempt, record_from_row)
 from service._proto import attribution_pb2 as pb
 from workers.errors import FailedPrecondition, InvalidArgument, JobNotFound
 
@@ -59,12 +59,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error_code INTEGER NOT NULL DEFAULT 0,
     error_message TEXT NOT NULL DEFAULT '',
-    item_names TEXT NOT NULL DEFAULT '[]'      -- JSON list of the submitted item names
+    item_names TEXT NOT NULL DEFAULT '[]',     -- JSON list of the submitted item names
+    kind TEXT NOT NULL DEFAULT 'explain'       -- 'explain' or 'evaluation'
 );
 CREATE INDEX IF NOT EXISTS jobs_queue ON jobs (state, priority DESC, seq);
 CREATE TABLE IF NOT EXISTS results (
     job_id TEXT PRIMARY KEY REFERENCES jobs (id),
-    response BLOB NOT NULL                      -- serialized ExplainResponse
+    response BLOB NOT NULL,                     -- serialized ExplainResponse (evaluations: EvaluationResult)
+    recommendation BLOB                         -- evaluations: the serialized Recommendation, if one was made
+);
+CREATE TABLE IF NOT EXISTS adoptions (         -- AdoptRecommendation: each model's adopted defaults
+    model TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    recommendation BLOB NOT NULL,
+    adopted REAL NOT NULL
 );
 """
 def default_data_dir() -> pathlib.Path:
@@ -89,10 +97,26 @@ def open_store(data_dir: str | os.PathLike | None = None, *, max_attempts: int =
 class StoreReads:
     """The reads both stores answer alike; a store sets its table names and parameter mark, and `_one`."""
 
-    _jobs, _results, _mark = "jobs", "results", "?"
+    _jobs, _results, _adoptions, _mark = "jobs", "results", "adoptions", "?"
 
     def _one(self, sql: str, args: tuple) -> tuple | None:
         raise NotImplementedError
+
+    def _all(self, sql: str, args: tuple) -> list[tuple]:
+        raise NotImplementedError
+
+    def recommendation(self, model: str, job_id: str = "") -> tuple[str, bytes] | None:
+        m = self._mark
+        where = f"j.id = {m}" if job_id else f"j.model = {m}"
+        row = self._one(f"SELECT j.id, r.recommendation FROM {self._jobs} j JOIN {self._results} r ON r.job_id = j.id "
+                        f"WHERE {where} AND j.kind = {m} AND j.state = {m} AND r.recommendation IS NOT NULL "
+                        f"ORDER BY j.finished DESC, j.seq DESC LIMIT 1",
+                        (job_id or model, EVALUATION, SUCCEEDED))
+        return None if row is None else (row[0], bytes(row[1]))
+
+    def adoptions(self) -> dict[str, bytes]:
+        return {model: bytes(blob) for model, blob in
+                self._all(f"SELECT model, recommendation FROM {self._adoptions}", ())}
 
     def get(self, job_id: str) -> JobRecord:
         row = self._one(f"SELECT {COLUMNS} FROM {self._jobs} WHERE id = {self._mark}", (job_id,))
@@ -151,6 +175,10 @@ class SqliteJobStore(StoreReads):
         present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
         if "item_names" not in present:
             self._db.execute("ALTER TABLE jobs ADD COLUMN item_names TEXT NOT NULL DEFAULT '[]'")
+        if "kind" not in present:
+            self._db.execute("ALTER TABLE jobs ADD COLUMN kind TEXT NOT NULL DEFAULT 'explain'")
+        if "recommendation" not in {row[1] for row in self._db.execute("PRAGMA table_info(results)")}:
+            self._db.execute("ALTER TABLE results ADD COLUMN recommendation BLOB")
 
     def _take_lock(self):
         handle = open(f"{self.path}.lock", "a+")
@@ -187,6 +215,10 @@ class SqliteJobStore(StoreReads):
             rows = self._db.execute(sql, args).fetchall()
         return rows[0] if rows else None
 
+    def _all(self, sql: str, args: tuple) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
     def counts(self) -> dict[int, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
@@ -218,9 +250,9 @@ class SqliteJobStore(StoreReads):
         with self._lock:
             cursor = self._db.execute(
                 "INSERT INTO jobs (id, state, priority, idempotency_key, model, method, num_items, request, created,"
-                " item_names) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
+                " item_names, kind) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (idempotency_key) DO NOTHING",
                 (job.id, QUEUED, job.priority, key, job.model, job.method, job.num_items, job.request, time.time(),
-                 job.item_names))
+                 job.item_names, job.kind))
             created = cursor.rowcount == 1
             column, value = ("id", job.id) if created else ("idempotency_key", key)
             row = self._db.execute(f"SELECT {COLUMNS} FROM jobs WHERE {column} = ?", (value,)).fetchall()
@@ -252,7 +284,7 @@ class SqliteJobStore(StoreReads):
         return bool(row[0])
 
     def finish(self, job_id: str, token: str, state: int, *, error: tuple[int, str] = (0, ""),
-               result: bytes | None = None) -> JobRecord:
+               result: bytes | None = None, recommendation: bytes | None = None) -> JobRecord:
         if state not in FINAL_STATES:
             raise InvalidArgument.field("state", f"{state} is not a final state")
         progress = "1.0" if state == SUCCEEDED else "progress"
@@ -265,8 +297,16 @@ class SqliteJobStore(StoreReads):
             if not row:
                 raise StaleAttempt(f"job {job_id}: attempt {token[:8]} no longer owns it")
             if result is not None:
-                db.execute("INSERT INTO results (job_id, response) VALUES (?, ?)", (job_id, result))
+                db.execute("INSERT INTO results (job_id, response, recommendation) VALUES (?, ?, ?)",
+                           (job_id, result, recommendation))
         return record_from_row(row[0])
+
+    def adopt(self, model: str, job_id: str, recommendation: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT INTO adoptions (model, job_id, recommendation, adopted) VALUES (?, ?, ?, ?) "
+                             "ON CONFLICT (model) DO UPDATE SET job_id = excluded.job_id, "
+                             "recommendation = excluded.recommendation, adopted = excluded.adopted",
+                             (model, job_id, recommendation, time.time()))
 
     def release(self, job_id: str, token: str) -> JobRecord:
         row = self._one(f"UPDATE jobs SET state = ?, token = NULL, progress = 0, started = 0 "

@@ -88,7 +88,7 @@ def _shift(x: Tensor, dy: int, dx: int) -> Tensor:
     return padded[..., top:top + height, left:left + width]
 
 
-def _overlap(maps: Tensor, moved: Tensor, dy: int, dx: int) -> tuple[Tensor, Tensor]:
+def overlap(maps: Tensor, moved: Tensor, dy: int, dx: int) -> tuple[Tensor, Tensor]:
     """The region both maps `# (N, H, W)` see, in each one's frame: moved[y + dy, x + dx] ~ maps[y, x]."""
     height, width = maps.shape[-2:]
     ys, ye = max(0, -dy), height - max(0, dy)
@@ -115,7 +115,7 @@ def stability(model: nn.Module, inputs: Tensor, targets: Tensor, attribute: Attr
     for index, (name, aug) in enumerate(augmentations.items()):
         changed = augment(inputs, aug, seed + index)
         moved = attribute(model, changed, targets).detach().float().cpu()
-        a, b = _overlap(base, moved, *aug.offset) if aug.kind == "shift" else (base, moved)
+        a, b = overlap(base, moved, *aug.offset) if aug.kind == "shift" else (base, moved)
         with torch.inference_mode():
             kept = (model(changed).argmax(dim=1) == predicted).float()
         out[name] = StabilityResult(aug, metric(f"stability_{name}", spearman(a, b), seed=seed),

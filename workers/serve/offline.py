@@ -9,6 +9,7 @@ from typing import AsyncIterator
 import torch
 
 from workers.errors import AttributionError, InternalError
+from workers.evaluation.jobspec import EvaluationOutcome, EvaluationSpec
 from workers.config import Limits, ModelConfig, OfflineConfig, model_config_from_dict, model_to_dict
 from workers.models import ModelRegistry, select_device
 from workers.offline import OfflineExecutor, chunk_rows
@@ -38,8 +39,10 @@ class OfflineWorker:
         log.info("offline worker ready for %s (%d jobs at once, %d torch threads)", ", ".join(registry.names()),
                  cfg.max_ongoing_requests, torch.get_num_threads())
 
-    async def run(self, spec: ExplainSpec) -> AsyncIterator[float | ExplainResult | AttributionError]:
-        """Streams fractions then the result; a failure is the last item, typed (never raised through Ray)."""
+    async def run(self, spec: ExplainSpec | EvaluationSpec
+                  ) -> AsyncIterator[float | ExplainResult | EvaluationOutcome | AttributionError]:
+        """Streams fractions then the result (an evaluation's `EvaluationOutcome`); a failure is the last
+        item, typed (never raised through Ray)."""
         try:
             async for event in self._executor.stream(spec):
                 yield event
