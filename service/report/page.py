@@ -67,7 +67,8 @@ def _mark(passed: bool | None, marks: Sequence[tuple[str, bool]]) -> str:
 
 
 def _ranking(result: pb.EvaluationResult) -> str:
-    cols = columns(result)
+    ranked_by = set(result.recommendation.metrics)  # the metrics the ranking used come first
+    cols = sorted(columns(result), key=lambda c: c.metric not in ranked_by)
     arrows = {c: "" for c in cols}
     for method in result.methods:
         for c in cols:
@@ -80,12 +81,12 @@ def _ranking(result: pb.EvaluationResult) -> str:
         cells = "".join(f'<td class="num">{_e(interval(c.find(method)))}</td>' for c in cols)
         rows.append(f"<tr><td>{rank if method.label in result.ranking else '&ndash;'}</td>"
                     f"<td><b>{_e(method.label)}</b><br><small>{_e(method_name(method.method.method))}</small></td>"
-                    f"{cells}<td>{_mark(*verdict(method, RANDOMIZATION_METRICS))}</td>"
-                    f"<td>{_mark(*verdict(method, CURVE_METRICS))}</td></tr>")
-    return (f'<div class="wide"><table id="ranking"><thead><tr><th>rank</th><th>method</th>{head}'
-            f'<th>randomization</th><th>beats random order</th></tr></thead><tbody>{"".join(rows)}</tbody>'
-            '</table></div>'
-            '<p><small>mean [interval] per metric; &darr; lower is better, &uarr; higher is better.</small></p>')
+                    f"<td>{_mark(*verdict(method, RANDOMIZATION_METRICS))}</td>"
+                    f"<td>{_mark(*verdict(method, CURVE_METRICS))}</td>{cells}</tr>")
+    return ('<div class="wide"><table id="ranking"><thead><tr><th>rank</th><th>method</th><th>randomization</th>'
+            f'<th>beats random order</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+            '<p><small>mean [interval] per metric, the metrics the ranking used first; &darr; lower is better, '
+            '&uarr; higher is better.</small></p>')
 
 
 def _details(result: pb.EvaluationResult) -> str:

@@ -166,9 +166,11 @@ def mark(passed: bool | None) -> str:
 
 
 def ranking_table(result: pb.EvaluationResult) -> str:
-    """The ranking as a compact text table: rank, label, each metric column, the two marks; then the
-    recommendation and the cost on a line each."""
-    cols = columns(result)
+    """The ranking as a compact text table: rank, label, the columns of the metrics the ranking used (the
+    recommendation's; the first three columns when it names none), the two marks; then the recommendation
+    and the cost on a line each. index.html has every metric."""
+    ranked_by = set(result.recommendation.metrics)
+    cols = [c for c in columns(result) if c.metric in ranked_by] or columns(result)[:3]
     header = ["#", "method"] + [c.title for c in cols] + ["randomization", "vs random order"]
     rows = [header]
     for rank, method in enumerate(ordered_methods(result), start=1):

@@ -18,7 +18,7 @@ from PIL import Image
 
 from service._proto import attribution_pb2 as pb
 from service.report import file_stem, ranking_table, write_report
-from service.report.summary import columns, summary
+from service.report.summary import summary
 from tests.service.report_support import library_result
 
 ITEMS = 6
@@ -144,11 +144,11 @@ def test_the_page_is_self_contained_and_ranks_the_methods(evaluated, report):
     assert page.images and all(src.startswith("data:image/png;base64,") for src in page.images)
     assert len(page.images) == 2 * len(evaluated.methods) + 2  # curves + sanity per method, examples, cost
     header, *rows = page.rows
-    assert header[:2] == ["rank", "method"] and header[-2:] == ["randomization", "beats random order"]
+    assert header[:4] == ["rank", "method", "randomization", "beats random order"]
     assert [r[0] for r in rows] == ["1", "2", "3"]
     methods = {m.label: pb.Method.Name(m.method.method).lower() for m in evaluated.methods}
     assert [r[1] for r in rows] == [label + methods[label] for label in evaluated.ranking]
-    deletion = next(i for i, c in enumerate(columns(evaluated)) if c.metric == pb.DELETION) + 2
+    deletion = header.index("deletion/zero auc \u2193")
     first = next(m for m in evaluated.methods if m.label == evaluated.ranking[0])
     auc = next(v for v in first.metrics if v.metric == pb.DELETION and v.statistic == "auc")
     assert rows[0][deletion] == f"{auc.mean:.3f} [{auc.ci_low:.3f}, {auc.ci_high:.3f}]"

@@ -1,6 +1,7 @@
-"""The evaluation report's index.html in a real browser: Debian's headless Chromium loads the page written
-from a metric-library result on the demo model; the DOM it builds shows the ranking table, every embedded
-figure decodes to an image (naturalWidth > 0), and a screenshot of the page is not blank.
+"""The evaluation report's index.html in a real browser: a real evaluation job on the demo model
+(`attribution evaluate --local`, in this process) writes the report; Debian's headless Chromium loads its
+page; the DOM it builds shows the ranking table, every embedded figure decodes to an image
+(naturalWidth > 0), and a screenshot of the page is not blank.
 
 Skipped where Chromium is not installed (apt-get install chromium), unless ATTRIBUTION_REQUIRE_SYSTEM=1
 (as in CI, where a missing browser fails the test instead).
@@ -17,13 +18,13 @@ import subprocess
 
 import numpy as np
 import pytest
-import torch
+from google.protobuf import json_format
 from PIL import Image
 
-from service.report import write_report
-from tests.service.report_support import library_result
+from service._proto import attribution_pb2 as pb
+from service.cli import main
 
-pytestmark = pytest.mark.process
+pytestmark = [pytest.mark.process, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None and os.environ.get("ATTRIBUTION_REQUIRE_SYSTEM") != "1",
@@ -75,16 +76,19 @@ class _Dom(html.parser.HTMLParser):
 
 
 @pytest.fixture(scope="module")
-def page(demo_model, demo_heldout, tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        result = library_result(demo_model, demo_heldout.images[:6], demo_heldout.boxes[:6])
-    finally:
-        torch.set_num_threads(threads)
-    directory = tmp_path_factory.mktemp("browser-report")
-    write_report(result, directory, [f"item-{i}.png" for i in range(6)])
-    return result, directory
+def page(demo_cache_dir, demo_model, tmp_path_factory):
+    """The report of a real evaluation job: three methods on 6 demo items, every metric they allow."""
+    root = tmp_path_factory.mktemp("browser-report")
+    config = root / "config.json"
+    config.write_text(json.dumps({"models": [{"name": "demo", "source": "demo"}],
+                                  "cache_dir": str(demo_cache_dir)}))
+    directory = root / "report"
+    code = main(["evaluate", "--local", "--config", str(config), "--demo", "6", "--methods",
+                 "grad_cam,vanilla_gradient,integrated_gradients", "--steps", "8", "--curve-steps", "8",
+                 "--bootstrap", "200", "--randomization-modes", "cascading", "-o", str(directory)])
+    assert code == 0
+    saved = json.loads((directory / "evaluation.json").read_text())
+    return json_format.ParseDict(saved["result"], pb.EvaluationResult()), directory
 
 
 @needs_chromium
@@ -101,7 +105,9 @@ def test_chromium_shows_the_ranking_and_decodes_every_figure(page, tmp_path):
     decoded = re.search(r'<pre id="decoded">(\[.*?\])</pre>', done.stdout)
     assert decoded, "the page's load event never ran"
     widths = json.loads(decoded.group(1))
-    assert len(widths) == dom.images == 2 * len(result.methods) + 2
+    sanity = sum(len(m.randomization) for m in result.methods)
+    assert len(widths) == dom.images == len(result.methods) + sanity + 2  # curves, sanity, examples, cost
+    assert sanity == len(result.methods)
     assert all(w > 0 for w in widths), widths
 
 
