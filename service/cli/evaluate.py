@@ -6,8 +6,8 @@ index.html: service/report/) and prints the ranking. Against a running server (`
 in-process (`--local`: the same front door and job queue on a loopback port, no Ray), through the same
 gRPC calls either way. `--demo N` evaluates N generated watermark images of the embedded demo model with
 their watermark boxes (so the localisation metrics run too); `--dataset NAME` a data set the server was
-configured with. Exit status: 0; 2 for a usage error; 1 when a call fails; 3 when the job ends FAILED or
-CANCELLED; 130 on Ctrl-C (a server's job goes on).
+configured with. Exit status: 0; 2 for a usage error (a request the server refuses as INVALID_ARGUMENT
+included); 1 when a call fails; 3 when the job ends FAILED or CANCELLED; 130 on Ctrl-C (a server's job goes on).
 """
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ class Progress:
     def __init__(self, stream: TextIO = sys.stderr, width: int = 30):
         self.stream, self.width = stream, width
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        utf8 = "utf" in (getattr(stream, "encoding", None) or "utf-8").lower()
+        self._full, self._empty = ("\u2588", "\u2591") if utf8 else ("#", "-")
         self.started = time.monotonic()
         self._last: tuple[str, int] | None = None
         self._drawn = False
@@ -35,7 +37,7 @@ class Progress:
         elapsed = time.monotonic() - self.started
         if self.tty:
             done = int(round(fraction * self.width))
-            bar = "\u2588" * done + "\u2591" * (self.width - done)
+            bar = self._full * done + self._empty * (self.width - done)
             self.stream.write(f"\revaluation {job.id[:12]} |{bar}| {fraction:4.0%} {state:9s} {elapsed:5.0f}s")
             self._drawn = True
             if state in _FINAL_NAMES:
@@ -78,8 +80,10 @@ def evaluate(args: argparse.Namespace, request, names: list[str]) -> int:
 
 
 async def _evaluate(args: argparse.Namespace, request, names: list[str], state: dict, progress: Progress) -> int:
+    import grpc
+
     from service._proto import attribution_pb2 as pb
-    from service.cli import tls_options
+    from service.cli import CliError, tls_options
     from service.client import AsyncAttributionClient
     from service.errors import code_from_number
 
@@ -88,9 +92,14 @@ async def _evaluate(args: argparse.Namespace, request, names: list[str], state: 
         tls = tls_options(args) if args.server else {}  # --local serves in-process, in plaintext
         async with AsyncAttributionClient(address, token=args.token, timeout=args.timeout, **tls) as client:
             stub = client.stub
-            job = await stub.SubmitJob(pb.SubmitJobRequest(evaluation=request, item_names=names,
-                                                           priority=args.priority),
-                                       timeout=args.timeout, metadata=metadata)
+            try:
+                job = await stub.SubmitJob(pb.SubmitJobRequest(evaluation=request, item_names=names,
+                                                               priority=args.priority),
+                                           timeout=args.timeout, metadata=metadata)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # built from the command line: a usage error
+                    raise CliError(f"the server refused the evaluation: {exc.details()}") from None
+                raise
             state["job"] = job.id
             progress.update(job)
             if job.state not in (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED):  # no deadline: evaluations take long

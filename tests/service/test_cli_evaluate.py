@@ -150,6 +150,17 @@ def local_config(demo_cache_dir, demo_model, tmp_path_factory) -> str:
 
 
 @pytest.mark.process
+def test_a_request_the_server_refuses_is_a_usage_error(local_config, tmp_path):
+    image = tmp_path / "a.png"
+    image.write_bytes(encode_png(torch.zeros(3, 64, 64, dtype=torch.uint8)).numpy().tobytes())
+    done = attribution("evaluate", str(image), "--local", "--config", local_config, "--methods", "grad_cam",
+                       "--metrics", "pointing_game", "-o", str(tmp_path / "out"))
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert "the server refused the evaluation: " in done.stderr and "regions" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.process
 @pytest.mark.slow
 def test_a_local_evaluation_writes_the_report_and_prints_the_ranking(local_config, tmp_path):
     out = tmp_path / "report"
