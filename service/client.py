@@ -23,12 +23,13 @@ from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.balancing import resolve_target
 from service.client_messages import (Attribution, Explanation, ItemResult, ServiceError, array_from_tensor,
-                                     build_request, enum_from_name, enum_names, tensor_from_array)
+                                     build_evaluation, build_request, enum_from_name, enum_names,
+                                     tensor_from_array)
 from service.retry import Attempts, RetryPolicy, retry_delay
 
 __all__ = ["AsyncAttributionClient", "Attribution", "AttributionClient", "Explanation", "ItemResult", "RetryPolicy",
-           "ServiceError", "array_from_tensor", "build_request", "enum_from_name", "enum_names", "retry_delay",
-           "tensor_from_array"]
+           "ServiceError", "array_from_tensor", "build_evaluation", "build_request", "enum_from_name", "enum_names",
+           "retry_delay", "tensor_from_array"]
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 
@@ -109,6 +110,22 @@ class AttributionClient(_ClientBase):
     def model(self, name: str = "", timeout: float | None = None) -> pb.ModelInfo:
         return self._call(self.stub.GetModel, pb.GetModelRequest(name=name), timeout)
 
+    def submit_evaluation(self, inputs: Any = None, *, priority: int = 0, idempotency_key: str = "",
+                          item_names: Sequence[str] = (), timeout: float | None = None, **kwargs: Any) -> pb.Job:
+        """Queues an evaluation job (keywords as `build_evaluation`); watch it with `job` / WatchJob."""
+        request = pb.SubmitJobRequest(evaluation=build_evaluation(inputs, **kwargs), priority=priority,
+                                      idempotency_key=idempotency_key, item_names=list(item_names))
+        return self._call(self.stub.SubmitJob, request, timeout)
+
+    def job(self, job_id: str, include_result: bool = False, timeout: float | None = None) -> pb.Job:
+        """GetJob; an evaluation's result is `Job.evaluation`, an explanation job's `Job.result`."""
+        return self._call(self.stub.GetJob, pb.GetJobRequest(id=job_id, include_result=include_result), timeout)
+
+    def adopt_recommendation(self, model: str = "", job_id: str = "", timeout: float | None = None) -> pb.ModelInfo:
+        """Makes the model's latest (or `job_id`'s) evaluation recommendation its defaults; the updated ModelInfo."""
+        request = pb.AdoptRecommendationRequest(model=model, evaluation_job_id=job_id)
+        return self._call(self.stub.AdoptRecommendation, request, timeout)
+
     def explain(self, inputs: Any = None, *, timeout: float | None = None, retry: RetryPolicy | bool | None = None,
                 **kwargs: Any) -> Explanation:
         """Explains `inputs` (or `images=`); keywords as `build_request`; `retry` overrides the client's policy."""
@@ -167,6 +184,20 @@ class AsyncAttributionClient(_ClientBase):
 
     async def model(self, name: str = "", timeout: float | None = None) -> pb.ModelInfo:
         return await self._call(self.stub.GetModel, pb.GetModelRequest(name=name), timeout)
+
+    async def submit_evaluation(self, inputs: Any = None, *, priority: int = 0, idempotency_key: str = "",
+                                item_names: Sequence[str] = (), timeout: float | None = None, **kwargs: Any) -> pb.Job:
+        request = pb.SubmitJobRequest(evaluation=build_evaluation(inputs, **kwargs), priority=priority,
+                                      idempotency_key=idempotency_key, item_names=list(item_names))
+        return await self._call(self.stub.SubmitJob, request, timeout)
+
+    async def job(self, job_id: str, include_result: bool = False, timeout: float | None = None) -> pb.Job:
+        return await self._call(self.stub.GetJob, pb.GetJobRequest(id=job_id, include_result=include_result), timeout)
+
+    async def adopt_recommendation(self, model: str = "", job_id: str = "",
+                                   timeout: float | None = None) -> pb.ModelInfo:
+        request = pb.AdoptRecommendationRequest(model=model, evaluation_job_id=job_id)
+        return await self._call(self.stub.AdoptRecommendation, request, timeout)
 
     async def explain(self, inputs: Any = None, *, timeout: float | None = None,
                       retry: RetryPolicy | bool | None = None, **kwargs: Any) -> Explanation:

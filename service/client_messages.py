@@ -251,3 +251,44 @@ class Explanation:
 
 
 # -------------------------------------------------------------- clients --
+
+
+# ----------------------------------------------------------- evaluation --
+
+def build_evaluation(inputs: Any = None, *, images: Sequence[str | pathlib.Path | bytes] | None = None,
+                     dataset: str = "", methods: Sequence[str | int | dict] = ("grad_cam", "integrated_gradients"),
+                     model: str = "", target: int | Sequence[int] | None = None, metrics: Sequence[str | int] = (),
+                     boxes: Sequence[Sequence[int]] | None = None, shuffled_labels_model: str = "",
+                     space: str | int = "pixels", layout: str | int = "NCHW", **options: Any) -> pb.EvaluationRequest:
+    """An EvaluationRequest from Python values (docs/faithfulness.md, *The evaluation job*).
+
+    Exactly one of `inputs` (an array), `images` (paths or encoded bytes) or `dataset` (a server data set).
+    methods: names ("grad_cam"), enum values, or dicts with "method" and its parameters
+    ({"method": "integrated_gradients", "steps": 16}, {"method": "grad_cam", "layer": "layer3"}).
+    boxes: one (top, left, bottom, right) per item, in model input pixels (bottom/right exclusive).
+    options: EvaluationOptions fields (curve_steps=, baselines=[...], randomization_modes=[...], seed=, ...).
+    """
+    if (inputs is not None) + (images is not None) + bool(dataset) != 1:
+        raise ValueError("give exactly one of inputs (an array), images (paths or encoded bytes) or dataset")
+    request = pb.EvaluationRequest(model=model, dataset=dataset, shuffled_labels_model=shuffled_labels_model,
+                                   metrics=[_enum(pb.Metric, m) for m in metrics])
+    if images is not None:
+        request.inputs.images.images.extend(_image_bytes(i) for i in images)
+    elif inputs is not None:
+        request.inputs.tensor.CopyFrom(tensor_from_array(inputs, layout))
+        request.inputs.space = _enum(pb.InputSpace, space)
+    if target is not None:
+        request.target.class_indices.indices.extend([target] if isinstance(target, int) else list(target))
+    for entry in methods:
+        params = dict(entry) if isinstance(entry, dict) else {"method": entry}
+        method = request.methods.add(method=_enum(pb.Method, params.pop("method")))
+        _set_params(method, params, layout)
+    for top, left, bottom, right in boxes or ():
+        request.regions.add(box=pb.Box(top=top, left=left, bottom=bottom, right=right))
+    for key, value in options.items():
+        field = getattr(request.options, key)
+        if isinstance(value, (list, tuple)):
+            field.extend(value)
+        else:
+            setattr(request.options, key, value)
+    return request

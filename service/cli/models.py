@@ -1,4 +1,5 @@
-"""`attribution models --server HOST:PORT`: models, layers and methods of a server."""
+"""`attribution models --server HOST:PORT`: models, layers, methods and recommendations of a server;
+`attribution models --server HOST:PORT adopt MODEL [--job ID]`: adopt an evaluation's recommendation."""
 from __future__ import annotations
 
 import argparse
@@ -17,23 +18,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="bearer token")
     add_tls_arguments(parser)
     parser.add_argument("--timeout", type=float, default=10.0)
+    sub = parser.add_subparsers(dest="action", metavar="ACTION")
+    adopt = sub.add_parser("adopt", help="make a model's evaluation recommendation its default method and CAM layer",
+                           description="Adopts the recommendation of the model's latest succeeded evaluation (or "
+                                       "of --job): requests naming no method get its method, CAM requests naming "
+                                       "no layer its layer. Stored with the jobs: it survives restarts.")
+    adopt.add_argument("model", help="the model's name")
+    adopt.add_argument("--job", default="", help="the evaluation job whose recommendation to adopt (default: the "
+                                                 "model's latest)")
+
+
+def _method(value: int) -> str:
+    return pb.Method.Name(value).lower()
+
+
+def _print(m: pb.ModelInfo) -> None:
+    spec = m.input_spec
+    star = " (default)" if m.is_default else ""
+    resize = spec.resize or "stretch"
+    if resize == "center_crop":
+        resize += f" {spec.crop_fraction:g}"
+    print(f"{m.name}{star}  version {m.version[:16]}  input {spec.channels}x{spec.height}x{spec.width} "
+          f"({resize})  classes {m.num_classes}")
+    print(f"  CAM layers: {', '.join(m.cam_layers) or '-'} (default {m.default_cam_layer or '-'})")
+    print(f"  online:  {', '.join(_method(x) for x in m.online_methods)}")
+    print(f"  offline: {', '.join(_method(x) for x in m.offline_methods)}")
+    if m.default_method:
+        print(f"  default method: {_method(m.default_method)}")
+    if m.HasField("recommendation"):
+        rec = m.recommendation
+        layer = f" at {rec.cam_layer}" if rec.cam_layer else ""
+        print(f"  recommended: {_method(rec.method)}{layer} (evaluation {rec.evaluation_job_id}"
+              f"{', adopted' if rec.adopted else ''})")
 
 
 def run(args: argparse.Namespace) -> int:
     with AttributionClient(args.server, token=args.token, timeout=args.timeout, **tls_options(args)) as client:
-        models = client.models()
+        if getattr(args, "action", None) == "adopt":
+            models = [client.adopt_recommendation(args.model, args.job)]
+        else:
+            models = client.models()
     if args.json:
         print(json.dumps([MessageToDict(m, preserving_proto_field_name=True) for m in models], indent=2))
         return 0
     for m in models:
-        spec = m.input_spec
-        star = " (default)" if m.is_default else ""
-        resize = spec.resize or "stretch"
-        if resize == "center_crop":
-            resize += f" {spec.crop_fraction:g}"
-        print(f"{m.name}{star}  version {m.version[:16]}  input {spec.channels}x{spec.height}x{spec.width} "
-              f"({resize})  classes {m.num_classes}")
-        print(f"  CAM layers: {', '.join(m.cam_layers) or '-'} (default {m.default_cam_layer or '-'})")
-        print(f"  online:  {', '.join(pb.Method.Name(x).lower() for x in m.online_methods)}")
-        print(f"  offline: {', '.join(pb.Method.Name(x).lower() for x in m.offline_methods)}")
+        _print(m)
     return 0

@@ -24,7 +24,7 @@ def boxes(batch, n: int) -> list[pb.Region]:
 
 
 def evaluation(batch, n: int = ITEMS, metrics=(pb.DELETION, pb.INSERTION, pb.POINTING_GAME, pb.MODEL_RANDOMIZATION),
-               **options) -> pb.EvaluationRequest:
+               modes=("cascading",)) -> pb.EvaluationRequest:
     """Grad-CAM and IG on the first `n` demo items, their labels as targets, the patch boxes as regions."""
     return pb.EvaluationRequest(
         inputs=pixels(batch.images[:n]), target=pb.Target(class_indices=pb.ClassIndices(
@@ -33,7 +33,7 @@ def evaluation(batch, n: int = ITEMS, metrics=(pb.DELETION, pb.INSERTION, pb.POI
                  pb.ExplainRequest(method=pb.INTEGRATED_GRADIENTS,
                                    integrated_gradients=pb.IntegratedGradientsParams(steps=16))],
         metrics=list(metrics), regions=boxes(batch, n),
-        options=pb.EvaluationOptions(curve_steps=8, randomization_modes=["cascading"], seed=7, **options))
+        options=pb.EvaluationOptions(curve_steps=8, randomization_modes=list(modes), seed=7))
 
 
 def wait_final(stub, job_id: str, timeout: float = 600.0) -> pb.Job:
@@ -121,3 +121,41 @@ def test_evaluation_job_recommends_and_adoption_changes_defaults(start_service, 
     info = stub.ListModels(pb.ListModelsRequest(), timeout=30).models[0]
     assert info.default_method == rec.method and info.recommendation.adopted
     assert stub.Explain(pb.ExplainRequest(inputs=pixels(demo_heldout.images[:1])), timeout=60).method == rec.method
+
+
+def test_cancelling_a_running_evaluation_stops_it_between_steps(start_service, demo_heldout):
+    stub = start_service().stub()
+    heavy = evaluation(demo_heldout, 32, metrics=(), modes=("cascading", "independent"))
+    heavy.methods.add(method=pb.SMOOTHGRAD, noise=pb.NoiseParams(samples=64))
+    job = stub.SubmitJob(pb.SubmitJobRequest(evaluation=heavy), timeout=60)
+    deadline = time.monotonic() + 300
+    while (seen := stub.GetJob(pb.GetJobRequest(id=job.id), timeout=30)).progress <= 0:
+        assert seen.state in (pb.QUEUED, pb.RUNNING) and time.monotonic() < deadline
+        time.sleep(0.05)
+    stub.CancelJob(pb.CancelJobRequest(id=job.id), timeout=60)
+    final = wait_final(stub, job.id, timeout=120)
+    assert final.state == pb.CANCELLED and 0 < final.progress < 1 and not final.HasField("evaluation")
+    # The worker is free again: a small evaluation runs to its end.
+    quick = stub.SubmitJob(pb.SubmitJobRequest(evaluation=evaluation(demo_heldout, 4, metrics=[pb.DELETION])),
+                           timeout=60)
+    assert wait_final(stub, quick.id).state == pb.SUCCEEDED
+
+
+def test_client_helpers_and_cli_adopt(start_service, demo_heldout, capsys):
+    from service.cli import main
+    from service.client import AttributionClient
+
+    service = start_service()
+    with AttributionClient(service.address, timeout=60) as client:
+        job = client.submit_evaluation(demo_heldout.images[:4].numpy(), methods=["grad_cam", {
+            "method": "integrated_gradients", "steps": 8}], target=demo_heldout.labels[:4].tolist(),
+            metrics=["deletion", "pointing_game"], boxes=demo_heldout.boxes[:4].tolist(), curve_steps=4,
+            item_names=[f"item{i}.png" for i in range(4)])
+        assert job.is_evaluation and list(job.item_names) == [f"item{i}.png" for i in range(4)]
+        final = wait_final(client.stub, job.id)
+        assert final.state == pb.SUCCEEDED and client.job(job.id, include_result=True).evaluation.num_items == 4
+    assert main(["models", "--server", service.address, "adopt", "demo", "--job", job.id]) == 0
+    printed = capsys.readouterr().out
+    assert f"evaluation {job.id}, adopted" in printed and "default method:" in printed
+    assert main(["models", "--server", service.address, "adopt", "demo", "--job", "nope"]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err

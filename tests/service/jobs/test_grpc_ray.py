@@ -124,3 +124,22 @@ def test_online_requests_succeed_while_offline_work_saturates(ray_service, demo_
     assert stub.GetJob(pb.GetJobRequest(id=blocker.id), timeout=10).state == pb.RUNNING
     for job_id in [blocker.id] + queued:
         stub.CancelJob(pb.CancelJobRequest(id=job_id), timeout=30)
+
+
+def test_an_evaluation_job_runs_on_the_ray_offline_worker(ray_service, demo_batch):
+    """Small: 4 items, Grad-CAM only, deletion and the pointing game; the outcome crosses Ray as plain data."""
+    stub = ray_service.stub()
+    request = pb.EvaluationRequest(
+        inputs=job_request(demo_batch.images[:4]).request.inputs, methods=[pb.ExplainRequest(method=pb.GRAD_CAM)],
+        target=pb.Target(class_indices=pb.ClassIndices(indices=demo_batch.labels[:4].tolist())),
+        metrics=[pb.DELETION, pb.POINTING_GAME], options=pb.EvaluationOptions(curve_steps=4),
+        regions=[pb.Region(box=pb.Box(top=t, left=l, bottom=b, right=r)) for t, l, b, r in demo_batch.boxes[:4].tolist()])
+    job = stub.SubmitJob(pb.SubmitJobRequest(evaluation=request), timeout=30)
+    done = wait_for(stub, job.id, lambda j: j.state in FINAL, timeout=300)
+    assert done.state == pb.SUCCEEDED, done.error
+    result = stub.GetJob(pb.GetJobRequest(id=job.id, include_result=True), timeout=30).evaluation
+    (method,) = result.methods
+    assert method.label == "grad_cam@block4" and result.num_items == 4 and result.ranking == ["grad_cam@block4"]
+    assert {m.metric for m in method.metrics} == {pb.DELETION, pb.POINTING_GAME}
+    assert result.forward_rows > 0 and result.floor_seconds > 0
+    assert result.recommendation.method == pb.GRAD_CAM and result.recommendation.cam_layer == "block4"
