@@ -170,14 +170,6 @@ def method_keywords(method: str | int) -> frozenset[str]:
     return frozenset(_FAMILY_KEYWORDS.get(_FAMILY.get(_enum(pb.Method, method)), ()))
 
 
-def method_request(method: str | int, **params: Any) -> pb.ExplainRequest:
-    """An ExplainRequest naming only a method and its parameters: an entry of EvaluationRequest.methods
-    (the evaluation gives model, inputs, target and output)."""
-    request = pb.ExplainRequest(method=_enum(pb.Method, method))
-    _set_params(request, params, "NCHW")
-    return request
-
-
 # -------------------------------------------------------------- results --
 
 @dataclass

@@ -92,20 +92,9 @@ def run(args: argparse.Namespace) -> int:
     if args.demo < 0:
         raise CliError("--demo N takes a positive number of images")
     tls_options(args)  # --cert without --key is refused before any work
-    request = evaluation_request(args)
+    method_entries(args), _lists(args)  # names and flags checked before any image is read or made
     names, pictures, boxes = _inputs(args)
-    if pictures:
-        request.inputs.images.images.extend(pictures)
-    regions = _regions(args, names, boxes)
-    for top, left, bottom, right in regions:
-        request.regions.add().box.CopyFrom(_box(top, left, bottom, right))
-    return evaluate(args, request, names)
-
-
-def _box(top: int, left: int, bottom: int, right: int):
-    from service._proto import attribution_pb2 as pb
-
-    return pb.Box(top=top, left=left, bottom=bottom, right=right)
+    return evaluate(args, evaluation_request(args, pictures, _regions(args, names, boxes)), names)
 
 
 def _names(flag: str, text: str, known: list[str]) -> list[str]:
@@ -122,12 +111,12 @@ def _names(flag: str, text: str, known: list[str]) -> list[str]:
 
 
 def method_entries(args: argparse.Namespace) -> list:
-    """EvaluationRequest.methods from --methods (METHOD or METHOD@LAYER) and the method-parameter flags,
-    each flag given to the methods that take it; a flag no listed method takes is refused."""
+    """The methods of --methods (METHOD or METHOD@LAYER) as `build_evaluation` takes them ({"method": name,
+    **params}), each method-parameter flag given to the methods that take it; a flag no method takes is refused."""
     from service._proto import attribution_pb2 as pb
     from service.cli import CliError, suggest
     from service.client import enum_names
-    from service.client_messages import method_keywords, method_request
+    from service.client_messages import method_keywords
 
     given = {flag: getattr(args, key) for flag, key in _PARAM_FLAGS.items() if getattr(args, key) is not None}
     known = enum_names(pb.Method) + ["vanilla"]
@@ -149,36 +138,42 @@ def method_entries(args: argparse.Namespace) -> list:
         if (part.lower(), tuple(sorted(params.items()))) in seen:
             raise CliError(f"--methods: {part!r} is listed twice")
         seen.add((part.lower(), tuple(sorted(params.items()))))
-        try:
-            entries.append(method_request(name, **params))
-        except ValueError as exc:  # an unknown --rule or --baseline name
-            raise CliError(str(exc)) from None
+        entries.append({"method": name, **params})
     unused = sorted(set(given) - used)
     if unused:
         raise CliError(f"{', '.join(unused)}: none of the methods ({args.methods}) takes it")
     return entries
 
 
-def evaluation_request(args: argparse.Namespace):
-    """The EvaluationRequest of the command line, without its inputs and regions."""
+def _lists(args: argparse.Namespace) -> dict[str, list[str]]:
+    """The comma-separated name lists of the command line, each name checked."""
     from service._proto import attribution_pb2 as pb
     from service.client import enum_names
 
-    request = pb.EvaluationRequest(model=args.model, dataset=args.dataset, methods=method_entries(args),
-                                   shuffled_labels_model=args.shuffled_model)
-    metrics = _names("--metrics", args.metrics, enum_names(pb.Metric))
-    request.metrics.extend(pb.Metric.Value(m.upper()) for m in metrics)
-    if args.target:
-        request.target.class_indices.indices.extend(args.target)
-    options = request.options
-    options.curve_steps, options.patch_size = args.curve_steps, args.curve_patch
-    options.baselines.extend(_names("--curve-baselines", args.curve_baselines, ["zero", "blur", "mean"]))
-    options.randomization_modes.extend(_names("--randomization-modes", args.randomization_modes,
-                                              ["cascading", "independent"]))
-    options.bootstrap_samples, options.seed = args.bootstrap, args.seed
+    return {"metrics": _names("--metrics", args.metrics, enum_names(pb.Metric)),
+            "baselines": _names("--curve-baselines", args.curve_baselines, ["zero", "blur", "mean"]),
+            "randomization_modes": _names("--randomization-modes", args.randomization_modes,
+                                          ["cascading", "independent"])}
+
+
+def evaluation_request(args: argparse.Namespace, pictures: list[bytes], regions: list[tuple[int, int, int, int]]):
+    """The EvaluationRequest of the command line: `pictures` (encoded images; none with --dataset), one box per
+    item in `regions` (or none), the methods of `method_entries`, the metrics and the evaluation options."""
+    from service.cli import CliError
+    from service.client import build_evaluation
+
+    lists = _lists(args)
+    options: dict[str, Any] = {"curve_steps": args.curve_steps, "patch_size": args.curve_patch,
+                               "bootstrap_samples": args.bootstrap, "seed": args.seed,
+                               "baselines": lists["baselines"], "randomization_modes": lists["randomization_modes"]}
     if args.confidence is not None:
-        options.confidence = args.confidence
-    return request
+        options["confidence"] = args.confidence
+    try:
+        return build_evaluation(images=pictures or None, dataset=args.dataset, model=args.model,
+                                methods=method_entries(args), target=args.target, metrics=lists["metrics"],
+                                boxes=regions or None, shuffled_labels_model=args.shuffled_model, **options)
+    except (ValueError, TypeError) as exc:  # an unknown --rule or --baseline name, a parameter out of type
+        raise CliError(str(exc)) from None
 
 
 def _inputs(args: argparse.Namespace) -> tuple[list[str], list[bytes], dict[str, tuple[int, int, int, int]]]:

@@ -40,7 +40,8 @@ def test_the_command_line_becomes_one_evaluation_request(tmp_path):
                  "grad_cam@block3,grad_cam@block4,integrated_gradients,smoothgrad", "--steps", "8", "--samples", "4",
                  "--metrics", "deletion,pointing_game", "--curve-baselines", "zero,blur", "--seed", "7",
                  "--curve-steps", "12", "--confidence", "0.9", "--target", "1", "--shuffled-model", "shuffled")
-    request = evaluation_request(args)
+    names, pictures, boxes = _inputs(args)
+    request = evaluation_request(args, pictures, _regions(args, names, boxes))
     assert [(m.method, m.cam.layer) for m in request.methods[:2]] == [(pb.GRAD_CAM, "block3"), (pb.GRAD_CAM, "block4")]
     assert request.methods[2].integrated_gradients.steps == 8 and request.methods[3].noise.samples == 4
     assert not any(m.HasField("inputs") or m.HasField("output") or m.model for m in request.methods)
@@ -49,10 +50,9 @@ def test_the_command_line_becomes_one_evaluation_request(tmp_path):
     options = request.options
     assert (options.curve_steps, list(options.baselines), options.seed) == (12, ["zero", "blur"], 7)
     assert options.confidence == pytest.approx(0.9)
-    names, pictures, boxes = _inputs(args)
     demo = make_watermark_dataset(3, seed=7 + 1000)
-    assert names == ["demo-000.png", "demo-001.png", "demo-002.png"] and len(pictures) == 3
-    assert _regions(args, names, boxes) == [tuple(int(v) for v in b) for b in demo.boxes]
+    assert names == ["demo-000.png", "demo-001.png", "demo-002.png"] and len(request.inputs.images.images) == 3
+    assert [[r.box.top, r.box.left, r.box.bottom, r.box.right] for r in request.regions] == demo.boxes.tolist()
 
 
 def test_boxes_are_matched_by_path_or_file_name(tmp_path):
@@ -171,7 +171,8 @@ def test_a_local_evaluation_writes_the_report_and_prints_the_ranking(local_confi
     assert done.returncode == 0, done.stderr
     saved = json.loads((out / "evaluation.json").read_text())
     result = json_format.ParseDict(saved["result"], pb.EvaluationResult())
-    assert result.num_items == 6 and len(result.methods) == 2 and set(result.ranking) == {m.label for m in result.methods}
+    assert result.num_items == 6 and len(result.methods) == 2
+    assert set(result.ranking) == {m.label for m in result.methods}
     for method in result.methods:
         metrics = {v.metric for v in method.metrics}
         assert {pb.DELETION, pb.INSERTION, pb.MODEL_RANDOMIZATION, pb.POINTING_GAME} <= metrics
