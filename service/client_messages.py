@@ -165,6 +165,11 @@ def build_request(inputs: Any = None, *, images: Sequence[str | pathlib.Path | b
     return request
 
 
+def method_keywords(method: str | int) -> frozenset[str]:
+    """The parameter keywords `build_request` takes for `method` (e.g. {"layer", "also"} for grad_cam)."""
+    return frozenset(_FAMILY_KEYWORDS.get(_FAMILY.get(_enum(pb.Method, method)), ()))
+
+
 # -------------------------------------------------------------- results --
 
 @dataclass

@@ -1,4 +1,4 @@
-"""`attribution serve | explain | models | jobs | audit | health | deploy | bench | loadtest`.
+"""`attribution serve | explain | evaluate | models | jobs | audit | health | deploy | bench | loadtest`.
 
 Each subcommand is a module with `add_arguments(parser)` and `run(args)`. Building
 the parser imports only those modules, which import torch and Ray inside `run`:
@@ -42,6 +42,7 @@ def tls_options(args: argparse.Namespace) -> dict[str, str | None]:
 _COMMANDS = {
     "serve": ("service.cli.serve", "start Ray, the workers, the gRPC front door and /metrics"),
     "explain": ("service.cli.explain", "explain images (a folder at once) against a server or in-process"),
+    "evaluate": ("service.cli.evaluate", "rank attribution methods by faithfulness metrics; writes a report"),
     "models": ("service.cli.models", "list a server's models, layers and methods"),
     "jobs": ("service.cli.jobs", "offline jobs: submit | get | watch | cancel | list"),
     "audit": ("service.cli.audit", "audit logs: verify that logged maps reproduce"),

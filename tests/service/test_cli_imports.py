@@ -23,7 +23,8 @@ print(json.dumps({"code": code, "heavy": sorted(m for m in ("torch", "ray", "tor
 ARGVS = [["--help"], ["serve", "--help"], ["explain", "--help"], ["models", "--help"], ["jobs", "--help"],
          ["audit", "--help"], ["audit", "verify", "--help"], ["health", "--help"], ["deploy", "serve-config", "--help"],
          ["loadtest", "--help"], ["bench", "kernels", "--help"],
-         ["serve", "--port", "not-a-number"], ["explain"], ["no-such-command"]]
+         ["evaluate", "--help"], ["serve", "--port", "not-a-number"], ["explain"], ["evaluate"],
+         ["evaluate", "--demo", "2", "--local"], ["no-such-command"]]
 
 
 @pytest.mark.process
