@@ -72,7 +72,7 @@ def xrai(model: nn.Module, inputs: Tensor, targets: Tensor, *, mean: Sequence[fl
             raise Cancelled(f"xrai cancelled after {start} of {n} items")
         part = slice(start, min(n, start + group))
         attributions = ig_attributions(model, inputs[part], targets[part], mean_t, std_t, steps, budget,
-                                       num_classes, cancelled)              # (g, H, W)
+                                       num_classes, cancelled).amax(dim=1)  # (g, H, W)
         pixels = (inputs[part] * std_t + mean_t).permute(0, 2, 3, 1).double().cpu().numpy()  # (g, H, W, C)
         for i in range(pixels.shape[0]):
             masks = segment_masks(pixels[i], scales)                        # (S, H, W)
@@ -84,7 +84,7 @@ def xrai(model: nn.Module, inputs: Tensor, targets: Tensor, *, mean: Sequence[fl
 
 def ig_attributions(model: nn.Module, inputs: Tensor, targets: Tensor, mean: Tensor, std: Tensor, steps: int,
                     budget: FoldBudget, num_classes: int | None, cancelled: IsCancelled = None) -> Tensor:
-    """IG from the black and the white baseline, averaged, channels reduced by max `# (N, H, W)` float32."""
+    """IG from the black and the white baseline, averaged: `# (N, C, H, W)` float32."""
     black = ((0.0 - mean) / std).expand_as(inputs).contiguous()
     white = ((1.0 - mean) / std).expand_as(inputs).contiguous()
     requests = [GradientRequest(inputs, targets, "integrated_gradients", steps=steps, baselines=b)
@@ -94,8 +94,7 @@ def ig_attributions(model: nn.Module, inputs: Tensor, targets: Tensor, mean: Ten
     results = explain_gradients(model, requests, budget, limits, num_classes, watch=watch)
     if watch.dropped or any(r is None for r in results):
         raise Cancelled("xrai cancelled during its Integrated Gradients")
-    mean_attr = (results[0].attributions + results[1].attributions) / 2  # (N, C, H, W)
-    return mean_attr.amax(dim=1)
+    return (results[0].attributions + results[1].attributions) / 2       # (N, C, H, W)
 
 
 def xrai_regions(attributions: Tensor, masks: Tensor, min_pixel_diff: int = MIN_PIXEL_DIFF) -> Tensor:
