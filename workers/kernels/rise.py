@@ -62,15 +62,14 @@ class RiseMasks:
     def render(self, index: slice, device: torch.device | str = "cpu") -> Tensor:
         """Masks `index` as pixels `# (B, H, W)` float32 in [0, 1], on `device`."""
         grids = self.grids[index].to(device)                                # (B, s, s)
-        shifts = self.shifts[index].to(device)                              # (B, 2)
+        shifts = self.shifts[index]                                         # (B, 2), CPU
         s = grids.shape[-1]
         (ch, cw), (height, width) = self.cell, self.size
         up = F.interpolate(grids[:, None], size=((s + 1) * ch, (s + 1) * cw), mode="bilinear",
                            align_corners=False)[:, 0]                      # (B, (s+1)ch, (s+1)cw)
-        rows = shifts[:, :1] + torch.arange(height, device=device)          # (B, H)
-        cols = shifts[:, 1:] + torch.arange(width, device=device)           # (B, W)
-        batch = torch.arange(grids.shape[0], device=device)[:, None, None]
-        return up[batch, rows[:, :, None], cols[:, None, :]]                # (B, H, W)
+        # One slice per mask: on a CPU, 3x cheaper than one gather with index tensors.
+        return torch.stack([up[i, dy:dy + height, dx:dx + width]
+                            for i, (dy, dx) in enumerate(shifts.tolist())])  # (B, H, W)
 
 
 def rise_masks(masks: int, grid: int, keep_probability: float, size: tuple[int, int], seed: int) -> RiseMasks:
@@ -127,17 +126,21 @@ def _accumulate(model: nn.Module, inputs: Tensor, targets: Tensor, plan: RiseMas
             steps.check()
             first, last = chunk.start // n, (chunk.stop - 1) // n          # masks this chunk touches
             pixels = plan.render(slice(first, last + 1), device)            # (U, H, W)
-            r = torch.arange(chunk.start, chunk.stop, device=device)
-            mask, item = r // n - first, r % n
-            masked = inputs[item] * pixels[mask, None].to(inputs.dtype)     # (B, C, H, W)
-            logits = model(masked)                                          # (B, classes)
+            u = pixels.shape[0]
+            # Rows are mask-major, so the chunk is a contiguous run of the (U, N) products: made by
+            # broadcasting (a gather of the items per row costs more than the forward on small nets),
+            # at most N - 1 rows on either side made and dropped.
+            offset, size = chunk.start - first * n, chunk.stop - chunk.start
+            masked = (pixels[:, None, None].to(inputs.dtype) * inputs[None]).flatten(0, 1)  # (U*N, C, H, W)
+            logits = model(masked[offset:offset + size])                    # (B, classes)
+            item = torch.arange(chunk.start, chunk.stop, device=device) % n
             if chunk.start == 0:
                 check_targets(targets, logits.shape[1])
             scores = torch.softmax(logits.float(), dim=1).gather(1, targets[item])  # (B, K)
             # Scores as a dense (U, N*K) matrix (zeros where a mask's row lies in another chunk),
             # so the weighted sum of masks is one matmul.
-            dense = torch.zeros((pixels.shape[0], n, k), dtype=torch.float32, device=device)
-            dense[mask, item] = scores
-            total.addmm_(dense.view(pixels.shape[0], n * k).T, pixels.view(pixels.shape[0], -1).float())
-            steps.advance(chunk.stop - chunk.start)
+            dense = torch.zeros((u * n, k), dtype=torch.float32, device=device)
+            dense[offset:offset + size] = scores
+            total.addmm_(dense.view(u, n * k).T, pixels.view(u, -1).float())
+            steps.advance(size)
     return (total / (plan.count * plan.keep_probability)).view(n, k, height, width)
