@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -67,6 +68,7 @@ def xrai(model: nn.Module, inputs: Tensor, targets: Tensor, *, mean: Sequence[fl
     chunk = rows_per_chunk(model, tuple(inputs.shape[1:]), budget, device=inputs.device, dtype=inputs.dtype)
     group = max(1, chunk // (2 * steps))  # items whose IG rows fill about one backward chunk
     maps = torch.empty((n, *inputs.shape[-2:]), dtype=torch.float32, device=inputs.device)
+    masks, segmented = None, None
     for start in range(0, n, group):
         if cancelled is not None and cancelled():
             raise Cancelled(f"xrai cancelled after {start} of {n} items")
@@ -75,7 +77,9 @@ def xrai(model: nn.Module, inputs: Tensor, targets: Tensor, *, mean: Sequence[fl
                                        num_classes, cancelled).amax(dim=1)  # (g, H, W)
         pixels = (inputs[part] * std_t + mean_t).permute(0, 2, 3, 1).double().cpu().numpy()  # (g, H, W, C)
         for i in range(pixels.shape[0]):
-            masks = segment_masks(pixels[i], scales)                        # (S, H, W)
+            # Rows of one item repeated for several targets (top-k) share its segments.
+            if masks is None or not np.array_equal(pixels[i], segmented):
+                masks, segmented = segment_masks(pixels[i], scales), pixels[i]  # (S, H, W)
             maps[start + i] = xrai_regions(attributions[i], masks).to(maps.device, torch.float32)
         if progress is not None:
             progress(part.stop / n)

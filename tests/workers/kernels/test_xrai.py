@@ -159,3 +159,14 @@ def test_bad_targets_and_segments_are_typed_errors(demo_model, demo_heldout_inpu
         xrai(demo_model, demo_heldout_inputs[:1], torch.tensor([7]), mean=DEMO_MEAN, std=DEMO_STD, steps=2)
     with pytest.raises(InvalidArgument, match="segments"):
         xrai_regions(torch.zeros(8, 8), torch.zeros(2, 8, 9, dtype=torch.bool))
+
+
+def test_rows_of_one_item_share_its_segments(demo_model, demo_heldout_inputs, monkeypatch):
+    """Top-k repeats an item's row per target: it is segmented once, and each target gets its own map."""
+    from workers.kernels import xrai as module
+    calls = []
+    real = module.segment_masks
+    monkeypatch.setattr(module, "segment_masks", lambda image, scales: calls.append(1) or real(image, scales))
+    x = demo_heldout_inputs[:2].repeat_interleave(2, dim=0)                 # item 0, item 0, item 1, item 1
+    maps = xrai(demo_model, x, torch.tensor([0, 1, 2, 3]), mean=DEMO_MEAN, std=DEMO_STD, steps=4, scales=SCALES)
+    assert len(calls) == 2 and not torch.equal(maps[0], maps[1])
