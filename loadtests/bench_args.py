@@ -45,9 +45,11 @@ def cam_arguments(parser: argparse.ArgumentParser) -> None:
     add("--cam-perturbation-batch", type=int, default=1, help="images per Score-CAM / occlusion request")
     add("--cam-patch", type=int, default=16, help="occlusion patch size (px)")
     add("--cam-stride", type=int, default=8, help="occlusion stride (px)")
+    add("--cam-rise-masks", type=int, default=256, help="RISE masks per item")
+    add("--cam-xrai-steps", type=int, default=16, help="XRAI IG steps per baseline")
     add("--cam-repeats", type=int, default=5, help="timed runs per contender (median)")
     add("--cam-fold-requests", type=int, default=FOLD_REQUESTS, help="batch-1 requests in the fold row")
-    add("--cam-skip", default="", help="comma-separated rows to skip (e.g. score_cam,occlusion)")
+    add("--cam-skip", default="", help="comma-separated rows to skip (e.g. score_cam,occlusion,rise,xrai)")
     shared = {"--device": dict(default=None, help="cuda when present, else cpu"),
               "--seed": dict(type=int, default=0), "--threads": dict(type=int, default=None),
               "--json": dict(default=None, metavar="OUT", help="write the report here"),

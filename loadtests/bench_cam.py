@@ -21,6 +21,7 @@ interleaved after a warm-up (`kernel_bench.measure`; ratios are medians of per-r
     occlusion    ours: occlusion; floor: plain inference forwards over the same N*P occluded
         inputs in the same chunks (target <= 1.10); peer: Captum Occlusion with
         perturbations_per_eval giving the same rows per forward.
+    rise, xrai   loadtests/bench_perturbation.py (each against the floor of the rows it runs).
     fold_32_batch1_grad_cam   32 batch-1 Grad-CAM requests folded into one call, against the
         same 32 run one by one (floor) and pytorch-grad-cam one by one (peer); per request.
 
@@ -40,6 +41,7 @@ from torch import nn
 
 from loadtests.bench_args import CAM_LAYERS, FOLD_REQUESTS  # noqa: F401
 from loadtests.bench_args import cam_arguments as add_arguments  # noqa: F401  (python -m)
+from loadtests.bench_perturbation import bench_rise, bench_xrai
 from loadtests.kernel_bench import build_model, machine_info, measure, paired_ratio
 from workers.batching import FoldBudget, iter_chunks, rows_per_chunk
 from workers.kernels.cam import CAM_VARIANTS, GRADIENT_FREE_VARIANTS, CamRequest, explain_cam
@@ -183,6 +185,10 @@ def cam_rows(args: argparse.Namespace) -> list[dict]:
                  for m in ("score_cam", "ablation_cam") if m not in skip]
         if "occlusion" not in skip:
             rows.append(bench_occlusion(model, xp, tp, args.cam_patch, args.cam_stride, repeats))
+        if "rise" not in skip:
+            rows.append(bench_rise(model, xp, tp, args.cam_rise_masks, repeats))
+        if "xrai" not in skip:
+            rows.append(bench_xrai(model, xp, tp, args.cam_xrai_steps, repeats))
         if "fold" not in skip:
             rows.append(bench_fold(model, taps, layer, x[:args.cam_fold_requests],
                                    t[:args.cam_fold_requests], repeats))
@@ -192,10 +198,13 @@ def cam_rows(args: argparse.Namespace) -> list[dict]:
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'method':<28}{'ours s':>10}{'floor s':>10}{'/floor':>8}{'target':>8}{'peer s':>10}"
              f"{'/peer':>8}  peer"]
+    def cell(value, spec: str) -> str:
+        return format(value, spec) if value is not None else format("-", ">" + spec.split(".")[0])
+
     for r in rows:
         lines.append(f"{r['method']:<28}{r['seconds']:>10.4f}{r['floor_seconds']:>10.4f}"
-                     f"{r['ratio_to_floor']:>8.3f}{r['target_ratio_to_floor']:>8.2f}{r['peer_seconds']:>10.4f}"
-                     f"{r['ratio_to_peer']:>8.3f}  {r['peer']}")
+                     f"{r['ratio_to_floor']:>8.3f}{cell(r['target_ratio_to_floor'], '8.2f')}"
+                     f"{cell(r['peer_seconds'], '10.4f')}{cell(r['ratio_to_peer'], '8.3f')}  {r['peer']}")
     return "\n".join(lines)
 
 

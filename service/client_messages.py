@@ -25,7 +25,8 @@ _FAMILY = {getattr(pb, m.proto): m.params for m in METHODS}
 _FAMILY_KEYWORDS = {"gradient": {"absolute"}, "noise": {"samples", "noise_fraction"},
                     "integrated_gradients": {"steps", "rule", "baseline", "blur_sigma"},
                     "cam": {"layer", "also"}, "score_cam": {"layer", "top_k_channels"},
-                    "occlusion": {"patch_size", "stride", "baseline_value"}}
+                    "occlusion": {"patch_size", "stride", "baseline_value"},
+                    "rise": {"masks", "grid", "keep_probability"}, "xrai": {"steps", "segmentation_scales"}}
 # Friendly names: the workers' "vanilla", normalization "none", audit "on"/"off".
 _ALIASES = {("Method", "VANILLA"): "VANILLA_GRADIENT", ("Normalization", "NONE"): "NO_NORMALIZATION",
             ("AuditMode", "ON"): "AUDIT_ON", ("AuditMode", "OFF"): "AUDIT_OFF"}
@@ -134,6 +135,8 @@ def _set_params(request: pb.ExplainRequest, params: dict[str, Any], layout: str 
             target.baseline.blur_sigma = value
         elif key == "also":
             target.also.extend(_enum(pb.Method, m) for m in value)
+        elif key == "segmentation_scales":
+            target.segmentation_scales.extend(float(s) for s in value)
         else:
             setattr(target, key, value)
 

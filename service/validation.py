@@ -19,6 +19,7 @@ from service import codec
 from service._proto import attribution_pb2 as pb
 from service.config import Limits
 from service.decoding.pool import ImageDecoder
+from service.offline_params import rise_params, xrai_params
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
 from workers.methods import METHODS
 from workers.spec import (CAM_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
@@ -240,6 +241,10 @@ def _params(request: pb.ExplainRequest, method: str, model: ModelDescription, li
     if expected == "score_cam":
         layer = _cam_layer(request.score_cam.layer, "score_cam.layer", model, v)
         return MethodParams(layer=layer, top_k_channels=int(request.score_cam.top_k_channels))
+    if expected == "rise":
+        return rise_params(request.rise, v)
+    if expected == "xrai":
+        return xrai_params(request.xrai, limits, v)
     return _occlusion_params(request.occlusion, model, v)
 
 

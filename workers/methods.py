@@ -27,7 +27,8 @@ class Method:
     name: the workers' name (ExplainSpec.method, metrics labels, scenarios).
     proto: the `Method` enum value's name in proto/attribution/v1.
     family: the kernel family that computes it: "gradients" (workers/kernels/gradients.py, folded),
-        "cam" (workers/kernels/cam.py, folded), "perturbation" (workers/kernels/perturbation.py, jobs).
+        "cam" (workers/kernels/cam.py, folded), "perturbation" (workers/kernels/perturbation.py,
+        rise.py and xrai.py: jobs).
     params: the ExplainRequest `params` oneof member it reads.
     online: served by Explain / ExplainStream; False = offline jobs only (SubmitJob).
     cost: rows per item and target: "one", "samples" (NoiseParams.samples) or "steps" (IG steps).
@@ -58,6 +59,8 @@ METHODS: tuple[Method, ...] = (
     Method("score_cam", "SCORE_CAM", "perturbation", "score_cam", online=False),
     Method("occlusion", "OCCLUSION", "perturbation", "occlusion", online=False),
     Method("ablation_cam", "ABLATION_CAM", "perturbation", "score_cam", online=False),
+    Method("rise", "RISE", "perturbation", "rise", online=False),
+    Method("xrai", "XRAI", "perturbation", "xrai", online=False),
 )
 
 BY_NAME: dict[str, Method] = {m.name: m for m in METHODS}
@@ -67,6 +70,8 @@ OFFLINE_ONLY_METHODS = tuple(m.name for m in METHODS if not m.online)
 GRADIENT_METHODS = tuple(m.name for m in METHODS if m.family == "gradients")
 NOISE_METHODS = tuple(m.name for m in METHODS if m.noise)
 CAM_METHODS = tuple(m.name for m in METHODS if m.family == "cam")
+# Offline-only methods that need no CAM layer: every model offers them.
+LAYERLESS_OFFLINE_METHODS = tuple(m.name for m in METHODS if not m.online and m.params not in ("cam", "score_cam"))
 
 
 def method(name: str) -> Method | None:

@@ -18,6 +18,7 @@ from torch import nn
 from workers.config import CAM_SOURCES, InputSpec, ModelConfig, no_cam_on_torchscript
 from workers.errors import InvalidArgument, LayerNotFound, ModelLoadError, ModelNotFound
 from workers.kernels.hooks import to_nchw
+from workers.methods import LAYERLESS_OFFLINE_METHODS
 from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS, ModelDescription
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ class LoadedModel:
 
     @property
     def offline_methods(self) -> tuple[str, ...]:
-        return self.online_methods + (OFFLINE_ONLY_METHODS if self.cam_layers else ("occlusion",))
+        return self.online_methods + (OFFLINE_ONLY_METHODS if self.cam_layers else LAYERLESS_OFFLINE_METHODS)
 
 
 def sha256_file(path: pathlib.Path) -> str:

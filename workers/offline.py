@@ -1,4 +1,5 @@
-"""Offline work: Score-CAM, Ablation-CAM, occlusion and bulk runs of any online method, with progress and cancellation.
+"""Offline work: Score-CAM, Ablation-CAM, occlusion, RISE, XRAI and bulk runs of any online method, with
+progress and cancellation.
 
 `run_offline` explains one spec chunk by chunk of items (a thousand images never
 sit on the device at once) and reports the fraction done after every kernel chunk;
@@ -35,6 +36,8 @@ from workers.config import Limits, OfflineConfig
 from workers.errors import AttributionError, Cancelled
 from workers.evaluation.jobspec import EvaluationOutcome, EvaluationSpec
 from workers.kernels.perturbation import ablation_cam, occlusion, score_cam
+from workers.kernels.rise import rise
+from workers.kernels.xrai import xrai
 from workers.models import ModelRegistry
 from workers.pipeline import explain_batch
 from workers.stages import (ContextCache, WorkerContext, build_items, check_finite, resolve_targets,
@@ -99,7 +102,7 @@ def _online_chunk(ctx: WorkerContext, spec: ExplainSpec, _progress: Progress,
 
 def _perturbation_chunk(ctx: WorkerContext, spec: ExplainSpec, progress: Progress,
                         cancelled: IsCancelled) -> list[ItemExplanation]:
-    """A chunk of Score-CAM, Ablation-CAM or occlusion: predict, resolve targets, run the kernel, finish the maps."""
+    """A chunk of an offline-only method: predict, resolve targets, run the kernel, finish the maps."""
     model = ctx.model
     x = to_device(spec.inputs, model.device)                             # (n, C, H, W)
     with torch.inference_mode():
@@ -113,6 +116,14 @@ def _perturbation_chunk(ctx: WorkerContext, spec: ExplainSpec, progress: Progres
         maps = kernel(model.module, ctx.taps, rows, targets, p.layer or model.default_cam_layer,
                       top_k_channels=p.top_k_channels, budget=ctx.budget, progress=progress,
                       cancelled=cancelled)                               # (n*k, H, W)
+    elif spec.method == "rise":  # one forward per mask scores all k targets of an item
+        maps = rise(model.module, x, targets.view(x.shape[0], k), masks=p.masks, grid=p.grid,
+                    keep_probability=p.keep_probability, seed=spec.seed, budget=ctx.budget,
+                    progress=progress, cancelled=cancelled).flatten(0, 1)  # (n*k, H, W)
+    elif spec.method == "xrai":
+        maps = xrai(model.module, rows, targets, mean=model.spec.mean, std=model.spec.std, steps=p.steps,
+                    scales=p.segmentation_scales, budget=ctx.budget, num_classes=model.num_classes,
+                    progress=progress, cancelled=cancelled)              # (n*k, H, W)
     else:
         maps = occlusion(model.module, rows, targets, patch_size=p.patch_size, stride=p.stride,
                          baseline_value=p.baseline_value, budget=ctx.budget, progress=progress,

@@ -88,6 +88,10 @@ class MethodParams(TensorFields):
     patch_size: int = 8                    # occlusion
     stride: int = 4
     baseline_value: float = 0.0
+    masks: int = 4000                      # RISE
+    grid: int = 7
+    keep_probability: float = 0.5
+    segmentation_scales: tuple[float, ...] = (50.0, 100.0, 150.0, 250.0, 500.0, 1200.0)  # XRAI (with steps)
 
 
 @dataclass(frozen=True)

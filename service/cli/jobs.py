@@ -30,14 +30,15 @@ _FINAL = (pb.SUCCEEDED, pb.FAILED, pb.CANCELLED)
 _BAR_WIDTH = 30
 # submit option -> build_request keyword; only the options given are sent.
 _PARAMS = ("layer", "top_k_channels", "patch_size", "stride", "baseline_value", "samples", "noise_fraction",
-           "steps")
+           "steps", "masks", "grid", "keep_probability", "segmentation_scales")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     submit = sub.add_parser("submit", help="submit images as one offline job")
     submit.add_argument("inputs", nargs="+", help="PNG/JPEG files, or .npy pixel arrays (N, C, H, W) in [0, 1]")
-    submit.add_argument("--method", default="score_cam", help="score_cam, ablation_cam, occlusion, or any online method")
+    submit.add_argument("--method", default="score_cam",
+                        help="score_cam, ablation_cam, occlusion, rise, xrai, or any online method")
     submit.add_argument("--model", default="", help="model name (default: the server's default)")
     submit.add_argument("--target", type=int, nargs="+", help="class index, one for all or one per item")
     submit.add_argument("--top-k", type=int, help="explain the top-k classes of each item")
@@ -48,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     submit.add_argument("--baseline-value", type=float, help="occlusion fill value (model space)")
     submit.add_argument("--samples", type=int, help="SmoothGrad family: noisy copies")
     submit.add_argument("--noise-fraction", type=float, help="SmoothGrad family: noise level")
-    submit.add_argument("--steps", type=int, help="Integrated Gradients: interpolation points")
+    submit.add_argument("--steps", type=int, help="Integrated Gradients / XRAI: interpolation points")
+    submit.add_argument("--masks", type=int, help="RISE: random masks per item")
+    submit.add_argument("--grid", type=int, help="RISE: mask cells per side")
+    submit.add_argument("--keep-probability", type=float, help="RISE: probability a cell is kept")
+    submit.add_argument("--segmentation-scales", type=float, nargs="+", help="XRAI: Felzenszwalb scales")
+    submit.add_argument("--seed", type=int, default=0, help="seeds the random draws (RISE masks, noise)")
     submit.add_argument("--normalization", default=0, help="none, max_abs or min_max")
     submit.add_argument("--overlay", action="store_true", help="also store PNG overlays in the result")
     submit.add_argument("--priority", type=int, default=0, help="-100..100, higher runs first")
@@ -100,7 +106,7 @@ def _submit(stub, args: argparse.Namespace, metadata) -> int:
     params = {k: getattr(args, k) for k in _PARAMS if getattr(args, k) is not None}
     request = build_request(**_inputs(args.inputs), method=args.method, model=args.model, top_k=args.top_k,
                             target=args.target, normalization=args.normalization, png_overlay=args.overlay,
-                            **params)
+                            seed=args.seed, **params)
     job = stub.SubmitJob(pb.SubmitJobRequest(request=request, priority=args.priority,
                                              idempotency_key=args.idempotency_key,
                                              item_names=_item_names(args.inputs)),

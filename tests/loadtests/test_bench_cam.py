@@ -9,7 +9,7 @@ from loadtests import bench_cam
 
 TINY = ["--cam-model", "demo", "--cam-size", "32", "--cam-batch", "2", "--cam-perturbation-batch", "1", "--cam-patch", "16",
         "--cam-stride", "16", "--cam-repeats", "1", "--cam-fold-requests", "3", "--device", "cpu",
-        "--threads", "1", "--quiet"]  # one thread: OpenMP spinning on a shared host
+        "--cam-rise-masks", "8", "--cam-xrai-steps", "2", "--threads", "1", "--quiet"]  # one thread: OpenMP spinning on a shared host
 KEYS = {"method", "seconds", "floor_seconds", "ratio_to_floor", "peer_seconds", "ratio_to_peer"}
 
 
@@ -19,10 +19,13 @@ def test_standalone_run_writes_the_report(tmp_path):
     report = json.loads(out.read_text())
     methods = [r["method"] for r in report["results"]]
     assert methods == ["grad_cam", "grad_cam_plus_plus", "layer_cam", "hires_cam", "xgrad_cam", "eigen_cam",
-                       "score_cam", "ablation_cam", "occlusion", "fold_3_batch1_grad_cam"]
+                       "score_cam", "ablation_cam", "occlusion", "rise", "xrai", "fold_3_batch1_grad_cam"]
     for row in report["results"]:
         assert KEYS <= set(row), row
-        assert all(isinstance(row[k], float) and row[k] > 0 for k in KEYS - {"method"}), row
+        timed = KEYS - {"method"} - ({"peer_seconds", "ratio_to_peer"} if row["method"] in ("rise", "xrai") else set())
+        assert all(isinstance(row[k], float) and row[k] > 0 for k in timed), row
+    xrai = report["results"][methods.index("xrai")]
+    assert xrai["rows"] == 2 * 2 and 0 < xrai["ig_seconds"] < xrai["seconds"]  # 1 item x 2 baselines x 2 steps
     assert report["machine"]["device"] == "cpu"
     assert bench_cam.format_table(report["results"]).count("\n") == len(methods)
 

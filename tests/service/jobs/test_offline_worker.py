@@ -38,6 +38,8 @@ def maps(result: ExplainResult) -> list[torch.Tensor]:
     ("occlusion", MethodParams(patch_size=16, stride=16), TargetSpec(kind="indices", indices=(0, 1, 2, 3))),
     ("score_cam", MethodParams(layer="block3", top_k_channels=4), TargetSpec(kind="top_k", k=2)),
     ("integrated_gradients", MethodParams(steps=4, baseline="black"), TargetSpec()),
+    ("rise", MethodParams(masks=48, grid=4), TargetSpec(kind="top_k", k=2)),
+    ("xrai", MethodParams(steps=4, segmentation_scales=(100.0, 500.0)), TargetSpec()),
 ])
 def test_chunking_does_not_change_the_answer(ctx, inputs, method, params, target):
     spec = ExplainSpec(model="demo", method=method, inputs=inputs, params=params, target=target)
