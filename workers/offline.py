@@ -82,8 +82,9 @@ def _slice(spec: ExplainSpec, chunk: slice) -> ExplainSpec:
     custom = params.baseline_tensor
     if custom is not None and custom.shape[0] > 1:
         params = dataclasses.replace(params, baseline_tensor=custom[chunk])
+    mask = None if spec.attention_mask is None else spec.attention_mask[chunk]  # text: the chunk's mask
     return dataclasses.replace(spec, inputs=spec.inputs[chunk], target=target, params=params,
-                               geometry=spec.geometry[chunk])
+                               geometry=spec.geometry[chunk], attention_mask=mask)
 
 
 def _online_chunk(ctx: WorkerContext, spec: ExplainSpec, _progress: Progress,

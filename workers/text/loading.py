@@ -6,7 +6,6 @@ a scripted module's included. One probe forward checks the contract and reads th
 """
 from __future__ import annotations
 
-import pathlib
 from dataclasses import dataclass
 
 import torch
