@@ -164,3 +164,18 @@ def test_audit_verify_reproduces_a_text_request(registry, tmp_path):
     records[0]["map_summary"]["values"][0] += 0.05 * records[0]["map_summary"]["abs_max"]
     (tmp_path / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
     assert not verify([tmp_path / LOG_NAME], backend).ok
+
+
+def test_python_client_takes_texts_and_token_ids(harness):
+    from service.client import AttributionClient
+
+    with AttributionClient(harness.address) as client:
+        by_text = client.explain(texts=["we saw a guitar"], model=TEXT, method="integrated_gradients",
+                                 baseline="pad_token", steps=16)
+        by_ids = client.explain(token_ids=[by_text.items[0].token_ids], model=TEXT, method="integrated_gradients",
+                                baseline="pad_token", steps=16)
+    (item,) = by_text.items
+    assert item.tokens == ["we", "saw", "a", "guitar"] and item.attributions[0].map.shape == (4,)
+    assert int(item.attributions[0].map.argmax()) == 3 and item.attributions[0].completeness_error is not None
+    assert by_ids.items[0].input_sha256 == item.input_sha256
+    assert (by_ids.items[0].attributions[0].map == item.attributions[0].map).all()
