@@ -30,9 +30,10 @@ class TextForward:
     def __init__(self, module: nn.Module, embedding: str, model_name: str = ""):
         modules = dict(module.named_modules())
         if embedding not in modules:
-            near = [n for n in modules if n and "emb" in n.lower()][:8]
-            raise ModelLoadError(f"model {model_name!r}: no embedding module {embedding!r}; modules with 'emb' in "
-                                 f"their name: {', '.join(near) or '(none)'}; set text.embedding to its path")
+            near = [n for n, m in modules.items() if n and ("emb" in n.lower() or isinstance(m, nn.Embedding)
+                                                          or getattr(m, "original_name", "") == "Embedding")][:8]
+            raise ModelLoadError(f"model {model_name!r}: no embedding module {embedding!r}; embedding-like modules: "
+                                 f"{', '.join(near) or '(none)'}; set text.embedding to its path")
         self.module, self.embedding_name = module, embedding
         self.embedding = modules[embedding]
         self.scripted = isinstance(module, torch.jit.ScriptModule)
