@@ -80,6 +80,8 @@ def mix_schedule(scenario: Scenario) -> list[int]:
 
 def _request(entry: MixEntry, info: pb.ModelInfo, rng: np.random.Generator, request_id: str, seed: int,
              path: str) -> pb.ExplainRequest:
+    if info.modality == pb.TEXT:
+        return _text_request(entry, info, rng, request_id, seed, path)
     spec = info.input_spec
     height, width = entry.image.height or spec.height, entry.image.width or spec.width
     if entry.image.encoding == "tensor":
@@ -97,6 +99,27 @@ def _request(entry: MixEntry, info: pb.ModelInfo, rng: np.random.Generator, requ
         request.inputs.space = pb.PIXELS
     else:
         request.inputs.images.images.extend(_png(item) for item in pixels)
+    _set_params(request, entry)
+    return request
+
+
+def _text_request(entry: MixEntry, info: pb.ModelInfo, rng: np.random.Generator, request_id: str, seed: int,
+                  path: str) -> pb.ExplainRequest:
+    """A text model's request: `items` sequences of `tokens` random ids (seeded) from its vocabulary."""
+    text = info.text_spec
+    length = entry.tokens or min(16, text.max_length)
+    check(length <= text.max_length, f"{path}.tokens", f"{length} tokens exceed model {info.name!r}'s max_length "
+                                                       f"{text.max_length}")
+    request = pb.ExplainRequest(request_id=request_id, model=info.name, method=ONLINE_METHODS[entry.method],
+                                seed=seed, output=pb.OutputOptions(normalization=NORMALIZATIONS[
+                                    entry.output.normalization]))
+    ids = rng.integers(0, text.vocab_size, size=(entry.items, length))
+    request.inputs.tokens.sequences.extend(pb.TokenSequence(ids=row.tolist()) for row in ids)
+    _set_params(request, entry)
+    return request
+
+
+def _set_params(request: pb.ExplainRequest, entry: MixEntry) -> None:
     if entry.method in NOISE_METHODS:
         request.noise.CopyFrom(pb.NoiseParams(samples=entry.samples))
         if entry.noise_fraction:  # 0 in a scenario = the server's default; the field is optional on the wire
@@ -105,7 +128,6 @@ def _request(entry: MixEntry, info: pb.ModelInfo, rng: np.random.Generator, requ
         request.integrated_gradients.CopyFrom(pb.IntegratedGradientsParams(steps=entry.steps))
     elif entry.method in CAM_METHODS:
         request.cam.CopyFrom(pb.CamParams(layer=entry.layer))
-    return request
 
 
 def synthetic_images(rng: np.random.Generator, n: int, channels: int, height: int, width: int) -> np.ndarray:

@@ -12,6 +12,7 @@ A scenario file has this shape; every key but `mix` is optional::
       image: {height: 0, width: 0, encoding: tensor}   # 0 = the model's input size; tensor | png
       deadline_ms: 30000          # gRPC deadline per request; 0 = none (the loader still stops)
       output: {dtype: float32, reduction: abs_max, normalization: none}
+      tokens: 0                   # text models (ModelInfo.modality TEXT): ids per item; 0 = min(16, max_length)
     mix:
       - {method: grad_cam, weight: 70}
       - {method: smoothgrad, weight: 20, samples: 32}
@@ -93,6 +94,7 @@ class MixEntry:
     layer: str = ""                # CAM family; "" = the model's default layer
     deadline_ms: float = 30000.0   # 0 = no gRPC deadline
     output: OutputSpec = field(default_factory=OutputSpec)
+    tokens: int = 0                # text models: token ids per item (random, seeded); 0 = min(16, max_length)
 
     @property
     def label(self) -> str:
@@ -210,7 +212,7 @@ def _mix_entry(raw: dict, path: str) -> MixEntry:
     check(method in ONLINE_METHODS, f"{path}.method",
            f"{raw.get('method')!r} is not an online method; one of: {', '.join(ONLINE_METHODS)}")
     entry = dict(raw, method=method)
-    for name, lo, hi in (("items", 1, 4096), ("samples", 0, 65536), ("steps", 0, 65536)):
+    for name, lo, hi in (("items", 1, 4096), ("samples", 0, 65536), ("steps", 0, 65536), ("tokens", 0, 8192)):
         value = entry.get(name, 0 if name != "items" else 1)
         check(_is_int(value) and lo <= value <= hi, f"{path}.{name}", f"must be {lo}..{hi}, got {value!r}")
     for name, lo, hi in (("weight", 0, 1e9), ("noise_fraction", 0, 1), ("deadline_ms", 0, 3.6e6)):

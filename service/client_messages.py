@@ -146,13 +146,22 @@ def build_request(inputs: Any = None, *, images: Sequence[str | pathlib.Path | b
                   top_k: int | None = None, space: str | int = "pixels", layout: str | int = "NCHW",
                   reduction: str | int = 0, normalization: str | int = 0, dtype: str | int = 0,
                   png_overlay: bool = False, native_resolution: bool = False, seed: int = 0,
-                  audit: str | int = 0, request_id: str = "", **params: Any) -> pb.ExplainRequest:
-    """An ExplainRequest from Python values; `params` are the method's parameters (samples=, steps=, ...)."""
-    if (inputs is None) == (images is None):
-        raise ValueError("give exactly one of inputs (an array) or images (paths or encoded bytes)")
+                  audit: str | int = 0, request_id: str = "", texts: Sequence[str] | None = None,
+                  token_ids: Sequence[Sequence[int]] | None = None, **params: Any) -> pb.ExplainRequest:
+    """An ExplainRequest from Python values; `params` are the method's parameters (samples=, steps=, ...).
+
+    Text models take `texts` (raw strings, tokenized by the server) or `token_ids` (one id sequence per item,
+    any lengths: the server pads and masks them) instead of `inputs`/`images`."""
+    if sum(x is not None for x in (inputs, images, texts, token_ids)) != 1:
+        raise ValueError("give exactly one of inputs (an array), images (paths or encoded bytes), texts (strings) "
+                         "or token_ids (id sequences)")
     request = pb.ExplainRequest(request_id=request_id, model=model, method=_enum(pb.Method, method), seed=seed,
                                 audit=_enum(pb.AuditMode, audit))
-    if images is not None:
+    if texts is not None:
+        request.inputs.texts.texts.extend([texts] if isinstance(texts, str) else list(texts))
+    elif token_ids is not None:
+        request.inputs.tokens.sequences.extend(pb.TokenSequence(ids=[int(i) for i in ids]) for ids in token_ids)
+    elif images is not None:
         request.inputs.images.images.extend(_image_bytes(i) for i in images)
     else:
         request.inputs.tensor.CopyFrom(tensor_from_array(inputs, layout))
@@ -197,6 +206,9 @@ class ItemResult:
     # For an item sent as an encoded image: where the model's input lay in it (proto SourceGeometry;
     # service.render.photo_box turns it into a rectangle of the photo). None for tensor inputs.
     geometry: pb.SourceGeometry | None = None
+    # Text models: the item's tokens and ids (padding excluded); each map has one score per token.
+    tokens: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -237,7 +249,8 @@ class Explanation:
                         completeness_error_absolute=(a.completeness_error_absolute
                                                      if a.HasField("completeness_error_absolute") else None),
                         map_sha256=a.map_sha256) for a in i.attributions], i.input_sha256,
-                            i.geometry if i.HasField("geometry") else None) for i in response.items]
+                            i.geometry if i.HasField("geometry") else None, list(i.tokens), list(i.token_ids))
+                 for i in response.items]
         t = response.timings
         timings = {"queue_ms": t.queue_ms, "compute_ms": t.compute_ms, "total_ms": t.total_ms,
                    "batch_samples": t.batch_samples, "batch_requests": t.batch_requests}

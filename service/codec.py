@@ -20,6 +20,7 @@ from service import fitting
 from service._proto import attribution_pb2 as pb
 from workers import methods
 from service.decoding.pool import Busy, Decoded, DecodeFailure, ImageDecoder, InlineDecoder
+from service.text_inputs import item_input, modality_fields
 from workers.errors import FieldViolation, InternalError, InvalidArgument, Overloaded
 from workers.spec import (AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec, SourceGeometry,
                           pixels_to_model_space)
@@ -41,7 +42,7 @@ RULE_NAMES = {pb.INTEGRATION_RULE_UNSPECIFIED: "gauss_legendre", pb.RIEMANN_LEFT
               pb.RIEMANN_TRAPEZOID: "riemann_trapezoid", pb.GAUSS_LEGENDRE: "gauss_legendre"}
 BASELINE_NAMES = {pb.BASELINE_KIND_UNSPECIFIED: "zero", pb.ZERO: "zero", pb.BLACK: "black",
                   pb.BLURRED: "blurred", pb.UNIFORM_NOISE: "uniform_noise", pb.DATASET_MEAN: "dataset_mean",
-                  pb.CUSTOM: "custom"}
+                  pb.CUSTOM: "custom", pb.PAD_TOKEN: "pad_token"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
 # Maps the reader refuses beyond this many bad items, so one message stays readable.
 _MAX_ITEM_VIOLATIONS = 8
@@ -294,8 +295,8 @@ def map_sha256(data: bytes) -> str:
 
 
 def input_sha256(item: torch.Tensor) -> str:
-    """Hex sha256 of one item's model-space float32 bytes, `# (C, H, W)`."""
-    return hashlib.sha256(tensor_bytes(item.to(torch.float32))).hexdigest()
+    """Hex sha256 of one item's model-space float32 bytes, `# (C, H, W)`, or int64 token ids `# (L,)` (item_input)."""
+    return hashlib.sha256(tensor_bytes(item.to(torch.float32 if item.is_floating_point() else torch.int64))).hexdigest()
 
 
 # Inferno, sampled at 11 evenly spaced points (8-bit sRGB); the LUT interpolates.
@@ -360,7 +361,8 @@ def encode_result(result: ExplainResult, spec: ExplainSpec, model: ModelDescript
             predicted_classes=[int(c) for c in explanation.predicted_classes],
             predicted_scores=[float(s) for s in explanation.predicted_scores],
             attributions=[_attribution(a, item, spec.output, model) for a in explanation.attributions],
-            input_sha256=input_sha256(item))
+            input_sha256=input_sha256(item_input(spec, i)), tokens=explanation.tokens,
+            token_ids=explanation.token_ids)
         if i < len(spec.geometry):
             g = spec.geometry[i]
             out.geometry.CopyFrom(pb.SourceGeometry(width=g.width, height=g.height, resize=g.resize,
@@ -395,4 +397,5 @@ def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.Mo
         limits=pb.ServerLimits(max_items=limits.max_items, max_samples=limits.max_samples,
                                max_steps=limits.max_steps, max_top_k=min(limits.max_top_k, model.num_classes),
                                max_image_pixels=limits.max_image_pixels, max_job_items=max_job_items),
-        is_default=model.is_default, default_method=METHOD_ENUMS.get(model.default_method, pb.METHOD_UNSPECIFIED))
+        is_default=model.is_default, default_method=METHOD_ENUMS.get(model.default_method, pb.METHOD_UNSPECIFIED),
+        **modality_fields(model))

@@ -20,6 +20,7 @@ from service._proto import attribution_pb2 as pb
 from service.config import Limits
 from service.decoding.pool import ImageDecoder
 from service.offline_params import rise_params, xrai_params
+from service.text_inputs import TEXT_SOURCES, declared_text_items, image_inputs_refusal, text_inputs
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
 from workers.methods import METHODS
 from workers.spec import (CAM_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
@@ -82,18 +83,24 @@ def validate_explain(request: pb.ExplainRequest, model: ModelDescription, limits
     rid = _request_id(request.request_id, limits, v) or request_id or uuid.uuid4().hex
     method = _method(request.method, model, offline, v)
     declared = _declared_items(request.inputs)
-    inputs, geometry, pixels = _inputs(request.inputs, model, limits, declared, v, decoder)
+    mask, pixels = None, None
+    if model.modality == "text":  # token ids and their mask (service/text_inputs.py)
+        (inputs, mask), geometry = text_inputs(request.inputs, model, limits.max_items, v.items), ()
+    else:
+        inputs, geometry, pixels = _inputs(request.inputs, model, limits, declared, v, decoder)
     items = int(inputs.shape[0]) if inputs is not None else declared
     target = _target(request.target, model, limits, items, v)
     params = _params(request, method, model, limits, items, v) if method else _DEFAULTS
     output = _output(request.output, method, v)
+    if model.modality == "text" and output.png_overlay:
+        v.add("output.png_overlay", "text models have no image to draw over; leave it unset")
     if request.audit not in _AUDIT:
         v.add("audit", f"unknown audit mode {request.audit}")
     v.raise_if_any()
     deadline = time.time() + time_remaining if time_remaining is not None else None
     return ExplainSpec(model=model.name, method=method, inputs=inputs, request_id=rid, target=target,
                        params=params, output=output, seed=int(request.seed), audit=_AUDIT[request.audit],
-                       deadline=deadline, geometry=geometry, pixels_u8=pixels,
+                       deadline=deadline, geometry=geometry, attention_mask=mask, pixels_u8=pixels,
                        pixel_mean=model.mean if pixels is not None else (),
                        pixel_std=model.std if pixels is not None else ())
 
@@ -149,6 +156,8 @@ def _declared_items(inputs: pb.Inputs) -> int:
     """Items the request claims to carry, read before any decoding (0 = unknown)."""
     if inputs.HasField("images"):
         return len(inputs.images.images)
+    if inputs.WhichOneof("source") in TEXT_SOURCES:
+        return declared_text_items(inputs)
     shape = list(inputs.tensor.shape)
     return int(shape[0]) if len(shape) == 4 else 1 if len(shape) == 3 else 0
 
@@ -161,6 +170,9 @@ def _inputs(inputs: pb.Inputs, model: ModelDescription, limits: Limits, declared
     source = inputs.WhichOneof("source")
     if source is None:
         v.add("inputs", "set inputs.tensor (raw pixels or model-space values) or inputs.images (PNG/JPEG)")
+        return None, (), None
+    if source in TEXT_SOURCES:
+        v.items.append(image_inputs_refusal(model, source))
         return None, (), None
     if source == "images" and declared == 0:
         v.add("inputs.images.images", "needs at least one image")
@@ -272,6 +284,12 @@ def _ig_params(p: pb.IntegratedGradientsParams, inputs: pb.Inputs, model: ModelD
     kind = codec.BASELINE_NAMES.get(p.baseline.kind)
     if kind is None:
         v.add("integrated_gradients.baseline.kind", f"unknown baseline kind {p.baseline.kind}")
+    elif (kind == "pad_token") != (model.modality == "text") and kind != "zero":
+        v.add("integrated_gradients.baseline.kind", "text models take ZERO (zero embeddings) or PAD_TOKEN (the pad "
+                                                    "token's embedding)" if model.modality == "text" else
+              "PAD_TOKEN is for text models; image models take ZERO, BLACK, BLURRED, UNIFORM_NOISE, DATASET_MEAN "
+              "or CUSTOM")
+        kind = None
     sigma = p.baseline.blur_sigma or _DEFAULTS.blur_sigma
     if kind == "blurred" and not 0.0 < sigma <= _MAX_BLUR_SIGMA:
         v.add("integrated_gradients.baseline.blur_sigma", f"must be in (0, {_MAX_BLUR_SIGMA:g}], got {sigma}")

@@ -23,6 +23,10 @@ model's name and source::
         # instead of a fixed `replicas`: Ray Serve autoscaling on ongoing requests per replica
         autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8,
                       upscale_delay_s: 5, downscale_delay_s: 60}
+      - name: text-demo                # a text classifier: token attributions at its embedding layer
+        source: demo                   # demo | torchscript for text models
+        modality: text
+        text: {embedding: embedding, max_length: 32, pad_id: 0, tokenizer: /models/vocab.json}  # workers/text/config.py
     default_model: demo
     batching: {max_batch_samples: 256, batch_wait_timeout_s: 0.01, max_concurrent_batches: 2,
                adaptive_wait: true}   # an idle model takes a request at once, without the wait
@@ -38,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from workers.affinity import check_cores
 from workers.errors import InvalidArgument
 from workers.schema import build, check, refuse_unknown
+from workers.text.config import MODALITIES, TextConfig
 from workers.tracing import TracingConfig
 
 if TYPE_CHECKING:
@@ -170,8 +175,12 @@ class ModelConfig:
     # Custom Ray resources each replica needs, e.g. {"a100": 1}: the replicas go only to nodes started with
     # them (`ray start --resources '{"a100": 4}'`), which is how models are placed by node type.
     resources: dict | None = None
+    # "image" or "text"; a text model's embedding, vocabulary and tokenizer (workers/text/config.py).
+    modality: str = "image"
+    text: TextConfig | None = None
 
     def __post_init__(self):
+        self._check_text()
         check(bool(self.name) and len(self.name) <= 64 and self.name.replace("-", "").replace("_", "").isalnum(),
                "models.name", f"{self.name!r} must be 1..64 letters, digits, '-' or '_'")
         check(self.source in SOURCES, f"models[{self.name}].source", f"must be one of {', '.join(SOURCES)}")
@@ -203,6 +212,18 @@ class ModelConfig:
             target = self.autoscaling.get("target_ongoing_requests", 2)
             check(isinstance(target, (int, float)) and target > 0, f"{where}.target_ongoing_requests",
                    "must be > 0")
+
+
+    def _check_text(self) -> None:
+        where = f"models[{self.name}]"
+        check(self.modality in MODALITIES, f"{where}.modality", f"must be one of {', '.join(MODALITIES)}")
+        if self.modality != "text":
+            check(self.text is None, f"{where}.text", "is read only for models with modality: text")
+            return
+        check(self.source in ("demo", "torchscript"), f"{where}.source",
+              "text models load as demo (the built-in text demo) or torchscript (a scripted module)")
+        check(not (self.cam_layer or self.cam_layers or self.cam_layouts), f"{where}.cam_layers",
+              "text models have no CAM layers; their attributions are taken at text.embedding")
 
 
 @dataclass(frozen=True)
@@ -308,7 +329,8 @@ def model_config_from_dict(raw: dict[str, Any], path: str = "models[]") -> Model
 class AppConfig:
     """The worker side of the one config: models, batching, device, cache."""
 
-    models: tuple[ModelConfig, ...] = (ModelConfig(name="demo", source="demo"),)
+    models: tuple[ModelConfig, ...] = (ModelConfig(name="demo", source="demo"),
+                                       ModelConfig(name="text-demo", source="demo", modality="text"))
     default_model: str = ""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     # The front door's limits (`server.limits`), which the kernels enforce too; set by ServiceConfig.
@@ -357,7 +379,7 @@ def model_to_dict(cfg: ModelConfig) -> dict[str, Any]:
         value = getattr(cfg, f.name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if f.name not in out and value != default:
-            out[f.name] = dataclasses.asdict(value) if f.name == "input" else (
+            out[f.name] = dataclasses.asdict(value) if f.name in ("input", "text") else (
                 list(value) if isinstance(value, tuple) else value)
     if "input" in out:
         out["input"]["mean"], out["input"]["std"] = list(cfg.input.mean), list(cfg.input.std)

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import pathlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,10 @@ from workers.errors import InvalidArgument, LayerNotFound, ModelLoadError, Model
 from workers.kernels.hooks import to_nchw
 from workers.methods import LAYERLESS_OFFLINE_METHODS
 from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS, ModelDescription
+from workers.text.methods import TEXT_METHODS
+
+if TYPE_CHECKING:
+    from workers.text.loading import TextModel
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ class LoadedModel:
     cam_layouts: dict[str, str] = field(default_factory=dict)  # every CAM layer's layout, declared or detected
     labels: tuple[str, ...] = ()
     _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    text: "TextModel | None" = None   # text models: embedding forward, vocabulary, tokenizer (workers/text)
 
     def layer(self, name: str) -> nn.Module:
         """The CAM-able layer `name`; `LayerNotFound` lists the choices."""
@@ -61,11 +67,19 @@ class LoadedModel:
         return self._modules[name]
 
     @property
+    def modality(self) -> str:
+        return "text" if self.text is not None else "image"
+
+    @property
     def online_methods(self) -> tuple[str, ...]:
+        if self.text is not None:
+            return TEXT_METHODS
         return GRADIENT_METHODS + (CAM_METHODS if self.cam_layers else ())
 
     @property
     def offline_methods(self) -> tuple[str, ...]:
+        if self.text is not None:  # text jobs run the same embedding-level methods
+            return TEXT_METHODS
         return self.online_methods + (OFFLINE_ONLY_METHODS if self.cam_layers else LAYERLESS_OFFLINE_METHODS)
 
 
@@ -178,6 +192,10 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
                cache_dir: pathlib.Path | None = None) -> LoadedModel:
     """Builds, loads and freezes one configured model on `device`."""
     device = torch.device(device)
+    if cfg.modality == "text":
+        from workers.text.loading import load_text_model
+
+        return load_text_model(cfg, device)
     spec, labels = cfg.input, cfg.labels
     if cfg.source == "demo":
         module, version, spec, cam_layers, cam_layer, demo_labels = _build_demo(cfg, cache_dir)
@@ -311,4 +329,5 @@ def describe(model: LoadedModel, is_default: bool = False) -> ModelDescription:
         mean=tuple(spec.mean), std=tuple(spec.std), resize=spec.resize, crop_fraction=spec.crop_fraction,
         num_classes=model.num_classes, labels=model.labels,
         cam_layers=model.cam_layers, default_cam_layer=model.default_cam_layer,
-        online_methods=model.online_methods, offline_methods=model.offline_methods, is_default=is_default)
+        online_methods=model.online_methods, offline_methods=model.offline_methods, is_default=is_default,
+        modality=model.modality, text=model.text.info() if model.text is not None else None)

@@ -87,8 +87,9 @@ def slice_spec(spec: ExplainSpec, chunk: slice) -> ExplainSpec:
     if custom is not None and custom.shape[0] > 1:
         params = dataclasses.replace(params, baseline_tensor=custom[chunk])
     pixels = spec.pixels_u8[chunk] if spec.pixels_u8 is not None else None
+    mask = None if spec.attention_mask is None else spec.attention_mask[chunk]  # text: the chunk's mask
     return dataclasses.replace(spec, inputs=spec.inputs[chunk], pixels_u8=pixels, target=target, params=params,
-                               geometry=spec.geometry[chunk])
+                               geometry=spec.geometry[chunk], attention_mask=mask)
 
 
 def _online_chunk(ctx: WorkerContext, spec: ExplainSpec, _progress: Progress,

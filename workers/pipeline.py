@@ -87,8 +87,12 @@ def explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
 
 def _explain_batch(ctx: WorkerContext, specs: list[ExplainSpec],
                    abandoned: Callable[[ExplainSpec], bool] | None) -> list[ExplainResult | AttributionError]:
-    started = time.perf_counter()
     gone = abandoned or (lambda spec: False)
+    if ctx.model.text is not None:  # a text model's batches: embedding-level kernels (workers/text/pipeline.py)
+        from workers.text.pipeline import explain_text_batch
+
+        return explain_text_batch(ctx, specs, gone)
+    started = time.perf_counter()
     outcomes: list[ExplainResult | AttributionError | None] = [None] * len(specs)
     works = []
     for index, spec in enumerate(specs):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 # The method views the workers use, all from the one table (workers/methods.py).
+from workers.text.config import TextInfo
 from workers.methods import (  # noqa: F401  (re-exported views)
     ALL_METHODS, CAM_METHODS, GRADIENT_METHODS, NOISE_METHODS, OFFLINE_ONLY_METHODS, per_item_rows)
 
@@ -52,7 +53,7 @@ class TensorFields:
 REDUCTIONS = ("abs_max", "sum", "none")
 NORMALIZATIONS = ("none", "max_abs", "min_max")
 OUTPUT_DTYPES = ("float32", "float16", "uint8")
-BASELINE_KINDS = ("zero", "black", "blurred", "uniform_noise", "dataset_mean", "custom")
+BASELINE_KINDS = ("zero", "black", "blurred", "uniform_noise", "dataset_mean", "custom", "pad_token")
 INTEGRATION_RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre")
 
 
@@ -139,7 +140,8 @@ def pixels_to_model_space(pixels: torch.Tensor, mean: tuple[float, ...], std: tu
 
 @dataclass
 class ExplainSpec(TensorFields):
-    """One validated request. `inputs` is model space, float32, CPU, (N, C, H, W).
+    """One validated request. `inputs` is model space, float32, CPU, (N, C, H, W); for a text model,
+    token ids (N, L) int64 with `attention_mask` beside them.
 
     When the request sent uint8 pixels, `pixels_u8` keeps them (N, C, H, W) with the model's
     `pixel_mean` / `pixel_std`: pickled for the Ray hop, the spec then carries the pixels
@@ -161,6 +163,9 @@ class ExplainSpec(TensorFields):
     received_at: float = field(default_factory=time.time)
     # Per item sent as an encoded image, where its model input lies in that image; () for tensors.
     geometry: tuple[SourceGeometry, ...] = ()
+    # Text models: `inputs` holds token ids `# (N, L)` int64 padded with the pad id, this their mask
+    # `# (N, L)` int64 (1 = a real token); None for images.
+    attention_mask: torch.Tensor | None = None
     # W3C trace context ({"traceparent": ..., "tracestate": ...}) of the span the work belongs to
     # (workers/tracing.py): it crosses the Ray hop with the spec; None when the request is not traced.
     trace: dict[str, str] | None = None
@@ -213,6 +218,8 @@ class ItemExplanation:
     predicted_classes: list[int]
     predicted_scores: list[float]
     attributions: list[AttributionMap]
+    tokens: list[str] = field(default_factory=list)     # text models: the item's tokens, padding excluded
+    token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -249,3 +256,5 @@ class ModelDescription:
     resize: str = "stretch"        # how encoded images reach height x width (workers.config.InputSpec)
     crop_fraction: float = 0.875
     default_method: str = ""       # what a request naming no method gets (an adopted recommendation); "" = none
+    modality: str = "image"        # "image" | "text"
+    text: TextInfo | None = None   # text models: vocabulary, lengths, tokenizer

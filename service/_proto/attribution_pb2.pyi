@@ -67,6 +67,7 @@ class BaselineKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UNIFORM_NOISE: _ClassVar[BaselineKind]
     DATASET_MEAN: _ClassVar[BaselineKind]
     CUSTOM: _ClassVar[BaselineKind]
+    PAD_TOKEN: _ClassVar[BaselineKind]
 
 class ChannelReduction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -159,6 +160,7 @@ BLURRED: BaselineKind
 UNIFORM_NOISE: BaselineKind
 DATASET_MEAN: BaselineKind
 CUSTOM: BaselineKind
+PAD_TOKEN: BaselineKind
 CHANNEL_REDUCTION_UNSPECIFIED: ChannelReduction
 ABS_MAX: ChannelReduction
 SUM: ChannelReduction

@@ -324,8 +324,8 @@ class AuditLog:
             return [None] * len(items)
         refs = []
         for i, item in enumerate(items):
-            sha = item.input_sha256 or codec.input_sha256(entry.spec.inputs[i])
-            save_array(self.directory / input_ref(sha), entry.spec.inputs[i])
+            sha = item.input_sha256 or codec.input_sha256(codec.item_input(entry.spec, i))
+            save_array(self.directory / input_ref(sha), codec.item_input(entry.spec, i))
             refs.append(input_ref(sha))
         return refs
 

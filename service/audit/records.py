@@ -80,14 +80,16 @@ def input_ref(sha256: str) -> str:
 
 
 def save_array(path: pathlib.Path, tensor: torch.Tensor) -> None:
-    """Writes `tensor` as float32 .npy once: content-addressed, so an existing file is the same bytes."""
+    """Writes `tensor` as float32 (token ids: int64) .npy once: content-addressed, so an existing file is the
+    same bytes."""
     if path.exists():
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, tensor.detach().to(torch.float32).cpu().contiguous().numpy(), allow_pickle=False)
+            dtype = torch.float32 if tensor.is_floating_point() else torch.int64
+            np.save(fh, tensor.detach().to(dtype).cpu().contiguous().numpy(), allow_pickle=False)
         os.replace(tmp, path)  # readers never see a partial file
     except BaseException:
         pathlib.Path(tmp).unlink(missing_ok=True)
@@ -116,8 +118,9 @@ def decode_map(tensor: pb.Tensor) -> np.ndarray:
 def map_summary(values: np.ndarray) -> dict[str, Any]:
     """The map averaged over a grid of at most SUMMARY_GRID cells per side (per channel), and its scale.
 
-    Cells split the height and width as evenly as they go (`np.array_split`), so any size works."""
-    planes = values.reshape((-1,) + values.shape[-2:])
+    Cells split the height and width as evenly as they go (`np.array_split`), so any size works; a text
+    map `# (L,)` is one row of tokens."""
+    planes = values.reshape((-1,) + (values.shape[-2:] if values.ndim >= 2 else (1, values.shape[-1])))
     rows = min(SUMMARY_GRID, planes.shape[1])
     cols = min(SUMMARY_GRID, planes.shape[2])
     cells = [[float(cell.mean()) for band in np.array_split(plane, rows, axis=0)
@@ -177,7 +180,7 @@ def record_lines(entry: Entry, input_refs: list[str | None], baseline: dict | No
                "batch_samples": int(t.batch_samples), "batch_requests": int(t.batch_requests)}
     lines = []
     for i, item in enumerate(entry.response.items):
-        sha = item.input_sha256 or codec.input_sha256(entry.spec.inputs[i])
+        sha = item.input_sha256 or codec.input_sha256(codec.item_input(entry.spec, i))
         predicted = {"predicted_classes": [int(c) for c in item.predicted_classes],
                      "predicted_scores": [_number(s) for s in item.predicted_scores]}
         for j, attr in enumerate(item.attributions):

@@ -31,8 +31,10 @@ import torch
 from service import codec
 from service.audit.records import (INPUTS_DIR, READABLE_SCHEMAS, decode_map, fields_for, log_files, map_summary,
                                    summaries_agree)
+from service.audit.client_inputs import client_items as _client_items
 from service.audit.sinks import read_table
 from service.pgschema import is_url
+from service.text_inputs import pad_sequences
 from workers.errors import AttributionError
 from service.backends.local import LocalBackend
 from workers.models import ModelRegistry, describe
@@ -42,7 +44,6 @@ from workers.spec import ExplainSpec, MethodParams, ModelDescription, OutputSpec
 # Passing checks; `skipped` neither passes nor fails (the reason says what would let it be checked).
 PASSING = ("ok", "ok_within_tolerance")
 STATUSES = PASSING + ("skipped", "mismatch", "model_version_mismatch", "rerun_error", "invalid_record")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _NO_INPUT = ("the input is neither in the audit store (audit.store_inputs is off by default) nor among the "
              "files given with --inputs")
 # What the server computed a map from; records that agree on these re-run together.
@@ -220,35 +221,11 @@ class InputFinder:
 
 def _load_npy(path: pathlib.Path) -> torch.Tensor | None:
     try:
-        return torch.from_numpy(np.load(path, allow_pickle=False)).to(torch.float32)
+        array = torch.from_numpy(np.load(path, allow_pickle=False))
+        return array.to(torch.float32 if array.is_floating_point() else torch.int64)  # token ids stay ids
     except (OSError, ValueError):
         return None
 
-
-def _client_items(path: pathlib.Path, model: ModelDescription) -> list[torch.Tensor]:
-    """Model-space items `# (C, H, W)` a kept file may stand for: as sent in MODEL or PIXELS space."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix in _IMAGE_SUFFIXES:
-            pixels = codec.decode_image(path.read_bytes(), model, 1 << 30, str(path))  # (1, C, H, W)
-            return [codec.normalize(pixels, model)[0]]
-        if suffix != ".npy":
-            return []
-        raw = torch.from_numpy(np.load(path, allow_pickle=False))
-    except (OSError, ValueError, AttributionError):
-        return []
-    batch = raw.unsqueeze(0) if raw.dim() == 3 else raw
-    if batch.dim() != 4:
-        return []
-    views = [batch, batch.permute(0, 3, 1, 2)]  # NCHW, or NHWC as a client may keep it
-    items = []
-    for x in views:
-        if tuple(x.shape[1:]) != (model.channels, model.height, model.width):
-            continue
-        pixel = x.to(torch.float32) / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32)
-        spaces = [codec.normalize(pixel, model)] + ([] if x.dtype == torch.uint8 else [x.to(torch.float32)])
-        items.extend(t.contiguous() for space in spaces for t in space)
-    return items
 
 # -------------------------------------------------------------- re-run --
 
@@ -257,7 +234,8 @@ def _run_key(record: dict[str, Any]) -> str:
     return json.dumps({k: record.get(k, "online" if k == "path" else None) for k in _RUN_KEYS}, sort_keys=True)
 
 
-def spec_from_record(record: dict[str, Any], inputs: torch.Tensor, baseline: torch.Tensor | None) -> ExplainSpec:
+def spec_from_record(record: dict[str, Any], inputs: torch.Tensor, baseline: torch.Tensor | None,
+                     attention_mask: torch.Tensor | None = None) -> ExplainSpec:
     """The ExplainSpec the record was computed from; TypeError/ValueError when the record disagrees."""
     params = dict(record["params"])
     params.pop("baseline_tensor", None)
@@ -269,12 +247,13 @@ def spec_from_record(record: dict[str, Any], inputs: torch.Tensor, baseline: tor
     return ExplainSpec(model=record["model"], method=record["method"], inputs=inputs,
                        request_id=record["request_id"], target=TargetSpec(**target),
                        params=MethodParams(**params, baseline_tensor=baseline), output=OutputSpec(**output),
-                       seed=int(record["seed"]), audit=False)
+                       seed=int(record["seed"]), audit=False, attention_mask=attention_mask)
 
 
 def _gather(group: list[_Logged], entry: list[_Logged], finder: InputFinder,
             model: ModelDescription) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
-    """The request's inputs `# (N, C, H, W)` and custom baseline, or a reason they cannot be had."""
+    """The request's inputs `# (N, C, H, W)` (a text request's: ids and mask `# (N, L)`) and custom baseline,
+    or a reason they cannot be had."""
     first = group[0].record
     shas: dict[int, tuple[str, str | None, pathlib.Path]] = {}
     for logged in entry:
@@ -288,7 +267,8 @@ def _gather(group: list[_Logged], entry: list[_Logged], finder: InputFinder,
         item = finder.find(sha, ref, log_dir, model)
         if item is None:
             return None, None, _NO_INPUT
-        items.append(item.reshape(model.channels, model.height, model.width))
+        items.append(item.reshape(-1) if model.modality == "text" else
+                     item.reshape(model.channels, model.height, model.width))
     baseline = None
     info = first["params"].get("baseline_tensor")
     if isinstance(info, dict):
@@ -296,6 +276,8 @@ def _gather(group: list[_Logged], entry: list[_Logged], finder: InputFinder,
         if baseline is None:
             return None, None, f"no custom baseline with sha256 {info.get('sha256')}"
         baseline = baseline.reshape(info["shape"])
+    if model.modality == "text":  # a text request's items are its real token ids: padded and masked again
+        return pad_sequences([(t.tolist(), [1] * len(t)) for t in items], model.text.pad_id), baseline, ""
     return torch.stack(items), baseline, ""
 
 
@@ -345,7 +327,10 @@ def _rerun(group: list[_Logged], entry: list[_Logged], backend: LocalBackend,
         inputs, baseline, missing = _gather(group, entry, finder, model)
         if inputs is None:
             return [g.check("skipped", missing) for g in group]
-        spec = spec_from_record(first, inputs, baseline)
+        mask = None
+        if isinstance(inputs, tuple):  # text: (ids, mask)
+            inputs, mask = inputs
+        spec = spec_from_record(first, inputs, baseline, mask)
         response = codec.encode_result(_recompute(backend, spec, first.get("path", "online")), spec, model)
     except AttributionError as exc:
         return [g.check("rerun_error", f"{type(exc).__name__}: {exc.message}") for g in group]

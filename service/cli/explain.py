@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--local", action="store_true", help="run in-process on the configured models (no Ray)")
     parser.add_argument("--config", help="config file for --local (default: the demo model)")
     parser.add_argument("--demo", type=int, default=0, metavar="N", help="explain N generated demo images")
+    parser.add_argument("--text", action="append", metavar="TEXT",
+                        help="text models: a text to explain (repeatable); prints each token with its score")
     parser.add_argument("--save-inputs", type=pathlib.Path, metavar="DIR",
                         help="also write every input as sent (the demo images too) here, e.g. for "
                              "`attribution audit verify --inputs DIR`")
@@ -77,8 +79,14 @@ def _name_list(value: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from service.cli import CliError
 
+    if args.text:
+        from service.cli.explain_text import run_text
+
+        if args.images or args.demo:
+            raise CliError("give texts (--text) or images, not both")
+        return run_text(args)
     if not args.images and not args.demo:
-        raise CliError("give image files (or folders of them) or --demo N")
+        raise CliError("give image files (or folders of them), --demo N, or --text TEXT for a text model")
     if not args.server and not args.local:
         raise CliError("give --server HOST:PORT or --local")
     tls_options(args)  # --cert without --key is refused before any work

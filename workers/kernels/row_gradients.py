@@ -14,21 +14,27 @@ from workers.batching import FoldBudget, FoldWatch, iter_chunks, rows_per_chunk
 
 
 def row_gradients(model: nn.Module, rows: Tensor, row_targets: Tensor, budget: FoldBudget,
-                   spans: list[tuple[int, int, int]], watch: FoldWatch | None = None) -> Tensor:
+                   spans: list[tuple[int, int, int]], watch: FoldWatch | None = None,
+                   extras: tuple[Tensor, ...] = (), size: int | None = None) -> Tensor:
     """d logit[r, target_r] / d row_r for every row, `# (R, C, H, W)`, chunked by the budget.
 
     spans: (request id, first row, end row) of each request, in row order. With `watch`,
     the rows of requests found dead between chunks are skipped (left unset in the answer).
+    extras: per-row tensors `# (R, ...)` sliced like the rows and passed after them,
+    `model(rows, *extras)` (a text model's ids and mask); size: rows per chunk, None = from the budget.
     """
-    size = rows_per_chunk(model, tuple(rows.shape[1:]), budget, device=rows.device, dtype=rows.dtype)
+    if size is None:
+        size = rows_per_chunk(model, tuple(rows.shape[1:]), budget, device=rows.device, dtype=rows.dtype)
     if watch is not None and rows.shape[0] > size:
-        return _watched_row_gradients(model, rows, row_targets, size, spans, watch)
-    grads = [_chunk_gradient(model, rows, row_targets, [chunk]) for chunk in iter_chunks(rows.shape[0], size)]
+        return _watched_row_gradients(model, rows, row_targets, size, spans, watch, extras)
+    grads = [_chunk_gradient(model, rows, row_targets, [chunk], extras)
+             for chunk in iter_chunks(rows.shape[0], size)]
     return grads[0] if len(grads) == 1 else torch.cat(grads)  # (R, C, H, W)
 
 
 def _watched_row_gradients(model: nn.Module, rows: Tensor, row_targets: Tensor, size: int,
-                           spans: list[tuple[int, int, int]], watch: FoldWatch) -> Tensor:
+                           spans: list[tuple[int, int, int]], watch: FoldWatch,
+                           extras: tuple[Tensor, ...] = ()) -> Tensor:
     """As the plain loop (the same balanced chunks while every request lives), asking `watch`
     before each chunk after the first and leaving the rows of dead requests out of what is left."""
     out = torch.empty_like(rows)  # (R, C, H, W)
@@ -56,7 +62,7 @@ def _watched_row_gradients(model: nn.Module, rows: Tensor, row_targets: Tensor, 
             take -= n
             if pending[0][1] == stop:
                 pending.pop(0)
-        grad = _chunk_gradient(model, rows, row_targets, pieces)
+        grad = _chunk_gradient(model, rows, row_targets, pieces, extras)
         offset = 0
         for piece in pieces:
             n = piece.stop - piece.start
@@ -65,17 +71,20 @@ def _watched_row_gradients(model: nn.Module, rows: Tensor, row_targets: Tensor, 
     return out
 
 
-def _chunk_gradient(model: nn.Module, rows: Tensor, row_targets: Tensor, pieces: list[slice]) -> Tensor:
+def _chunk_gradient(model: nn.Module, rows: Tensor, row_targets: Tensor, pieces: list[slice],
+                    extras: tuple[Tensor, ...] = ()) -> Tensor:
     """The row gradients of one chunk made of `pieces` of the rows, `# (r, C, H, W)`."""
     if len(pieces) == 1:
         # A leaf view of the rows, no copy.
         x, targets = rows[pieces[0]], row_targets[pieces[0]]
+        more = tuple(e[pieces[0]] for e in extras)
     else:
         x, targets = torch.cat([rows[p] for p in pieces]), torch.cat([row_targets[p] for p in pieces])
+        more = tuple(torch.cat([e[p] for p in pieces]) for e in extras)
     with torch.enable_grad():
         # Logits of different rows are independent, so the gradient of their sum is each row's own.
         leaf = x.detach().requires_grad_(True)  # (r, C, H, W)
-        logits = model(leaf)  # (r, K)
+        logits = model(leaf, *more)  # (r, K)
         selected = logits.gather(1, targets.unsqueeze(1)).sum()
         (grad,) = torch.autograd.grad(selected, leaf)
     return grad

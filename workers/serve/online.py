@@ -96,7 +96,7 @@ class OnlineWorker:
         self.config = cfg
         self.ctx.budget = FoldBudget(max_bytes=cfg.fold_max_bytes or None, max_rows=cfg.fold_max_rows or None,
                                      measure=cfg.fold_measure)
-        if cfg.fold_measure:  # the chunk-size probe runs now, before this replica serves a batch
+        if cfg.fold_measure and self.model.text is None:  # the chunk-size probe runs now, before the first batch
             rows_per_chunk(self.model.module, self.model.spec.shape, self.ctx.budget, device=self.device)
         self.explain_batched.set_max_batch_size(cfg.max_batch_samples)
         self.explain_batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
@@ -205,9 +205,13 @@ class OnlineWorker:
 
     def check_health(self) -> None:
         """Serve restarts the replica when this raises: a tiny real forward."""
-        spec = self.model.spec
+        spec, text = self.model.spec, self.model.text
         with torch.inference_mode():
-            out = self.model.module(torch.zeros((1,) + spec.shape, device=self.device))
+            if text is not None:  # a text model: one pad token
+                ids = torch.full((1, 1), text.pad_id, device=self.device)
+                out = self.model.module(ids, torch.ones_like(ids))
+            else:
+                out = self.model.module(torch.zeros((1,) + spec.shape, device=self.device))
         if not torch.isfinite(out).all():
             raise RuntimeError("model produced non-finite logits on a zero input")
 
