@@ -125,14 +125,20 @@ def blur_ig_rows(inputs: Tensor, max_sigma: float, steps: int, out: Tensor) -> N
 
 
 def blur_ig_reduce(inputs: Tensor, max_sigma: float, steps: int, grads: Tensor) -> Tensor:
-    """Row gradients `# (N*T, C, H, W)` -> attributions `# (N, C, H, W)` float32 (see the module's formula)."""
+    """Row gradients `# (N*T, C, H, W)` -> attributions `# (N, C, H, W)` float32 (see the module's formula).
+
+    The slope is a difference of two close blurs over 0.01 px, so it is taken in float64: in float32
+    its rounding would be a hundred times the input's.
+    """
     g = grads.view(inputs.shape[0], steps, *inputs.shape[1:])  # (N, T, C, H, W)
-    total = torch.zeros(inputs.shape, dtype=torch.float32, device=inputs.device)
+    x = inputs.double()
+    total = torch.zeros(inputs.shape, dtype=torch.float64, device=inputs.device)
     for i, sigma in enumerate(blur_sigmas(max_sigma, steps)):
-        here = zero_padded_blur(inputs, sigma)
-        slope = (zero_padded_blur(inputs, sigma + BLUR_GRAD_STEP) - here) / BLUR_GRAD_STEP
-        total += (g[:, i] * slope).float()
-    return total.mul_(-float(max_sigma) / float(steps))
+        if sigma == 0:  # the blur does not move at sigma 0: a zero slope (PAIR's difference gives 0 too)
+            continue
+        slope = (zero_padded_blur(x, sigma + BLUR_GRAD_STEP) - zero_padded_blur(x, sigma)) / BLUR_GRAD_STEP
+        total += g[:, i].double() * slope
+    return total.mul_(-float(max_sigma) / float(steps)).float()
 
 
 def blur_ig_start(inputs: Tensor, max_sigma: float) -> Tensor:
