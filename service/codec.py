@@ -394,4 +394,4 @@ def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.Mo
         limits=pb.ServerLimits(max_items=limits.max_items, max_samples=limits.max_samples,
                                max_steps=limits.max_steps, max_top_k=min(limits.max_top_k, model.num_classes),
                                max_image_pixels=limits.max_image_pixels, max_job_items=max_job_items),
-        is_default=model.is_default)
+        is_default=model.is_default, has_reference_set=model.has_reference_set)
