@@ -19,7 +19,7 @@ from service import codec, path_params
 from service._proto import attribution_pb2 as pb
 from service.config import Limits
 from service.decoding.pool import ImageDecoder
-from service.path_params import check_item_shape
+from service.path_params import check_item_shape as _check_item_shape
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
 from workers.methods import METHODS
 from workers.spec import (CAM_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
@@ -174,7 +174,7 @@ def _inputs(inputs: pb.Inputs, model: ModelDescription, limits: Limits, declared
             return codec.decode_images_with_geometry(inputs.images.images, model, limits.max_image_pixels,
                                                      "inputs.images.images", decoder)
         raw = codec.decode_tensor(inputs.tensor, "inputs.tensor")
-        check_item_shape(raw, model, "inputs.tensor.shape")
+        _check_item_shape(raw, model, "inputs.tensor.shape")
         return codec.to_model_space(raw, inputs.space, model, "inputs.tensor.dtype"), ()
     except InvalidArgument as exc:
         v.extend(exc)
