@@ -6,9 +6,10 @@ For each method it times, interleaved and after a warm-up:
                   the same way: the arithmetic's cost
     floor_1chunk  the same in one chunk of all rows (on CPU the default budget splits big folds:
                   smaller chunks run faster there, see workers/batching.py)
-    captum        Captum with its defaults (Saliency, NoiseTunnel(Saliency), IntegratedGradients)
+    captum        Captum with its defaults (Saliency, NoiseTunnel(Saliency), IntegratedGradients,
+                  GradientShap for Expected Gradients; none for Blur IG and Guided IG)
     captum_tuned  the same with the best of a few internal_batch_size / nt_samples_batch_size values
-and, for vanilla and smoothgrad, 8 batch-1 requests folded into one call against the same 8 run one
+and, for vanilla, smoothgrad and guided_ig, 8 batch-1 requests folded into one call against the same 8 run one
 by one. Ratios are medians of per-repeat ratios, so a load swing on a shared host hits both sides.
 
     python -m loadtests.kernel_bench --json out.json     (or: attribution bench kernels --json out.json)
@@ -33,6 +34,7 @@ from workers.kernels.gradients import (NOISE_METHODS, GradientLimits, GradientRe
                                        fold_rows, request_cost)
 
 FOLD_REQUESTS = 8
+NO_CAPTUM = ("blur_ig", "guided_ig")  # Captum has no Blur IG or Guided IG
 LIMITS = GradientLimits(max_samples=4096, max_steps=4096, max_items=4096)
 
 
@@ -77,24 +79,34 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 def floor_fn(model: nn.Module, req: GradientRequest, budget: FoldBudget) -> tuple[Callable[[], object], int]:
-    """One plain forward + backward-to-input over the request's folded rows, chunked as the kernel would."""
-    rows, targets, _ = fold_rows([req])  # (R, C, H, W), (R,)
+    """One plain forward + backward-to-input over the request's folded rows, chunked as the kernel would.
+
+    Guided IG runs its rows as `steps` folds of the N items, one after another: its floor is that.
+    """
+    if req.method == "guided_ig":
+        rows, targets, repeats = req.inputs, req.targets, req.steps
+    else:
+        (rows, targets, _), repeats = fold_rows([req]), 1  # (R, C, H, W), (R,)
     size = rows_per_chunk(model, tuple(rows.shape[1:]), budget, device=rows.device, dtype=rows.dtype)
 
     def run() -> None:
-        for chunk in iter_chunks(rows.shape[0], size):
-            leaf = rows[chunk].detach().requires_grad_(True)
-            logits = model(leaf)
-            torch.autograd.grad(logits.gather(1, targets[chunk].unsqueeze(1)).sum(), leaf)
+        for _ in range(repeats):
+            for chunk in iter_chunks(rows.shape[0], size):
+                leaf = rows[chunk].detach().requires_grad_(True)
+                logits = model(leaf)
+                torch.autograd.grad(logits.gather(1, targets[chunk].unsqueeze(1)).sum(), leaf)
 
-    return run, -(-rows.shape[0] // size)
+    return run, repeats * -(-rows.shape[0] // size)
 
 
 def captum_fns(model: nn.Module, req: GradientRequest) -> tuple[Callable[[], object], dict[str, Callable[[], object]]]:
     """Captum with defaults, and candidates for the hand-tuned batch size (name -> callable)."""
-    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+    from captum.attr import GradientShap, IntegratedGradients, NoiseTunnel, Saliency
 
     x, t = req.inputs, req.targets
+    if req.method == "expected_gradients":  # Captum's GradientShap draws as many rows, with no batch parameter
+        shap = GradientShap(model)
+        return (lambda: shap.attribute(x, baselines=req.references, n_samples=req.samples, stdevs=0.0, target=t)), {}
     if req.method == "vanilla":
         return (lambda: Saliency(model).attribute(x, target=t, abs=req.absolute)), {}
     if req.method in NOISE_METHODS:
@@ -122,22 +134,26 @@ def captum_fns(model: nn.Module, req: GradientRequest) -> tuple[Callable[[], obj
 def bench_method(model: nn.Module, classes: int, method: str, x: torch.Tensor, t: torch.Tensor,
                  args: argparse.Namespace) -> dict:
     device, budget = x.device, FoldBudget(measure=not args.fixed_chunks)
-    req = GradientRequest(x, t, method, samples=args.samples, steps=args.steps, seed=args.seed)
+    references = None
+    if method == "expected_gradients":  # a reference set of 16 images like the inputs
+        references = torch.randn((16, *x.shape[1:]), generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    req = GradientRequest(x, t, method, samples=args.samples, steps=args.steps, seed=args.seed, references=references)
     ours = lambda: explain_gradients(model, [req], budget, LIMITS, classes)  # noqa: E731
     floor, chunks = floor_fn(model, req, budget)
     floor_one_chunk, _ = floor_fn(model, req, FoldBudget(max_rows=request_cost(req)))
     variants = {"ours": ours, "floor": floor, "floor_one_chunk": floor_one_chunk}
     tuned: dict[str, Callable[[], object]] = {}
-    if not args.no_captum:
+    with_captum = not args.no_captum and method not in NO_CAPTUM
+    if with_captum:
         variants["captum"], tuned = captum_fns(model, req)
         variants.update(tuned)
     times = measure(variants, args.repeats, device)
-    row = {"method": method, "rows": int(fold_rows([req])[0].shape[0]), "chunks": chunks,
+    row = {"method": method, "rows": request_cost(req), "chunks": chunks,
            "seconds": statistics.median(times["ours"]), "floor_seconds": statistics.median(times["floor"]),
            "ratio_to_floor": paired_ratio(times["ours"], times["floor"]),
            "floor_one_chunk_seconds": statistics.median(times["floor_one_chunk"]),
            "ratio_to_floor_one_chunk": paired_ratio(times["ours"], times["floor_one_chunk"])}
-    if not args.no_captum:
+    if with_captum:
         best = min(tuned, key=lambda name: statistics.median(times[name])) if tuned else "captum"
         row.update(captum_seconds=statistics.median(times["captum"]),
                    ratio_to_captum=paired_ratio(times["ours"], times["captum"]),
@@ -151,8 +167,8 @@ def bench_fold(model: nn.Module, classes: int, method: str, x: torch.Tensor, t: 
                args: argparse.Namespace) -> dict:
     """8 batch-1 requests folded into one call against the same 8 run one by one; the fold also with
     chunks from the memory cap alone, to show what the measured chunk size does."""
-    requests = [GradientRequest(x[i:i + 1], t[i:i + 1], method, samples=args.samples, seed=args.seed + i)
-                for i in range(FOLD_REQUESTS)]
+    requests = [GradientRequest(x[i:i + 1], t[i:i + 1], method, samples=args.samples, steps=args.steps,
+                                seed=args.seed + i) for i in range(FOLD_REQUESTS)]
     budget, cap = FoldBudget(measure=not args.fixed_chunks), FoldBudget()
     folded = lambda: explain_gradients(model, requests, budget, LIMITS, classes)  # noqa: E731
     folded_cap = lambda: explain_gradients(model, requests, cap, LIMITS, classes)  # noqa: E731
@@ -160,7 +176,7 @@ def bench_fold(model: nn.Module, classes: int, method: str, x: torch.Tensor, t: 
     times = measure({"folded": folded, "folded_cap_chunks": folded_cap, "one_by_one": alone}, args.repeats,
                     x.device)
     per_request = {name: statistics.median(ts) / FOLD_REQUESTS for name, ts in times.items()}
-    rows = sum(int(fold_rows([r])[0].shape[0]) for r in requests)
+    rows = sum(request_cost(r) for r in requests)
     return {"method": f"fold_{FOLD_REQUESTS}_batch1_{method}", "requests": FOLD_REQUESTS, "rows": rows,
             "chunk_rows": rows_per_chunk(model, tuple(x.shape[1:]), budget, device=x.device, dtype=x.dtype),
             "cap_chunk_rows": rows_per_chunk(model, tuple(x.shape[1:]), cap, device=x.device, dtype=x.dtype),
@@ -204,7 +220,8 @@ def _run(args: argparse.Namespace) -> dict:
     x = torch.randn((max(args.batch, FOLD_REQUESTS), 3, args.size, args.size), generator=gen).to(device)
     t = torch.randint(0, classes, (x.shape[0],), generator=gen).to(device)
     results = [bench_method(model, classes, m, x[:args.batch], t[:args.batch], args) for m in methods]
-    results += [bench_fold(model, classes, m, x, t, args) for m in ("vanilla", "smoothgrad") if m in methods]
+    results += [bench_fold(model, classes, m, x, t, args) for m in ("vanilla", "smoothgrad", "guided_ig")
+                if m in methods]
     config = {key: getattr(args, key) for key in ("model", "size", "batch", "samples", "steps", "repeats", "seed")}
     report = {"machine": machine_info(device), "config": {**config, "methods": methods}, "results": results}
     if getattr(args, "json", None):

@@ -126,6 +126,12 @@ def _set_params(request: pb.ExplainRequest, entry: MixEntry) -> None:
             request.noise.noise_fraction = entry.noise_fraction
     elif entry.method == "integrated_gradients":
         request.integrated_gradients.CopyFrom(pb.IntegratedGradientsParams(steps=entry.steps))
+    elif entry.method == "expected_gradients":  # from the model's reference set
+        request.expected_gradients.CopyFrom(pb.ExpectedGradientsParams(samples=entry.samples))
+    elif entry.method == "blur_ig":
+        request.blur_ig.CopyFrom(pb.BlurIgParams(steps=entry.steps))
+    elif entry.method == "guided_ig":
+        request.guided_ig.CopyFrom(pb.GuidedIgParams(steps=entry.steps))
     elif entry.method in CAM_METHODS:
         request.cam.CopyFrom(pb.CamParams(layer=entry.layer))
 

@@ -47,6 +47,9 @@ SCENARIO_DIR = pathlib.Path(__file__).parent / "scenarios"
 DEFAULT_SCENARIO = SCENARIO_DIR / "default.yaml"
 
 ONLINE_METHODS = {m.name: getattr(pb, m.proto) for m in METHODS if m.online}
+# The online methods whose cost is `samples` / `steps` per item (the method table's rule).
+SAMPLE_METHODS = tuple(m.name for m in METHODS if m.online and m.cost == "samples")
+STEP_METHODS = tuple(m.name for m in METHODS if m.online and m.cost == "steps")
 _ENCODINGS = ("tensor", "png")
 DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "uint8": pb.UINT8}
 REDUCTIONS = {"abs_max": pb.ABS_MAX, "sum": pb.SUM, "none": pb.NONE}
@@ -88,9 +91,9 @@ class MixEntry:
     model: str = ""
     items: int = 1
     image: ImageSpec = field(default_factory=ImageSpec)
-    samples: int = 0               # noise family; 0 = the server's default (32)
+    samples: int = 0               # noise family, expected gradients; 0 = the server's default (32)
     noise_fraction: float = 0.0    # 0 = the server's default (0.15)
-    steps: int = 0                 # integrated gradients; 0 = the server's default (32)
+    steps: int = 0                 # integrated gradients, blur / guided IG; 0 = the server's default (32)
     layer: str = ""                # CAM family; "" = the model's default layer
     deadline_ms: float = 30000.0   # 0 = no gRPC deadline
     output: OutputSpec = field(default_factory=OutputSpec)
@@ -99,9 +102,9 @@ class MixEntry:
     @property
     def label(self) -> str:
         """Short name for tables: grad_cam, smoothgrad-32, integrated_gradients-32."""
-        if self.method in NOISE_METHODS and self.samples:
+        if self.method in SAMPLE_METHODS and self.samples:
             return f"{self.method}-{self.samples}"
-        if self.method == "integrated_gradients" and self.steps:
+        if self.method in STEP_METHODS and self.steps:
             return f"{self.method}-{self.steps}"
         return self.method
 
@@ -218,10 +221,10 @@ def _mix_entry(raw: dict, path: str) -> MixEntry:
     for name, lo, hi in (("weight", 0, 1e9), ("noise_fraction", 0, 1), ("deadline_ms", 0, 3.6e6)):
         value = entry.get(name, 0)
         check(_is_number(value) and lo <= value <= hi, f"{path}.{name}", f"must be {lo:g}..{hi:g}, got {value!r}")
-    check(entry.get("samples", 0) == 0 or method in NOISE_METHODS, f"{path}.samples",
-           f"applies to {', '.join(NOISE_METHODS)} only, not {method}")
-    check(entry.get("steps", 0) == 0 or method == "integrated_gradients", f"{path}.steps",
-           f"applies to integrated_gradients only, not {method}")
+    check(entry.get("samples", 0) == 0 or method in SAMPLE_METHODS, f"{path}.samples",
+           f"applies to {', '.join(SAMPLE_METHODS)} only, not {method}")
+    check(entry.get("steps", 0) == 0 or method in STEP_METHODS, f"{path}.steps",
+           f"applies to {', '.join(STEP_METHODS)} only, not {method}")
     check(not entry.get("layer") or method in CAM_METHODS, f"{path}.layer", f"applies to CAM methods only, not {method}")
     entry["image"] = _image(entry.get("image") or {}, f"{path}.image")
     entry["output"] = _output(entry.get("output") or {}, f"{path}.output")

@@ -26,7 +26,10 @@ _FAMILY_KEYWORDS = {"gradient": {"absolute"}, "noise": {"samples", "noise_fracti
                     "integrated_gradients": {"steps", "rule", "baseline", "blur_sigma"},
                     "cam": {"layer", "also"}, "score_cam": {"layer", "top_k_channels"},
                     "occlusion": {"patch_size", "stride", "baseline_value"},
-                    "rise": {"masks", "grid", "keep_probability"}, "xrai": {"steps", "segmentation_scales"}}
+                    "rise": {"masks", "grid", "keep_probability"}, "xrai": {"steps", "segmentation_scales"},
+                    "expected_gradients": {"samples", "noise_stdev", "reference"},
+                    "blur_ig": {"steps", "max_sigma"},
+                    "guided_ig": {"steps", "fraction", "baseline", "blur_sigma"}}
 # Friendly names: the workers' "vanilla", normalization "none", audit "on"/"off".
 _ALIASES = {("Method", "VANILLA"): "VANILLA_GRADIENT", ("Normalization", "NONE"): "NO_NORMALIZATION",
             ("AuditMode", "ON"): "AUDIT_ON", ("AuditMode", "OFF"): "AUDIT_OFF"}
@@ -131,6 +134,9 @@ def _set_params(request: pb.ExplainRequest, params: dict[str, Any], layout: str 
             else:
                 target.baseline.kind = pb.CUSTOM
                 target.baseline.tensor.CopyFrom(tensor_from_array(value, layout))
+        elif key == "reference":  # an array of baselines: the request's own reference set
+            target.reference.kind = pb.CUSTOM
+            target.reference.tensor.CopyFrom(tensor_from_array(value, layout))
         elif key == "blur_sigma":
             target.baseline.blur_sigma = value
         elif key == "also":

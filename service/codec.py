@@ -398,4 +398,4 @@ def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.Mo
                                max_steps=limits.max_steps, max_top_k=min(limits.max_top_k, model.num_classes),
                                max_image_pixels=limits.max_image_pixels, max_job_items=max_job_items),
         is_default=model.is_default, default_method=METHOD_ENUMS.get(model.default_method, pb.METHOD_UNSPECIFIED),
-        **modality_fields(model))
+        has_reference_set=model.has_reference_set, **modality_fields(model))

@@ -15,19 +15,19 @@ from typing import Mapping
 
 import torch
 
-from service import codec
+from service import codec, path_params
 from service._proto import attribution_pb2 as pb
 from service.config import Limits
 from service.decoding.pool import ImageDecoder
 from service.offline_params import rise_params, xrai_params
 from service.text_inputs import TEXT_SOURCES, declared_text_items, image_inputs_refusal, text_inputs
+from service.path_params import check_item_shape as _check_item_shape
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
 from workers.methods import METHODS
 from workers.spec import (CAM_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
                           ModelDescription, OutputSpec, TargetSpec, request_cost)
 
 _DEFAULTS = MethodParams()
-_MAX_BLUR_SIGMA = 64.0
 # Which `params` oneof member each method reads.
 _PARAMS_FIELD = {m.name: m.params for m in METHODS}
 _AUDIT = {pb.AUDIT_MODE_UNSPECIFIED: None, pb.AUDIT_ON: True, pb.AUDIT_OFF: False}
@@ -114,8 +114,10 @@ def estimate_cost(request: pb.ExplainRequest, limits: Limits) -> int | None:
     """
     items = max(1, _declared_items(request.inputs))
     targets = max(1, request.target.top_k) if request.target.WhichOneof("kind") == "top_k" else 1
-    samples = request.noise.samples or _DEFAULTS.samples
-    steps = request.integrated_gradients.steps or _DEFAULTS.steps
+    # One params member is set at most: the others read 0.
+    samples = request.noise.samples or request.expected_gradients.samples or _DEFAULTS.samples
+    steps = (request.integrated_gradients.steps or request.blur_ig.steps or request.guided_ig.steps
+             or _DEFAULTS.steps)
     if (items * targets > limits.max_items or targets > limits.max_top_k or samples > limits.max_samples
             or steps > limits.max_steps):
         return None
@@ -201,13 +203,6 @@ def _inputs(inputs: pb.Inputs, model: ModelDescription, limits: Limits, declared
         return None, (), None
 
 
-def _check_item_shape(x: torch.Tensor, model: ModelDescription, field: str) -> None:
-    got, want = tuple(x.shape[1:]), (model.channels, model.height, model.width)
-    if got != want:
-        raise InvalidArgument.field(field, f"items are (C, H, W) = {got}; model {model.name!r} takes {want}. "
-                                           "Resize first, or send PNG/JPEG in inputs.images to have it done here")
-
-
 def _target(target: pb.Target, model: ModelDescription, limits: Limits, items: int,
             v: _Violations) -> TargetSpec:
     kind = target.WhichOneof("kind")
@@ -247,7 +242,13 @@ def _params(request: pb.ExplainRequest, method: str, model: ModelDescription, li
     if expected == "noise":
         return _noise_params(request.noise, limits, v)
     if expected == "integrated_gradients":
-        return _ig_params(request.integrated_gradients, request.inputs, model, limits, items, v)
+        return path_params.ig_params(request.integrated_gradients, request.inputs, model, limits, items, v)
+    if expected == "expected_gradients":
+        return path_params.expected_gradients_params(request.expected_gradients, request.inputs, model, limits, v)
+    if expected == "blur_ig":
+        return path_params.blur_ig_params(request.blur_ig, limits, v)
+    if expected == "guided_ig":
+        return path_params.guided_ig_params(request.guided_ig, request.inputs, model, limits, items, v)
     if expected == "cam":
         return _cam_params(request.cam, method, model, v)
     if expected == "score_cam":
@@ -269,58 +270,6 @@ def _noise_params(p: pb.NoiseParams, limits: Limits, v: _Violations) -> MethodPa
     if not 0.0 <= fraction <= 1.0:  # NaN fails too
         v.add("noise.noise_fraction", f"must be 0..1, got {fraction}")
     return MethodParams(samples=int(samples), noise_fraction=float(fraction))
-
-
-def _ig_params(p: pb.IntegratedGradientsParams, inputs: pb.Inputs, model: ModelDescription, limits: Limits,
-               items: int, v: _Violations) -> MethodParams:
-    steps = p.steps or _DEFAULTS.steps
-    if not 1 <= steps <= limits.max_steps:
-        v.add("integrated_gradients.steps", f"must be 1..{limits.max_steps}, got {steps}")
-    rule = codec.RULE_NAMES.get(p.rule)
-    if rule is None:
-        v.add("integrated_gradients.rule", f"unknown integration rule {p.rule}")
-    elif rule == "riemann_trapezoid" and steps < 2:
-        v.add("integrated_gradients.steps", "RIEMANN_TRAPEZOID needs steps >= 2")
-    kind = codec.BASELINE_NAMES.get(p.baseline.kind)
-    if kind is None:
-        v.add("integrated_gradients.baseline.kind", f"unknown baseline kind {p.baseline.kind}")
-    elif (kind == "pad_token") != (model.modality == "text") and kind != "zero":
-        v.add("integrated_gradients.baseline.kind", "text models take ZERO (zero embeddings) or PAD_TOKEN (the pad "
-                                                    "token's embedding)" if model.modality == "text" else
-              "PAD_TOKEN is for text models; image models take ZERO, BLACK, BLURRED, UNIFORM_NOISE, DATASET_MEAN "
-              "or CUSTOM")
-        kind = None
-    sigma = p.baseline.blur_sigma or _DEFAULTS.blur_sigma
-    if kind == "blurred" and not 0.0 < sigma <= _MAX_BLUR_SIGMA:
-        v.add("integrated_gradients.baseline.blur_sigma", f"must be in (0, {_MAX_BLUR_SIGMA:g}], got {sigma}")
-    baseline = None
-    if kind == "custom":
-        baseline = _custom_baseline(p.baseline, inputs, model, items, v)
-    elif p.baseline.HasField("tensor"):
-        v.add("integrated_gradients.baseline.tensor", "is read only with baseline kind CUSTOM")
-    return MethodParams(steps=int(steps), rule=rule or _DEFAULTS.rule, baseline=kind or _DEFAULTS.baseline,
-                        blur_sigma=float(sigma) if kind == "blurred" else _DEFAULTS.blur_sigma,
-                        baseline_tensor=baseline)
-
-
-def _custom_baseline(baseline: pb.Baseline, inputs: pb.Inputs, model: ModelDescription, items: int,
-                     v: _Violations) -> torch.Tensor | None:
-    """The CUSTOM baseline in model space `# (1 or N, C, H, W)`, in the inputs' space."""
-    field = "integrated_gradients.baseline.tensor"
-    if not baseline.HasField("tensor"):
-        v.add(field, "baseline kind CUSTOM needs a tensor")
-        return None
-    space = pb.PIXELS if inputs.HasField("images") else inputs.space
-    try:
-        raw = codec.decode_tensor(baseline.tensor, field)
-        _check_item_shape(raw, model, f"{field}.shape")
-        if items and raw.shape[0] not in (1, items):
-            raise InvalidArgument.field(f"{field}.shape", f"has {raw.shape[0]} items for {items} inputs; "
-                                                          "give one, or one per item")
-        return codec.to_model_space(raw, space, model, f"{field}.dtype")
-    except InvalidArgument as exc:
-        v.extend(exc)
-        return None
 
 
 def _cam_layer(layer: str, field: str, model: ModelDescription, v: _Violations) -> str:

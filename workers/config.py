@@ -15,6 +15,8 @@ model's name and source::
         cam_layers: [layer3, layer4]
         cam_layouts: {layer4: nchw}  # per CAM layer: nchw | nhwc | tokens; undeclared layers must show nchw
         labels: /models/imagenet.txt  # one per line, or an inline list
+        reference_set: /models/refs.npy  # Expected Gradients' baselines: (R, C, H, W) pixel images in [0, 1]
+                                     # (.npy/.pt/.safetensors; uint8 0..255 too) or a folder of PNG/JPEG
         replicas: 1
         num_gpus: 0
         num_cpus: 1                  # per replica; also its torch thread count
@@ -165,6 +167,9 @@ class ModelConfig:
     # channels-first output; anything else is refused, naming this setting.
     cam_layouts: dict | None = None
     labels: tuple[str, ...] = ()
+    # Expected Gradients' reference set (workers/reference_sets.py): a tensor file or a folder of images;
+    # "" = none (the demo model builds its own).
+    reference_set: str = ""
     replicas: int = 1              # online replicas (one per GPU where there are GPUs)
     num_gpus: float = 0.0          # per replica
     num_cpus: float = 1.0          # per replica; also torch's intra-op thread count
@@ -193,6 +198,9 @@ class ModelConfig:
         check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
                "replicas and num_gpus must be >= 0, num_cpus > 0")
         check_resources(self.resources, f"models[{self.name}].resources")
+        suffix = pathlib.PurePath(self.reference_set).suffix.lower()
+        check(not suffix or suffix in (".npy", ".pt", ".pth", ".safetensors"), f"models[{self.name}].reference_set",
+              f"{self.reference_set!r}: give a .npy, .pt, .pth or .safetensors file of images, or a folder of images")
         if self.cam_layouts is not None:
             where = f"models[{self.name}].cam_layouts"
             check(isinstance(self.cam_layouts, dict), where, "must be a mapping of layer names to layouts")

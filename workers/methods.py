@@ -31,7 +31,8 @@ class Method:
         rise.py and xrai.py: jobs).
     params: the ExplainRequest `params` oneof member it reads.
     online: served by Explain / ExplainStream; False = offline jobs only (SubmitJob).
-    cost: rows per item and target: "one", "samples" (NoiseParams.samples) or "steps" (IG steps).
+    cost: rows per item and target: "one", "samples" (NoiseParams / ExpectedGradientsParams.samples) or
+        "steps" (the path's steps: IG, Blur IG, Guided IG).
     noise: draws noisy copies (NoiseParams), SmoothGrad-style.
     """
 
@@ -50,6 +51,9 @@ METHODS: tuple[Method, ...] = (
     Method("smoothgrad_sq", "SMOOTHGRAD_SQ", "gradients", "noise", cost=COST_SAMPLES, noise=True),
     Method("vargrad", "VARGRAD", "gradients", "noise", cost=COST_SAMPLES, noise=True),
     Method("integrated_gradients", "INTEGRATED_GRADIENTS", "gradients", "integrated_gradients", cost=COST_STEPS),
+    Method("expected_gradients", "EXPECTED_GRADIENTS", "gradients", "expected_gradients", cost=COST_SAMPLES),
+    Method("blur_ig", "BLUR_IG", "gradients", "blur_ig", cost=COST_STEPS),
+    Method("guided_ig", "GUIDED_IG", "gradients", "guided_ig", cost=COST_STEPS),
     Method("grad_cam", "GRAD_CAM", "cam", "cam"),
     Method("grad_cam_plus_plus", "GRAD_CAM_PLUS_PLUS", "cam", "cam"),
     Method("layer_cam", "LAYER_CAM", "cam", "cam"),

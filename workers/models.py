@@ -57,6 +57,7 @@ class LoadedModel:
     default_cam_layer: str = ""
     cam_layouts: dict[str, str] = field(default_factory=dict)  # every CAM layer's layout, declared or detected
     labels: tuple[str, ...] = ()
+    reference_set: torch.Tensor | None = None  # Expected Gradients' baselines, model space (R, C, H, W)
     _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     text: "TextModel | None" = None   # text models: embedding forward, vocabulary, tokenizer (workers/text)
 
@@ -227,9 +228,20 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     layouts = _cam_layouts(cfg, spec, shapes, declared)
     if labels and len(labels) != num_classes:
         raise ModelLoadError(f"model {cfg.name!r}: {len(labels)} labels for {num_classes} classes")
+    references = _reference_set(cfg, spec)
     return LoadedModel(name=cfg.name, module=module, spec=spec, num_classes=num_classes, version=version,
                        device=device, cam_layers=tuple(cam_layers), default_cam_layer=cam_layer,
-                       cam_layouts=layouts, labels=tuple(labels), _modules={n: modules[n] for n in cam_layers})
+                       cam_layouts=layouts, labels=tuple(labels), _modules={n: modules[n] for n in cam_layers},
+                       reference_set=None if references is None else references.to(device))
+
+
+def _reference_set(cfg: ModelConfig, spec: InputSpec) -> torch.Tensor | None:
+    """The configured reference set (the demo's own when none is configured), model space, CPU."""
+    from workers import reference_sets
+
+    if cfg.reference_set:
+        return reference_sets.load_reference_set(cfg.reference_set, spec, cfg.name)
+    return reference_sets.demo_reference_set(cfg.seed, spec) if cfg.source == "demo" else None
 
 
 def _probe_num_classes(module: nn.Module, spec: InputSpec, device: torch.device, cfg: ModelConfig,
@@ -330,4 +342,5 @@ def describe(model: LoadedModel, is_default: bool = False) -> ModelDescription:
         num_classes=model.num_classes, labels=model.labels,
         cam_layers=model.cam_layers, default_cam_layer=model.default_cam_layer,
         online_methods=model.online_methods, offline_methods=model.offline_methods, is_default=is_default,
-        modality=model.modality, text=model.text.info() if model.text is not None else None)
+        modality=model.modality, text=model.text.info() if model.text is not None else None,
+        has_reference_set=model.reference_set is not None)

@@ -25,7 +25,8 @@ from workers.batching import FoldWatch
 from workers.errors import AttributionError, Cancelled, DeadlineExceeded, InternalError, InvalidArgument
 from workers.kernels.baselines import make_baseline
 from workers.kernels.cam import CamRequest, explain_cam, validate_cam_request
-from workers.kernels.gradients import GradientRequest, explain_gradients, validate_gradient_request
+from workers.kernels.gradients import (BASELINE_METHODS, GradientRequest, explain_gradients,
+                                       validate_gradient_request)
 from workers.postprocess import finish_maps
 from workers.spec import CAM_METHODS, GRADIENT_METHODS, ExplainResult, ExplainSpec
 from workers.stages import (TOP_PREDICTIONS, ContextCache, WorkerContext, build_items,  # noqa: F401  (re-exported)
@@ -201,16 +202,19 @@ def _resolve(work: _Work, ctx: WorkerContext) -> None:
 
 def _gradient_request(ctx: WorkerContext, spec: ExplainSpec, inputs, targets) -> GradientRequest:
     p, model = spec.params, ctx.model
-    baselines = None
-    if spec.method == "integrated_gradients":
+    baselines = references = None
+    if spec.method in BASELINE_METHODS:
         custom = None if p.baseline_tensor is None else p.baseline_tensor.to(model.device)
         if custom is not None and custom.shape[0] not in (1, inputs.shape[0]) and spec.target.per_item > 1:
             custom = custom.repeat_interleave(spec.target.per_item, dim=0)
         baselines = make_baseline(p.baseline, inputs, mean=model.spec.mean, std=model.spec.std, seed=spec.seed,
                                   blur_sigma=p.blur_sigma, custom=custom)
+    elif spec.method == "expected_gradients":  # the request's own reference set, else the model's
+        references = model.reference_set if p.baseline_tensor is None else p.baseline_tensor.to(model.device)
     req = GradientRequest(inputs=inputs, targets=targets, method=spec.method, samples=p.samples,
                           noise_fraction=p.noise_fraction, steps=p.steps, rule=p.rule, baselines=baselines,
-                          seed=spec.seed, absolute=p.absolute)
+                          seed=spec.seed, absolute=p.absolute, references=references, noise_stdev=p.noise_stdev,
+                          max_sigma=p.max_sigma, fraction=p.fraction)
     validate_gradient_request(req, model.num_classes, ctx.limits)
     return req
 

@@ -82,7 +82,11 @@ class MethodParams(TensorFields):
     rule: str = "gauss_legendre"
     baseline: str = "zero"
     blur_sigma: float = 5.0
-    baseline_tensor: torch.Tensor | None = None  # custom baseline, model space (1 or N, C, H, W)
+    baseline_tensor: torch.Tensor | None = None  # custom baseline, model space (1 or N, C, H, W);
+    #                                              expected gradients: the custom reference set (R, C, H, W)
+    noise_stdev: float = 0.0               # expected gradients: > 0 = GradientSHAP
+    max_sigma: float = 20.0                # blur IG
+    fraction: float = 0.1                  # guided IG
     layer: str = ""                        # CAM family and Score-CAM; "" = the model's default
     also: tuple[str, ...] = ()             # extra CAM variants in the same pass
     top_k_channels: int = 0                # Score-CAM
@@ -253,6 +257,7 @@ class ModelDescription:
     online_methods: tuple[str, ...]
     offline_methods: tuple[str, ...]
     is_default: bool = False
+    has_reference_set: bool = False  # expected gradients can draw from the model's own reference set
     resize: str = "stretch"        # how encoded images reach height x width (workers.config.InputSpec)
     crop_fraction: float = 0.875
     default_method: str = ""       # what a request naming no method gets (an adopted recommendation); "" = none

@@ -18,7 +18,7 @@ from service.cli import add_tls_arguments, tls_options
 from service.client import AsyncAttributionClient, ServiceError, build_request
 
 _PARAM_FLAGS = ("samples", "noise_fraction", "steps", "rule", "baseline", "layer", "also", "top_k_channels",
-                "patch_size", "stride")
+                "patch_size", "stride", "noise_stdev", "max_sigma", "fraction")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +34,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write every input as sent (the demo images too) here, e.g. for "
                              "`attribution audit verify --inputs DIR`")
     parser.add_argument("--model", default="", help="model name (default: the server's default)")
-    parser.add_argument("--method", default="grad_cam", help="e.g. grad_cam, smoothgrad, integrated_gradients")
+    parser.add_argument("--method", default="grad_cam", help="e.g. grad_cam, smoothgrad, integrated_gradients, "
+                                                             "expected_gradients, blur_ig, guided_ig")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--target", type=int, help="class index to explain (default: predicted)")
     target.add_argument("--top-k", type=int, help="explain the top-k classes")
-    parser.add_argument("--samples", type=int, help="SmoothGrad family: noisy copies")
+    parser.add_argument("--samples", type=int, help="SmoothGrad family: noisy copies; Expected Gradients: baseline "
+                                                    "draws")
     parser.add_argument("--noise-fraction", type=float, help="SmoothGrad family: noise std / input range")
-    parser.add_argument("--steps", type=int, help="Integrated Gradients: steps")
+    parser.add_argument("--steps", type=int, help="Integrated Gradients, Blur IG, Guided IG: path steps")
     parser.add_argument("--rule", help="Integrated Gradients: riemann_* or gauss_legendre")
-    parser.add_argument("--baseline", help="Integrated Gradients: zero, black, blurred, uniform_noise, dataset_mean")
+    parser.add_argument("--baseline", help="Integrated Gradients, Guided IG: zero, black, blurred, uniform_noise, "
+                                           "dataset_mean")
+    parser.add_argument("--noise-stdev", type=float, help="Expected Gradients: input noise / input range "
+                                                          "(> 0 = GradientSHAP)")
+    parser.add_argument("--max-sigma", type=float, help="Blur IG: the path's largest blur, pixels")
+    parser.add_argument("--fraction", type=float, help="Guided IG: fraction of features moved first per step")
     parser.add_argument("--layer", help="CAM layer (default: the model's)")
     parser.add_argument("--also", type=_name_list, metavar="METHODS",
                         help="CAM: further CAM variants from the same pass, comma-separated "

@@ -55,3 +55,21 @@ def test_cli_bench_kernels_has_both_families(tmp_path):
     methods = {row["method"] for row in json.loads(out.read_text())["results"]}
     assert {"smoothgrad", "integrated_gradients", "grad_cam", "grad_cam_plus_plus", "layer_cam", "score_cam",
             "occlusion"} <= methods
+
+
+def test_path_method_rows(capsys):
+    """Expected Gradients against Captum's GradientShap, Blur IG and Guided IG against their floor alone
+    (Captum has neither), Guided IG's fold row: each a ratio over the rows it runs."""
+    parser = argparse.ArgumentParser()
+    kernel_bench.add_arguments(parser)
+    args = parser.parse_args(["--model", "demo", "--size", "32", "--batch", "1", "--samples", "2", "--steps", "2",
+                              "--repeats", "1", "--threads", "1", "--methods",
+                              "expected_gradients,blur_ig,guided_ig", "--quiet"])
+    by_method = {row["method"]: row for row in kernel_bench.run(args)["results"]}
+    assert set(by_method) == {"expected_gradients", "blur_ig", "guided_ig", "fold_8_batch1_guided_ig"}
+    assert ROW_KEYS <= set(by_method["expected_gradients"]) and by_method["expected_gradients"]["ratio_to_captum"] > 0
+    for method in ("blur_ig", "guided_ig"):
+        row = by_method[method]
+        assert row["rows"] == 2 and row["ratio_to_floor"] > 0 and "captum_seconds" not in row
+    assert by_method["guided_ig"]["chunks"] == 2  # one fold per step
+    assert by_method["fold_8_batch1_guided_ig"]["rows"] == 16

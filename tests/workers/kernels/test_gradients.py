@@ -278,7 +278,9 @@ def check_random_mix(specs, chunk):
         requests.append(GradientRequest(
             x, torch.full((spec["items"],), spec["target"]), spec["method"], samples=spec["samples"],
             noise_fraction=spec["fraction"], steps=spec["steps"], rule=spec["rule"], seed=spec["seed"],
-            absolute=spec["absolute"], baselines=seeded(x.shape, 99, 0.1) if spec["baseline"] else None))
+            absolute=spec["absolute"], baselines=seeded(x.shape, 99, 0.1) if spec["baseline"] else None,
+            references=seeded((3, 3, 8, 8), 98), noise_stdev=spec["fraction"], max_sigma=0.5 + 3 * spec["fraction"],
+            fraction=max(spec["fraction"], 0.05)))
     folded = explain_gradients(SMOOTH, requests, budget=FoldBudget(max_rows=chunk))
     assert_same_results(folded, [run_one(SMOOTH, r) for r in requests])
 
