@@ -6,7 +6,8 @@ model's name and source::
     models:
       - name: resnet18
         source: torchvision          # demo | torchvision | torchscript | export
-        arch: resnet18               # torchvision only
+        arch: resnet18               # torchvision only: a builder (resnet18, vit_b_16, swin_t) or a model class
+        arch_options: {}             # keywords for it, e.g. {image_size: 384} or VisionTransformer's sizes
         weights: /models/r18.safetensors   # state_dict (.pt/.pth) or safetensors
         num_classes: 1000
         input: {height: 224, width: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225],
@@ -150,7 +151,10 @@ class ModelConfig:
 
     name: str
     source: str
-    arch: str = ""                 # torchvision architecture name
+    arch: str = ""                 # torchvision builder (vit_b_16) or model class (VisionTransformer)
+    # Keyword arguments for the builder or class, e.g. {"aux_logits": False} or a VisionTransformer's sizes. ViT's
+    # image_size and MaxViT's input_size default to the input's.
+    arch_options: dict | None = None
     path: str = ""                 # weights file, TorchScript file or torch.export file
     num_classes: int = 0           # 0: read from the model's output
     input: InputSpec = field(default_factory=InputSpec)
@@ -184,6 +188,9 @@ class ModelConfig:
         check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
                "replicas and num_gpus must be >= 0, num_cpus > 0")
         check_resources(self.resources, f"models[{self.name}].resources")
+        check(self.arch_options is None or (self.source == "torchvision" and isinstance(self.arch_options, dict)
+                                            and all(isinstance(k, str) for k in self.arch_options)),
+              f"models[{self.name}].arch_options", "must be a mapping of keyword names to values, torchvision only")
         if self.cam_layouts is not None:
             where = f"models[{self.name}].cam_layouts"
             check(isinstance(self.cam_layouts, dict), where, "must be a mapping of layer names to layouts")
