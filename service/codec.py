@@ -395,4 +395,6 @@ def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.Mo
         limits=pb.ServerLimits(max_items=limits.max_items, max_samples=limits.max_samples,
                                max_steps=limits.max_steps, max_top_k=min(limits.max_top_k, model.num_classes),
                                max_image_pixels=limits.max_image_pixels, max_job_items=max_job_items),
-        is_default=model.is_default, default_method=METHOD_ENUMS.get(model.default_method, pb.METHOD_UNSPECIFIED))
+        is_default=model.is_default, default_method=METHOD_ENUMS.get(model.default_method, pb.METHOD_UNSPECIFIED),
+        modality=pb.Modality.Value(model.modality.upper()),  # workers.methods.IMAGE / TEXT, the enum's names
+        cam_layer_layouts=[pb.CamLayer(name=name, layout=layout) for name, layout in model.layer_layouts])

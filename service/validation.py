@@ -20,8 +20,8 @@ from service._proto import attribution_pb2 as pb
 from service.config import Limits
 from service.decoding.pool import ImageDecoder
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
-from workers.methods import METHODS
-from workers.spec import (CAM_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
+from workers.methods import BY_NAME as METHODS_BY_NAME, METHODS
+from workers.spec import (CAM_METHODS, ExplainSpec, MethodParams,
                           ModelDescription, OutputSpec, TargetSpec, request_cost)
 
 _DEFAULTS = MethodParams()
@@ -123,7 +123,7 @@ def _request_id(rid: str, limits: Limits, v: _Violations) -> str:
 
 
 def _method(method: int, model: ModelDescription, offline: bool, v: _Violations) -> str:
-    """The method's name, or "" (with a violation) when it cannot run here."""
+    """The method's name, or "" (with a violation naming what the model serves) when it cannot run here."""
     choices = model.offline_methods if offline else model.online_methods
     listed = ", ".join(method_label(codec.METHOD_ENUMS[m]) for m in choices)
     if method == pb.METHOD_UNSPECIFIED and model.default_method in codec.METHOD_ENUMS:
@@ -134,14 +134,25 @@ def _method(method: int, model: ModelDescription, offline: bool, v: _Violations)
                 else f"unknown method {method}")
         v.add("method", f"{what}; one of: {listed}")
         return ""
-    if name in OFFLINE_ONLY_METHODS and not offline:
-        v.add("method", f"{method_label(method)} is too expensive to run online; submit it as an offline job "
-                        "with SubmitJob")
+    if name not in model.offline_methods:  # served neither online nor by jobs
+        v.add("method", f"model {model.name!r} does not support {method_label(method)}{_why_not(name, model)}; "
+                        f"it supports: {listed}")
         return ""
     if name not in choices:
-        v.add("method", f"model {model.name!r} does not support {method_label(method)}; one of: {listed}")
+        v.add("method", f"{method_label(method)} is too expensive to run online; submit it as an offline job "
+                        f"with SubmitJob, or choose one of: {listed}")
         return ""
     return name
+
+
+def _why_not(name: str, model: ModelDescription) -> str:
+    """Why a model does not serve a method of the table, from what the model declares."""
+    row = METHODS_BY_NAME[name]
+    if model.modality not in row.modalities:
+        return f" ({method_label(codec.METHOD_ENUMS[name])} does not explain {model.modality} models)"
+    if row.needs_layer and not model.cam_layers:
+        return " (it reads a CAM layer, and the model declares none)"
+    return ""
 
 
 def _declared_items(inputs: pb.Inputs) -> int:

@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 # How a method's batching cost per item and target is counted.
 COST_ONE, COST_SAMPLES, COST_STEPS = "one", "samples", "steps"
+# What a model consumes (proto Modality): images, or token sequences.
+IMAGE, TEXT = "image", "text"
+# The `params` members of the methods that read one of the model's CAM layers, beside the CAM family.
+LAYER_PARAMS = ("cam", "score_cam")
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,7 @@ class Method:
     online: served by Explain / ExplainStream; False = offline jobs only (SubmitJob).
     cost: rows per item and target: "one", "samples" (NoiseParams.samples) or "steps" (IG steps).
     noise: draws noisy copies (NoiseParams), SmoothGrad-style.
+    modalities: the inputs it explains (IMAGE, TEXT); a model of another modality does not serve it.
     """
 
     name: str
@@ -41,6 +46,12 @@ class Method:
     online: bool = True
     cost: str = COST_ONE
     noise: bool = False
+    modalities: tuple[str, ...] = (IMAGE,)
+
+    @property
+    def needs_layer(self) -> bool:
+        """It reads one of the model's CAM layers: a model without any does not serve it."""
+        return self.family == "cam" or self.params in LAYER_PARAMS
 
 
 METHODS: tuple[Method, ...] = (
@@ -67,6 +78,13 @@ OFFLINE_ONLY_METHODS = tuple(m.name for m in METHODS if not m.online)
 GRADIENT_METHODS = tuple(m.name for m in METHODS if m.family == "gradients")
 NOISE_METHODS = tuple(m.name for m in METHODS if m.noise)
 CAM_METHODS = tuple(m.name for m in METHODS if m.family == "cam")
+
+
+def model_methods(modality: str = IMAGE, has_cam_layers: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(online, offline) methods of a model, in table order: the rows for its modality, those that read a CAM
+    layer only where it has CAM layers (a TorchScript model has none). Jobs serve the online methods too."""
+    rows = [m for m in METHODS if modality in m.modalities and (has_cam_layers or not m.needs_layer)]
+    return tuple(m.name for m in rows if m.online), tuple(m.name for m in rows)
 
 
 def method(name: str) -> Method | None:

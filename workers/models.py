@@ -19,7 +19,8 @@ from workers import families
 from workers.config import CAM_SOURCES, InputSpec, ModelConfig, no_cam_on_torchscript
 from workers.errors import InvalidArgument, LayerNotFound, ModelLoadError, ModelNotFound
 from workers.kernels.hooks import to_nchw
-from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS, ModelDescription
+from workers.methods import IMAGE, model_methods
+from workers.spec import ModelDescription
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class LoadedModel:
     default_cam_layer: str = ""
     cam_layouts: dict[str, str] = field(default_factory=dict)  # every CAM layer's layout, declared or detected
     labels: tuple[str, ...] = ()
+    modality: str = IMAGE
     _modules: dict[str, nn.Module] = field(default_factory=dict, repr=False)
 
     def layer(self, name: str) -> nn.Module:
@@ -48,11 +50,13 @@ class LoadedModel:
 
     @property
     def online_methods(self) -> tuple[str, ...]:
-        return GRADIENT_METHODS + (CAM_METHODS if self.cam_layers else ())
+        """What Explain serves for this model (`workers.methods.model_methods`)."""
+        return model_methods(self.modality, bool(self.cam_layers))[0]
 
     @property
     def offline_methods(self) -> tuple[str, ...]:
-        return self.online_methods + (OFFLINE_ONLY_METHODS if self.cam_layers else ("occlusion",))
+        """What SubmitJob serves for this model: the online methods and the offline-only ones it can run."""
+        return model_methods(self.modality, bool(self.cam_layers))[1]
 
 
 def sha256_file(path: pathlib.Path) -> str:
@@ -311,4 +315,5 @@ def describe(model: LoadedModel, is_default: bool = False) -> ModelDescription:
         mean=tuple(spec.mean), std=tuple(spec.std), resize=spec.resize, crop_fraction=spec.crop_fraction,
         num_classes=model.num_classes, labels=model.labels,
         cam_layers=model.cam_layers, default_cam_layer=model.default_cam_layer,
-        online_methods=model.online_methods, offline_methods=model.offline_methods, is_default=is_default)
+        online_methods=model.online_methods, offline_methods=model.offline_methods, is_default=is_default,
+        modality=model.modality, cam_layouts=tuple(model.cam_layouts.get(n, "nchw") for n in model.cam_layers))
