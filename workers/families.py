@@ -66,7 +66,8 @@ FAMILIES: dict[str, Family] = {
 }
 
 # The builder keyword that fixes the input size, for the families whose modules are built for one size.
-_SIZE_OPTIONS = {"vit_": "image_size", "VisionTransformer": "image_size", "maxvit": "input_size", "MaxVit": "input_size"}
+_SIZE_OPTIONS = {"vit_": "image_size", "VisionTransformer": "image_size",
+                 "maxvit": "input_size", "MaxVit": "input_size"}
 
 
 def family_of(module: nn.Module | type) -> str | None:

@@ -106,7 +106,8 @@ FAMILY_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": False},
                   "inception": {"aux_logits": False, "init_weights": False}}
 # Other builders of the families above, whose class the registry must recognise as well.
 SIBLING_ARCHS = {"resnext50_32x4d": "resnet", "wide_resnet50_2": "resnet", "mobilenet_v2": "mobilenet",
-                 "efficientnet_v2_s": "efficientnet", "vit_b_16": "vit", "swin_v2_t": "swin", "regnet_x_400mf": "regnet"}
+                 "efficientnet_v2_s": "efficientnet", "vit_b_16": "vit", "swin_v2_t": "swin",
+                 "regnet_x_400mf": "regnet"}
 
 
 def _calibrated(model: LoadedModel, size: int = SIZE) -> LoadedModel:

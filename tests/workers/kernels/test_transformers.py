@@ -98,7 +98,8 @@ def test_swin_loads_from_a_state_dict_with_its_channels_last_layers():
 
 def test_a_config_file_entry_builds_the_same_model():
     cfg = model_config_from_dict({"name": "vit", "source": "torchvision", "arch": "VisionTransformer",
-                                  "arch_options": VIT, "weights": str(_weights("VisionTransformer")), "num_classes": CLASSES,
+                                  "arch_options": VIT, "weights": str(_weights("VisionTransformer")),
+                                  "num_classes": CLASSES,
                                   "input": {"height": VIT_SIZE, "width": VIT_SIZE}})
     assert load_model(cfg).version == _model("VisionTransformer").version
 
@@ -121,7 +122,8 @@ def test_bad_arch_options_and_archs_are_refused_with_what_to_fix(tmp_path):
         ModelConfig(name="v", source="torchscript", path="m.pt", arch_options={"image_size": 32})
     with pytest.raises(ModelLoadError, match=r"cannot load weights"):         # weights of another size
         load_model(ModelConfig(name="v", source="torchvision", arch="VisionTransformer",
-                               arch_options={**VIT, "hidden_dim": 16}, path=str(_weights("VisionTransformer")), num_classes=CLASSES,
+                               arch_options={**VIT, "hidden_dim": 16}, path=str(_weights("VisionTransformer")),
+                               num_classes=CLASSES,
                                input=InputSpec(height=VIT_SIZE, width=VIT_SIZE)))
 
 
