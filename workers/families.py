@@ -7,8 +7,11 @@ the same family). Each family names its CAM layers, the default last, and their 
 - convolutional families: their last feature map (and, for ResNets, two earlier stages), `nchw`;
 - ViT (`VisionTransformer`): the last encoder block's `ln_1`, whose tokens `(N, 1 + h*w, C)` feed the
   block's attention, where the class token the head reads gathers from the patch tokens; and the
-  output of the block before it. Not the last block's own output: after it only the class token
-  reaches the head, so every patch token's gradient there is zero and every CAM map is empty;
+  `ln_1` of the block before it. Not the last block's own output: after it only the class token
+  reaches the head, so every patch token's gradient there is zero and every CAM map is empty. Not
+  the output of the block before either: a patch token reaches the head from there only through
+  the last block's `ln_1`, which ignores its scale, so sum(gradient x activation) is zero on every
+  token and HiResCAM's map is empty;
 - Swin (`SwinTransformer`, v1 and v2): the final `norm`, on the last stage's channels-last
   `(N, h, w, C)` map (what the head pools), and the output of the stage before, both `nhwc`.
 
@@ -37,8 +40,7 @@ def _fixed(*names: str) -> Callable[[nn.Module], tuple[str, ...]]:
 
 def _vit_layers(module: nn.Module) -> tuple[str, ...]:
     depth = len(module.encoder.layers)
-    last = f"encoder.layers.encoder_layer_{depth - 1}.ln_1"
-    return (f"encoder.layers.encoder_layer_{depth - 2}", last) if depth >= 2 else (last,)
+    return tuple(f"encoder.layers.encoder_layer_{block}.ln_1" for block in range(max(0, depth - 2), depth))
 
 
 def _swin_layers(module: nn.Module) -> tuple[str, ...]:

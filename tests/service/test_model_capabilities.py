@@ -86,7 +86,7 @@ def test_each_model_lists_its_modality_layouts_and_own_methods(stub):
     assert {m.modality for m in models.values()} == {pb.IMAGE}
     layouts = {name: [(c.name, c.layout) for c in m.cam_layer_layouts] for name, m in models.items()}
     assert layouts["demo"] == [("block3", "nchw"), ("block4", "nchw")]
-    assert layouts["vit"] == [("encoder.layers.encoder_layer_0", "tokens"),
+    assert layouts["vit"] == [("encoder.layers.encoder_layer_0.ln_1", "tokens"),
                               ("encoder.layers.encoder_layer_1.ln_1", "tokens")]
     assert layouts["ts"] == [] and list(models["ts"].cam_layers) == []
     for name in ("demo", "vit"):
@@ -105,7 +105,7 @@ def test_the_cli_shows_modality_and_layouts(harness, capsys):
     assert models_cli.run(parser.parse_args(["--server", harness.address])) == 0
     out = capsys.readouterr().out
     assert "vit  image  version" in out and "ts  image  version" in out
-    assert ("CAM layers: encoder.layers.encoder_layer_0 (tokens), encoder.layers.encoder_layer_1.ln_1 (tokens) "
+    assert ("CAM layers: encoder.layers.encoder_layer_0.ln_1 (tokens), encoder.layers.encoder_layer_1.ln_1 (tokens) "
             "(default encoder.layers.encoder_layer_1.ln_1)") in out
     assert "CAM layers: block3 (nchw), block4 (nchw) (default block4)" in out
 

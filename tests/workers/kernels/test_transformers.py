@@ -85,7 +85,7 @@ def test_vit_loads_from_a_state_dict_with_its_token_layers():
     model = _model("VisionTransformer")
     assert model.version == sha256_file(_weights("VisionTransformer")) and model.num_classes == CLASSES
     last = "encoder.layers.encoder_layer_2.ln_1"
-    assert model.cam_layers == ("encoder.layers.encoder_layer_1", last) and model.default_cam_layer == last
+    assert model.cam_layers == ("encoder.layers.encoder_layer_1.ln_1", last) and model.default_cam_layer == last
     assert model.cam_layouts == dict.fromkeys(model.cam_layers, "tokens")
 
 
@@ -155,14 +155,21 @@ def test_every_variant_matches_pytorch_grad_cam_with_its_reshape_transform(arch,
         torch.testing.assert_close(normalize(maps), torch.from_numpy(peer), atol=2e-3, rtol=0)
 
 
-def test_the_last_vit_block_output_gives_empty_maps_which_is_why_ln_1_is_the_default():
-    """After the last block only the class token reaches the head: the patch tokens' gradient is zero there."""
-    last = "encoder.layers.encoder_layer_2"
-    model = load_model(_config("VisionTransformer", cam_layers=(last,), cam_layouts={last: "tokens"}))
+@pytest.mark.parametrize("block, empty", [(2, CAM_VARIANTS[:5]), (1, ("hires_cam",))])
+def test_vit_block_outputs_give_empty_maps_which_is_why_ln_1_is_the_default(block, empty):
+    """After the last block only the class token reaches the head: every patch token's gradient is zero there.
+    From the block before, a patch token reaches the head only through the last block's ln_1, which ignores its
+    scale: sum(gradient x activation) is zero on every token, and that is HiResCAM's map."""
+    layer = f"encoder.layers.encoder_layer_{block}"
+    model = load_model(_config("VisionTransformer", cam_layers=(layer,), cam_layouts={layer: "tokens"}))
     x = _batch(2, VIT_SIZE)
-    with LayerTaps(model.module, [last], layouts=model.cam_layouts) as taps:
-        res = explain_cam(model.module, taps, [CamRequest(x, None, last, ("grad_cam", "layer_cam"))])[0]
-    assert not bool(res.maps["grad_cam"].any()) and not bool(res.maps["layer_cam"].any())
+    with LayerTaps(model.module, [layer], layouts=model.cam_layouts) as taps:
+        res = explain_cam(model.module, taps, [CamRequest(x, None, layer, CAM_VARIANTS[:5])])[0]
+    with LayerTaps(model.module, [f"{layer}.ln_1"], layouts={f"{layer}.ln_1": "tokens"}) as taps:
+        ln_1 = explain_cam(model.module, taps, [CamRequest(x, None, f"{layer}.ln_1", empty)])[0]
+    for variant in empty:
+        scale = float(ln_1.maps[variant].amax())
+        assert scale > 0 and float(res.maps[variant].amax()) < 1e-5 * scale, variant
 
 
 def test_an_undeclared_vit_block_is_refused_naming_the_layout_setting():
