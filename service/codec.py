@@ -398,4 +398,5 @@ def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.Mo
                                max_steps=limits.max_steps, max_top_k=min(limits.max_top_k, model.num_classes),
                                max_image_pixels=limits.max_image_pixels, max_job_items=max_job_items),
         is_default=model.is_default, default_method=METHOD_ENUMS.get(model.default_method, pb.METHOD_UNSPECIFIED),
-        has_reference_set=model.has_reference_set, **modality_fields(model))
+        has_reference_set=model.has_reference_set, **modality_fields(model),
+        cam_layer_layouts=[pb.CamLayer(name=name, layout=layout) for name, layout in model.layer_layouts])

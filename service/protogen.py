@@ -20,10 +20,12 @@ GENERATED = ("attribution_pb2.py", "attribution_pb2.pyi", "attribution_pb2_grpc.
 
 
 def generate(out_dir: pathlib.Path) -> None:
-    from grpc_tools import protoc  # test/dev extra only
+    import grpc_tools  # test/dev extra only
+    from grpc_tools import protoc
 
+    well_known = pathlib.Path(grpc_tools.__file__).parent / "_proto"   # google/protobuf/any.proto and the rest
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}",
+        args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={tmp}", f"--pyi_out={tmp}",
                 f"--grpc_python_out={tmp}", str(PROTO_ROOT / PROTO_FILE)]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")

@@ -117,8 +117,10 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
         request_id = request.request_id or uuid.uuid4().hex
         outcome = await self._explain(request, context, request_id)
         if isinstance(outcome, errors.Status):
+            # The unary call's rich status, details included (a BadRequest naming each bad field).
+            rich = outcome.to_rpc_status()
             return pb.ExplainResponse(request_id=request_id, model=request.model, method=request.method,
-                                      error=pb.ExplainError(code=outcome.code_number, message=outcome.message))
+                                      error=pb.ExplainError(code=rich.code, message=rich.message, details=rich.details))
         return outcome
 
     # ------------------------------------------------------------- models --

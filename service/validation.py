@@ -23,8 +23,8 @@ from service.offline_params import rise_params, xrai_params
 from service.text_inputs import TEXT_SOURCES, declared_text_items, image_inputs_refusal, text_inputs
 from service.path_params import check_item_shape as _check_item_shape
 from workers.errors import FieldViolation, InvalidArgument, ModelNotFound
-from workers.methods import METHODS
-from workers.spec import (CAM_METHODS, OFFLINE_ONLY_METHODS, ExplainSpec, MethodParams,
+from workers.methods import BY_NAME as METHODS_BY_NAME, METHODS
+from workers.spec import (CAM_METHODS, ExplainSpec, MethodParams,
                           ModelDescription, OutputSpec, TargetSpec, request_cost)
 
 _DEFAULTS = MethodParams()
@@ -133,7 +133,7 @@ def _request_id(rid: str, limits: Limits, v: _Violations) -> str:
 
 
 def _method(method: int, model: ModelDescription, offline: bool, v: _Violations) -> str:
-    """The method's name, or "" (with a violation) when it cannot run here."""
+    """The method's name, or "" (with a violation naming what the model serves) when it cannot run here."""
     choices = model.offline_methods if offline else model.online_methods
     listed = ", ".join(method_label(codec.METHOD_ENUMS[m]) for m in choices)
     if method == pb.METHOD_UNSPECIFIED and model.default_method in codec.METHOD_ENUMS:
@@ -144,14 +144,25 @@ def _method(method: int, model: ModelDescription, offline: bool, v: _Violations)
                 else f"unknown method {method}")
         v.add("method", f"{what}; one of: {listed}")
         return ""
-    if name in OFFLINE_ONLY_METHODS and not offline:
-        v.add("method", f"{method_label(method)} is too expensive to run online; submit it as an offline job "
-                        "with SubmitJob")
+    if name not in model.offline_methods:  # served neither online nor by jobs
+        v.add("method", f"model {model.name!r} does not support {method_label(method)}{_why_not(name, model)}; "
+                        f"it supports: {listed}")
         return ""
     if name not in choices:
-        v.add("method", f"model {model.name!r} does not support {method_label(method)}; one of: {listed}")
+        v.add("method", f"{method_label(method)} is too expensive to run online; submit it as an offline job "
+                        f"with SubmitJob, or choose one of: {listed}")
         return ""
     return name
+
+
+def _why_not(name: str, model: ModelDescription) -> str:
+    """Why a model does not serve a method of the table, from what the model declares."""
+    row = METHODS_BY_NAME[name]
+    if model.modality not in row.modalities:
+        return f" ({method_label(codec.METHOD_ENUMS[name])} does not explain {model.modality} models)"
+    if row.needs_layer and not model.cam_layers:
+        return " (it reads a CAM layer, and the model declares none)"
+    return ""
 
 
 def _declared_items(inputs: pb.Inputs) -> int:

@@ -102,6 +102,8 @@ def probe_model(model: nn.Module, row_shape: tuple[int, ...], dtype: torch.dtype
 
 def _measure(model: nn.Module, row_shape: tuple[int, ...], dtype: torch.dtype,
              device: torch.device) -> ModelProbe:
+    if isinstance(model, torch.jit.ScriptModule):
+        return _measure_saved(model, row_shape, dtype, device)
     owner = threading.get_ident()
     total = [0]
 
@@ -119,6 +121,24 @@ def _measure(model: nn.Module, row_shape: tuple[int, ...], dtype: torch.dtype,
     finally:
         for handle in handles:
             handle.remove()
+    row = torch.Size(row_shape).numel() * torch.empty((), dtype=dtype).element_size()
+    return ModelProbe(activation_bytes=max(total[0], row), output_shape=tuple(out.shape[1:]))
+
+
+def _measure_saved(model: nn.Module, row_shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> ModelProbe:
+    """A TorchScript module takes no forward hooks: its row costs the bytes autograd saves for the backward
+    in one forward from an input that requires grad (what a gradient row keeps alive), counted by
+    saved-tensor hooks, which see the interpreter's ops as well."""
+    total = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    x = torch.zeros((1, *row_shape), dtype=dtype, device=device, requires_grad=True)
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
     row = torch.Size(row_shape).numel() * torch.empty((), dtype=dtype).element_size()
     return ModelProbe(activation_bytes=max(total[0], row), output_shape=tuple(out.shape[1:]))
 

@@ -6,7 +6,8 @@ model's name and source::
     models:
       - name: resnet18
         source: torchvision          # demo | torchvision | torchscript | export
-        arch: resnet18               # torchvision only
+        arch: resnet18               # torchvision only: a builder (resnet18, vit_b_16, swin_t) or a model class
+        arch_options: {}             # keywords for it, e.g. {image_size: 384} or VisionTransformer's sizes
         weights: /models/r18.safetensors   # state_dict (.pt/.pth) or safetensors
         num_classes: 1000
         input: {height: 224, width: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225],
@@ -157,7 +158,10 @@ class ModelConfig:
 
     name: str
     source: str
-    arch: str = ""                 # torchvision architecture name
+    arch: str = ""                 # torchvision builder (vit_b_16) or model class (VisionTransformer)
+    # Keyword arguments for the builder or class, e.g. {"aux_logits": False} or a VisionTransformer's sizes. ViT's
+    # image_size and MaxViT's input_size default to the input's.
+    arch_options: dict | None = None
     path: str = ""                 # weights file, TorchScript file or torch.export file
     num_classes: int = 0           # 0: read from the model's output
     input: InputSpec = field(default_factory=InputSpec)
@@ -201,6 +205,9 @@ class ModelConfig:
         suffix = pathlib.PurePath(self.reference_set).suffix.lower()
         check(not suffix or suffix in (".npy", ".pt", ".pth", ".safetensors"), f"models[{self.name}].reference_set",
               f"{self.reference_set!r}: give a .npy, .pt, .pth or .safetensors file of images, or a folder of images")
+        check(self.arch_options is None or (self.source == "torchvision" and isinstance(self.arch_options, dict)
+                                            and all(isinstance(k, str) for k in self.arch_options)),
+              f"models[{self.name}].arch_options", "must be a mapping of keyword names to values, torchvision only")
         if self.cam_layouts is not None:
             where = f"models[{self.name}].cam_layouts"
             check(isinstance(self.cam_layouts, dict), where, "must be a mapping of layer names to layouts")

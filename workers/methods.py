@@ -18,6 +18,10 @@ from dataclasses import dataclass
 
 # How a method's batching cost per item and target is counted.
 COST_ONE, COST_SAMPLES, COST_STEPS = "one", "samples", "steps"
+# What a model consumes (proto Modality): images, or token sequences.
+IMAGE, TEXT = "image", "text"
+# The `params` members of the methods that read one of the model's CAM layers, beside the CAM family.
+LAYER_PARAMS = ("cam", "score_cam")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class Method:
     cost: rows per item and target: "one", "samples" (NoiseParams / ExpectedGradientsParams.samples) or
         "steps" (the path's steps: IG, Blur IG, Guided IG).
     noise: draws noisy copies (NoiseParams), SmoothGrad-style.
+    modalities: the inputs it explains (IMAGE, TEXT); a model of another modality does not serve it.
     """
 
     name: str
@@ -43,14 +48,23 @@ class Method:
     online: bool = True
     cost: str = COST_ONE
     noise: bool = False
+    modalities: tuple[str, ...] = (IMAGE,)
+
+    @property
+    def needs_layer(self) -> bool:
+        """It reads one of the model's CAM layers: a model without any does not serve it."""
+        return self.family == "cam" or self.params in LAYER_PARAMS
 
 
 METHODS: tuple[Method, ...] = (
-    Method("vanilla", "VANILLA_GRADIENT", "gradients", "gradient"),
-    Method("smoothgrad", "SMOOTHGRAD", "gradients", "noise", cost=COST_SAMPLES, noise=True),
+    Method("vanilla", "VANILLA_GRADIENT", "gradients", "gradient",
+           modalities=(IMAGE, TEXT)),
+    Method("smoothgrad", "SMOOTHGRAD", "gradients", "noise", cost=COST_SAMPLES, noise=True,
+           modalities=(IMAGE, TEXT)),
     Method("smoothgrad_sq", "SMOOTHGRAD_SQ", "gradients", "noise", cost=COST_SAMPLES, noise=True),
     Method("vargrad", "VARGRAD", "gradients", "noise", cost=COST_SAMPLES, noise=True),
-    Method("integrated_gradients", "INTEGRATED_GRADIENTS", "gradients", "integrated_gradients", cost=COST_STEPS),
+    Method("integrated_gradients", "INTEGRATED_GRADIENTS", "gradients", "integrated_gradients", cost=COST_STEPS,
+           modalities=(IMAGE, TEXT)),
     Method("expected_gradients", "EXPECTED_GRADIENTS", "gradients", "expected_gradients", cost=COST_SAMPLES),
     Method("blur_ig", "BLUR_IG", "gradients", "blur_ig", cost=COST_STEPS),
     Method("guided_ig", "GUIDED_IG", "gradients", "guided_ig", cost=COST_STEPS),
@@ -74,8 +88,17 @@ OFFLINE_ONLY_METHODS = tuple(m.name for m in METHODS if not m.online)
 GRADIENT_METHODS = tuple(m.name for m in METHODS if m.family == "gradients")
 NOISE_METHODS = tuple(m.name for m in METHODS if m.noise)
 CAM_METHODS = tuple(m.name for m in METHODS if m.family == "cam")
-# Offline-only methods that need no CAM layer: every model offers them.
-LAYERLESS_OFFLINE_METHODS = tuple(m.name for m in METHODS if not m.online and m.params not in ("cam", "score_cam"))
+# Offline-only image methods that need no CAM layer: every image model offers them.
+LAYERLESS_OFFLINE_METHODS = tuple(m.name for m in METHODS if not m.online and not m.needs_layer)
+# What a text model serves, online and as jobs (workers/kernels/text_gradients.py).
+TEXT_METHODS = tuple(m.name for m in METHODS if TEXT in m.modalities)
+
+
+def model_methods(modality: str = IMAGE, has_cam_layers: bool = False) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(online, offline) methods of a model, in table order: the rows for its modality, those that read a CAM
+    layer only where it has CAM layers (a TorchScript model has none). Jobs serve the online methods too."""
+    rows = [m for m in METHODS if modality in m.modalities and (has_cam_layers or not m.needs_layer)]
+    return tuple(m.name for m in rows if m.online), tuple(m.name for m in rows)
 
 
 def method(name: str) -> Method | None:

@@ -16,31 +16,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from workers import families
 from workers.config import CAM_SOURCES, InputSpec, ModelConfig, no_cam_on_torchscript
 from workers.errors import InvalidArgument, LayerNotFound, ModelLoadError, ModelNotFound
 from workers.kernels.hooks import to_nchw
-from workers.methods import LAYERLESS_OFFLINE_METHODS
-from workers.spec import CAM_METHODS, GRADIENT_METHODS, OFFLINE_ONLY_METHODS, ModelDescription
-from workers.text.methods import TEXT_METHODS
+from workers.methods import model_methods
+from workers.spec import ModelDescription
 
 if TYPE_CHECKING:
     from workers.text.loading import TextModel
 
 log = logging.getLogger(__name__)
-
-
-# The usual last feature map of each torchvision family, and a few earlier ones.
-_TORCHVISION_CAM_LAYERS = {
-    "resnet": ("layer2", "layer3", "layer4"),
-    "resnext": ("layer2", "layer3", "layer4"),
-    "wide_resnet": ("layer2", "layer3", "layer4"),
-    "mobilenet": ("features",),
-    "efficientnet": ("features",),
-    "densenet": ("features",),
-    "vgg": ("features",),
-    "convnext": ("features",),
-    "regnet": ("trunk_output",),
-}
 
 
 @dataclass
@@ -73,15 +59,13 @@ class LoadedModel:
 
     @property
     def online_methods(self) -> tuple[str, ...]:
-        if self.text is not None:
-            return TEXT_METHODS
-        return GRADIENT_METHODS + (CAM_METHODS if self.cam_layers else ())
+        """What Explain serves for this model (`workers.methods.model_methods`)."""
+        return model_methods(self.modality, bool(self.cam_layers))[0]
 
     @property
     def offline_methods(self) -> tuple[str, ...]:
-        if self.text is not None:  # text jobs run the same embedding-level methods
-            return TEXT_METHODS
-        return self.online_methods + (OFFLINE_ONLY_METHODS if self.cam_layers else LAYERLESS_OFFLINE_METHODS)
+        """What SubmitJob serves for this model: the online methods and the offline-only ones it can run."""
+        return model_methods(self.modality, bool(self.cam_layers))[1]
 
 
 def sha256_file(path: pathlib.Path) -> str:
@@ -115,22 +99,32 @@ def _read_state_dict(path: pathlib.Path) -> dict[str, torch.Tensor]:
 
 
 def _build_torchvision(cfg: ModelConfig) -> tuple[nn.Module, str]:
-    import torchvision
-
+    """A torchvision builder (`vit_b_16`) or model class (`VisionTransformer`) with the config's
+    `arch_options`, sized for the input where the family needs it, then its weights."""
     try:
-        builder = torchvision.models.get_model_builder(cfg.arch)
+        make = families.builder(cfg.arch)
     except ValueError as exc:
-        raise ModelLoadError(f"model {cfg.name!r}: unknown torchvision architecture {cfg.arch!r}") from exc
-    kwargs = {"weights": None}
+        raise ModelLoadError(f"model {cfg.name!r}: {exc}") from exc
+    kwargs = {} if isinstance(make, type) else {"weights": None}
+    kwargs.update(families.size_options(cfg.arch, cfg.input.height, cfg.input.width))
+    kwargs.update(cfg.arch_options or {})
     if cfg.num_classes:
         kwargs["num_classes"] = cfg.num_classes
+
+    def build() -> nn.Module:
+        try:
+            return make(**kwargs)
+        except (TypeError, ValueError, AssertionError) as exc:
+            raise ModelLoadError(f"model {cfg.name!r}: torchvision {cfg.arch} refuses the options "
+                                 f"{kwargs}: {exc}; check arch_options") from exc
+
     if not cfg.path:
         # Random weights, seeded: for benchmarks and tests only; the version says so.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            module = builder(**kwargs)
+            module = build()
         return module, "random-" + sha256_state(module)[:16]
-    module = builder(**kwargs)
+    module = build()
     path = pathlib.Path(cfg.path)
     try:
         module.load_state_dict(_read_state_dict(path))
@@ -168,15 +162,14 @@ def _build_demo(cfg: ModelConfig, cache_dir: pathlib.Path | None):
     return module, sha256_file(weights), spec, demo.DEMO_CAM_LAYERS, demo.DEMO_CAM_LAYER, demo.DEMO_LABELS
 
 
-def _default_cam_layers(cfg: ModelConfig) -> tuple[str, ...]:
+def _default_cam_layers(cfg: ModelConfig, module: nn.Module | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The CAM layers (configured, else the torchvision family's) and the layouts the family knows for them."""
+    layers, layouts = families.cam_defaults(module) if cfg.source == "torchvision" else ((), {})
     if cfg.cam_layers:
-        return cfg.cam_layers
-    if cfg.source != "torchvision":
-        return (cfg.cam_layer,) if cfg.cam_layer else ()
-    for prefix, layers in _TORCHVISION_CAM_LAYERS.items():
-        if cfg.arch.startswith(prefix):
-            return layers
-    return (cfg.cam_layer,) if cfg.cam_layer else ()
+        return cfg.cam_layers, layouts
+    if layers:
+        return layers, layouts
+    return ((cfg.cam_layer,) if cfg.cam_layer else ()), {}
 
 
 def select_device(preference: str = "auto") -> torch.device:
@@ -201,10 +194,14 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
     if cfg.source == "demo":
         module, version, spec, cam_layers, cam_layer, demo_labels = _build_demo(cfg, cache_dir)
         labels = labels or tuple(demo_labels)
+        known_layouts = {}
     else:
-        cam_layers = _default_cam_layers(cfg)
-        module, version = (_build_torchvision(cfg) if cfg.source == "torchvision"
-                           else _build_from_file(cfg, bool(cam_layers)))
+        if cfg.source == "torchvision":
+            module, version = _build_torchvision(cfg)
+            cam_layers, known_layouts = _default_cam_layers(cfg, module)
+        else:
+            cam_layers, known_layouts = _default_cam_layers(cfg)
+            module, version = _build_from_file(cfg, bool(cam_layers))
         cam_layer = cfg.cam_layer or (cam_layers[-1] if cam_layers else "")
     if cfg.source not in CAM_SOURCES and cam_layers:  # the config refuses it first; a guard for the loader
         raise ModelLoadError(f"model {cfg.name!r}: {no_cam_on_torchscript(cam_layers)}")
@@ -221,6 +218,7 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu",
         cam_layers = tuple(cam_layers) + (cam_layer,)
     declared = dict(cfg.cam_layouts or {})
     stray = [name for name in declared if name not in cam_layers]
+    declared = {**{n: lay for n, lay in known_layouts.items() if n in cam_layers}, **declared}
     if stray:
         raise ModelLoadError(f"model {cfg.name!r}: cam_layouts names {', '.join(stray)}, which are not among its "
                              f"CAM layers ({', '.join(cam_layers) or 'none'}); add them to cam_layers")
@@ -343,4 +341,5 @@ def describe(model: LoadedModel, is_default: bool = False) -> ModelDescription:
         cam_layers=model.cam_layers, default_cam_layer=model.default_cam_layer,
         online_methods=model.online_methods, offline_methods=model.offline_methods, is_default=is_default,
         modality=model.modality, text=model.text.info() if model.text is not None else None,
-        has_reference_set=model.reference_set is not None)
+        has_reference_set=model.reference_set is not None,
+        cam_layouts=tuple(model.cam_layouts.get(n, "nchw") for n in model.cam_layers))

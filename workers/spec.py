@@ -261,5 +261,11 @@ class ModelDescription:
     resize: str = "stretch"        # how encoded images reach height x width (workers.config.InputSpec)
     crop_fraction: float = 0.875
     default_method: str = ""       # what a request naming no method gets (an adopted recommendation); "" = none
-    modality: str = "image"        # "image" | "text"
+    modality: str = "image"        # workers.methods.IMAGE or TEXT
     text: TextInfo | None = None   # text models: vocabulary, lengths, tokenizer
+    cam_layouts: tuple[str, ...] = ()  # one per cam_layers entry: nchw, nhwc or tokens; () = every one nchw
+
+    @property
+    def layer_layouts(self) -> tuple[tuple[str, str], ...]:
+        """(CAM layer, its layout) pairs, in cam_layers order."""
+        return tuple(zip(self.cam_layers, self.cam_layouts or ("nchw",) * len(self.cam_layers)))

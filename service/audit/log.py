@@ -8,9 +8,10 @@ door (service/audit/sinks.py; while it cannot be reached the records wait). A fu
 either blocks the caller or counts the request's records as dropped: a record
 is never lost without `attribution_audit_dropped_total` saying so.
 
-One record (schema 3) per item x map; RECORD_FIELDS lists the keys and JSON types:
-    schema             SCHEMA_VERSION (verify also reads schema 2, which lacks trace_id, and schema 1,
-                       which also lacks the four fields marked *)
+One record (schema 4) per item x map; RECORD_FIELDS lists the keys and JSON types:
+    schema             SCHEMA_VERSION (verify also reads schema 3, which lacks completeness_error_absolute,
+                       schema 2, which also lacks trace_id, and schema 1, which also lacks the four fields
+                       marked *)
     path *             "online" (Explain, ExplainStream) or "offline" (a job): how a re-run computes it
     guarantee, tolerance *   what a re-run is held to: "summary_within_tolerance" with tolerance 1e-3,
                        i.e. the re-run map's summary agrees within 1e-3 x the map's largest |value|
@@ -34,7 +35,8 @@ One record (schema 3) per item x map; RECORD_FIELDS lists the keys and JSON type
     input_ref          "inputs/<input_sha256>.npy", relative to the log's directory, or null
     map_sha256, map_dtype, map_shape   of the encoded map (as in the response)
     native_map_sha256  of the native-resolution map's bytes, or null
-    completeness_error IG only, else null
+    completeness_error IG only, else null: relative, |sum(a) - delta| / max(|delta|, 1e-6)
+    completeness_error_absolute   IG only, else null: |sum(a) - delta|, in logit units
     queue_ms, compute_ms, total_ms, batch_samples, batch_requests   the response's timings
     map_summary *      {grid: [planes, rows, cols], values, abs_max}: the map averaged over at most 8x8
                        cells per plane (6 significant digits), and its largest |value|

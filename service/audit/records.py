@@ -23,8 +23,8 @@ from service._proto import attribution_pb2 as pb
 from workers import tracing
 from workers.spec import ExplainSpec
 
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, 4)
 LOG_NAME = "audit.jsonl"
 INPUTS_DIR = "inputs"
 # What a record guarantees (`guarantee`): a re-run on the same model version, config and hardware gives a
@@ -49,18 +49,25 @@ SCHEMA_1_FIELDS = dict(RECORD_FIELDS)
 # Schema 2 (written now): how the map was computed and what a re-run is held to, and the map's summary.
 SCHEMA_2_FIELDS = {"schema": (int,), "path": (str,), "guarantee": (str,), "tolerance": (float,),
                    **{k: v for k, v in SCHEMA_1_FIELDS.items() if k != "schema"}, "map_summary": (dict,)}
-# Schema 3 (written now): the request's OpenTelemetry trace id after its request id (null when untraced).
-RECORD_FIELDS = {}
+# Schema 3: the request's OpenTelemetry trace id after its request id (null when untraced).
+SCHEMA_3_FIELDS = {}
 for _key, _types in SCHEMA_2_FIELDS.items():
-    RECORD_FIELDS[_key] = _types
+    SCHEMA_3_FIELDS[_key] = _types
     if _key == "request_id":
-        RECORD_FIELDS["trace_id"] = (str, type(None))
+        SCHEMA_3_FIELDS["trace_id"] = (str, type(None))
+# Schema 4 (written now): IG's absolute completeness error beside the relative one (null for other methods).
+RECORD_FIELDS = {}
+for _key, _types in SCHEMA_3_FIELDS.items():
+    RECORD_FIELDS[_key] = _types
+    if _key == "completeness_error":
+        RECORD_FIELDS["completeness_error_absolute"] = (float, str, type(None))
 del _key, _types
 
 
 def fields_for(schema: Any) -> dict[str, tuple[type, ...]] | None:
     """The keys and JSON types a record of `schema` has; None for a schema this code cannot read."""
-    return {1: SCHEMA_1_FIELDS, 2: SCHEMA_2_FIELDS, 3: RECORD_FIELDS}.get(schema) if type(schema) is int else None
+    known = {1: SCHEMA_1_FIELDS, 2: SCHEMA_2_FIELDS, 3: SCHEMA_3_FIELDS, 4: RECORD_FIELDS}
+    return known.get(schema) if type(schema) is int else None
 PATHS = ("online", "offline")
 
 
@@ -192,7 +199,10 @@ def record_lines(entry: Entry, input_refs: list[str | None], baseline: dict | No
                 "map_shape": [int(d) for d in attr.map.shape],
                 "native_map_sha256": codec.map_sha256(attr.native_map.data) if attr.HasField("native_map") else None,
                 "completeness_error": (_number(attr.completeness_error) if attr.HasField("completeness_error")
-                                       else None), **timings,
+                                       else None),
+                "completeness_error_absolute": (_number(attr.completeness_error_absolute)
+                                                if attr.HasField("completeness_error_absolute") else None),
+                **timings,
                 "map_summary": map_summary(decode_map(attr.map))})[1:])
     return lines
 

@@ -1,5 +1,6 @@
-"""`attribution models --server HOST:PORT`: models, layers, methods and recommendations of a server;
-`attribution models --server HOST:PORT adopt MODEL [--job ID]`: adopt an evaluation's recommendation."""
+"""`attribution models --server HOST:PORT`: models, their modality, CAM layers (with layouts), methods and
+recommendations of a server; `attribution models --server HOST:PORT adopt MODEL [--job ID]`: adopt an
+evaluation's recommendation."""
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,12 @@ def _print(m: pb.ModelInfo) -> None:
     resize = spec.resize or "stretch"
     if resize == "center_crop":
         resize += f" {spec.crop_fraction:g}"
-    print(f"{m.name}{star}  version {m.version[:16]}  input {spec.channels}x{spec.height}x{spec.width} "
+    modality = pb.Modality.Name(m.modality or pb.IMAGE).lower()
+    print(f"{m.name}{star}  {modality}  version {m.version[:16]}  input {spec.channels}x{spec.height}x{spec.width} "
           f"({resize})  classes {m.num_classes}")
-    print(f"  CAM layers: {', '.join(m.cam_layers) or '-'} (default {m.default_cam_layer or '-'})")
+    layouts = {c.name: c.layout for c in m.cam_layer_layouts}
+    layers = [f"{name} ({layouts[name]})" if layouts.get(name) else name for name in m.cam_layers]
+    print(f"  CAM layers: {', '.join(layers) or '-'} (default {m.default_cam_layer or '-'})")
     print(f"  online:  {', '.join(_method(x) for x in m.online_methods)}")
     print(f"  offline: {', '.join(_method(x) for x in m.offline_methods)}")
     if m.default_method:

@@ -111,12 +111,15 @@ def test_records_are_complete_and_parse(backend, demo_heldout_inputs, cam_pair, 
     assert all(isinstance(r["completeness_error"], float) and r["native_map_sha256"] is None for r in ig)
     for r in ig:
         attr = ig_response.items[r["item"]].attributions[r["map_index"]]
+        assert attr.HasField("completeness_error_absolute")
+        assert r["completeness_error_absolute"] == pytest.approx(attr.completeness_error_absolute, rel=1e-6)
         assert r["map_sha256"] == attr.map_sha256 and r["target"] == attr.target
         assert r["predicted_classes"] == list(ig_response.items[r["item"]].predicted_classes)
         assert r["map_shape"] == [64, 64] and r["map_dtype"] == "float32" and r["total_ms"] == 12.5
     cam = [r for r in records if r["request_id"] == "cam-1"]
     assert [r["map_method"] for r in cam] == ["grad_cam", "layer_cam"] * 2
     assert all(r["completeness_error"] is None and len(r["native_map_sha256"]) == 64 for r in cam)
+    assert all(r["completeness_error_absolute"] is None for r in cam)
     assert all(r["map_dtype"] == "float16" and r["output"]["native_resolution"] for r in cam)
     assert len({r["entry_id"] for r in records}) == 2
 

@@ -113,6 +113,25 @@ def test_schema_1_records_are_still_read_and_need_the_exact_hash(audit_dir, back
     assert bad.status == "mismatch" and "schema 1" in bad.detail
 
 
+def test_schema_3_records_without_the_absolute_completeness_error_are_still_read(audit_dir, backend,  # noqa: F811
+                                                                                   tmp_path):
+    copy, _ = _tampered(audit_dir, tmp_path, lambda r: True, lambda r: None)
+    records = _records(copy)
+    assert any(isinstance(r["completeness_error_absolute"], float) for r in records)
+    for r in records:
+        r.pop("completeness_error_absolute")
+        r["schema"] = 3
+    (copy / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = verify([copy], backend)
+    assert report.ok and report.counts() == {"ok": len(records)}, report.summary()
+    for r in records:
+        r["schema"] = 4                                      # a schema 4 record must carry the field
+    (copy / LOG_NAME).write_text("".join(json.dumps(r) + "\n" for r in records))
+    report = verify([copy], backend)
+    assert not report.ok and {c.status for c in report.checks} == {"invalid_record"}
+    assert "completeness_error_absolute" in report.checks[0].detail
+
+
 def test_a_tampered_seed_fails(audit_dir, backend, tmp_path):  # noqa: F811
     copy, line = _tampered(audit_dir, tmp_path, lambda r: r["method"] == "smoothgrad" and r["item"] == 2,
                            lambda r: r.update(seed=r["seed"] + 1))

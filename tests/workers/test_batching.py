@@ -65,6 +65,20 @@ def test_probe_is_cached_per_shape_and_leaves_no_hooks(tiny):
     assert hooks_left(tiny) == 0
 
 
+def test_a_torchscript_model_is_probed_by_what_autograd_saves():
+    """A ScriptModule refuses forward hooks: its row costs the tensors its forward saves for the backward."""
+    import warnings
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; TorchScript files still exist
+        scripted = torch.jit.script(net)
+    probe = probe_model(scripted, (3, 8, 8), torch.float32, "cpu")
+    # At least the conv's input and output and the linear's input, each saved for the backward.
+    assert probe.output_shape == (2,) and probe.activation_bytes >= (3 + 4 + 4) * 8 * 8 * 4
+    assert probe.activation_bytes < 20 * (3 + 4 + 4) * 8 * 8 * 4
+
+
 def test_probe_leaves_no_hooks_when_the_forward_fails():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), Exploding())
     with pytest.raises(RuntimeError):

@@ -35,3 +35,18 @@ def test_cost_follows_the_row():
     assert spec.request_cost("smoothgrad", 2, 3, samples=50, steps=7) == 300
     assert spec.request_cost("integrated_gradients", 2, 1, samples=50, steps=7) == 14
     assert spec.request_cost("grad_cam", 4, 2, samples=50, steps=7) == 8
+
+
+def test_a_models_methods_follow_the_rows_and_what_the_model_declares():
+    """Online methods are the served rows that run online, offline ones every served row, both in table order;
+    a row is served where the model's modality is among the row's and, if it reads a CAM layer, the model has one."""
+    for modality in (methods.IMAGE, methods.TEXT):
+        for layers in (False, True):
+            online, offline = methods.model_methods(modality, layers)
+            served = [m for m in methods.METHODS if modality in m.modalities and (layers or not m.needs_layer)]
+            assert offline == tuple(m.name for m in served) and online == tuple(m.name for m in served if m.online)
+    online, offline = methods.model_methods(methods.IMAGE, has_cam_layers=False)
+    assert "vanilla" in online and "grad_cam" not in online and "score_cam" not in offline and "occlusion" in offline
+    online, offline = methods.model_methods(methods.IMAGE, has_cam_layers=True)
+    assert {"grad_cam", "layer_cam"} <= set(online) and {"score_cam", "occlusion"} <= set(offline) - set(online)
+    assert all(methods.BY_NAME[m].needs_layer for m in methods.CAM_METHODS + ("score_cam",))

@@ -5,5 +5,6 @@ noisy embeddings, INTEGRATED_GRADIENTS integrates from the zero or pad-token emb
 (workers/kernels/text_gradients.py). Every other method (CAM, perturbation, the SmoothGrad
 variants) is refused for text models, naming these. No torch import: the config and CLI read it.
 """
-TEXT_METHODS: tuple[str, ...] = ("vanilla", "smoothgrad", "integrated_gradients")
+from workers.methods import TEXT_METHODS  # noqa: F401  (the table's rows with modality TEXT)
+
 TEXT_BASELINES: tuple[str, ...] = ("zero", "pad_token")

@@ -25,7 +25,8 @@ from workers.errors import InvalidArgument, ModelLoadError
 from workers.kernels.cam import CAM_VARIANTS, CamRequest, explain_cam
 from workers.kernels.hooks import LayerTaps
 from workers.kernels.perturbation import _activations, score_cam
-from workers.models import _TORCHVISION_CAM_LAYERS, LoadedModel, load_model
+from workers.families import FAMILIES
+from workers.models import LoadedModel, load_model
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")  # see conftest.py
 
@@ -33,8 +34,9 @@ SIZE = 64
 SMALL = InputSpec(height=SIZE, width=SIZE)
 
 
-def _load(arch: str, **kwargs) -> LoadedModel:
-    return load_model(ModelConfig(name="m", source="torchvision", arch=arch, num_classes=10, input=SMALL, **kwargs))
+def _load(arch: str, size: int = SIZE, **kwargs) -> LoadedModel:
+    return load_model(ModelConfig(name="m", source="torchvision", arch=arch, num_classes=10,
+                                  input=InputSpec(height=size, width=size), **kwargs))
 
 
 def _batch(n: int = 2, height: int = SIZE, width: int = SIZE) -> torch.Tensor:
@@ -90,48 +92,106 @@ def test_densenet_score_cam_sees_the_layer_output_not_the_post_relu_one():
     assert maps.shape == (2, SIZE, SIZE) and bool(torch.isfinite(maps).all())
 
 
-# The smallest architecture of each family in the registry's table of default CAM layers.
-FAMILY_ARCHS = {"resnet": "resnet18", "resnext": "resnext50_32x4d", "wide_resnet": "wide_resnet50_2",
-                "mobilenet": "mobilenet_v3_small", "efficientnet": "efficientnet_b0", "densenet": "densenet121",
-                "vgg": "vgg11", "convnext": "convnext_tiny", "regnet": "regnet_y_400mf"}
+# The smallest architecture of each family in the registry's table of default CAM layers, and the input side it
+# runs at: one where the default layer's map is at least 2 x 2 (AlexNet's and Inception's are 1 x 1 at 64 and 96,
+# MaxViT's windows tile only a 224 input).
+FAMILY_ARCHS = {"resnet": "resnet18", "mobilenet": "mobilenet_v3_small", "efficientnet": "efficientnet_b0",
+                "densenet": "densenet121", "vgg": "vgg11", "convnext": "convnext_tiny", "regnet": "regnet_y_400mf",
+                "alexnet": "alexnet", "googlenet": "googlenet", "inception": "inception_v3",
+                "shufflenet": "shufflenet_v2_x0_5", "squeezenet": "squeezenet1_1", "mnasnet": "mnasnet0_5",
+                "maxvit": "maxvit_t", "vit": "vit_b_32", "swin": "swin_t"}
+FAMILY_SIZES = {"alexnet": 128, "inception": 128, "maxvit": 224}
+# Builder keywords (arch_options): without the auxiliary heads, which are trained only and need larger inputs.
+FAMILY_OPTIONS = {"googlenet": {"aux_logits": False, "init_weights": False},
+                  "inception": {"aux_logits": False, "init_weights": False}}
+# Other builders of the families above, whose class the registry must recognise as well.
+SIBLING_ARCHS = {"resnext50_32x4d": "resnet", "wide_resnet50_2": "resnet", "mobilenet_v2": "mobilenet",
+                 "efficientnet_v2_s": "efficientnet", "vit_b_16": "vit", "swin_v2_t": "swin",
+                 "regnet_x_400mf": "regnet"}
 
 
-def _calibrated(model: LoadedModel) -> LoadedModel:
+def _calibrated(model: LoadedModel, size: int = SIZE) -> LoadedModel:
     """BatchNorm statistics from a random batch: at their initial values EfficientNet's and MobileNet's logits are
-    ~1e-13 and every map is rounding noise, which no comparison can judge. Deterministic; the weights stay."""
+    ~1e-13 and every map is rounding noise, which no comparison can judge; and a random head where torchvision
+    initialises it to zero (ViT), where every gradient would be zero. Deterministic; the other weights stay."""
+    batchnorms = [m for m in model.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for module in batchnorms:
+        module.momentum = None                                          # the batch's own statistics
+    generator = torch.Generator().manual_seed(1)
+    if batchnorms:
+        model.module.train()
+        with torch.no_grad():
+            model.module(torch.randn(16, 3, size, size, generator=generator))
+        model.module.eval()
     for module in model.module.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.momentum = None                                      # the batch's own statistics
-    model.module.train()
-    with torch.no_grad():
-        model.module(torch.randn(16, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)))
-    model.module.eval()
+        if isinstance(module, nn.Linear) and not bool(module.weight.any()):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.05)
     return model
 
 
 def test_every_registry_family_is_covered():
-    assert set(FAMILY_ARCHS) == set(_TORCHVISION_CAM_LAYERS)
+    assert set(FAMILY_ARCHS) == set(FAMILIES)
+
+
+def test_every_torchvision_classification_builder_is_in_a_family():
+    """A builder torchvision adds to its classification models without a family here would get no CAM layers."""
+    import torchvision
+
+    from workers.families import builder, family_of
+
+    for arch in torchvision.models.list_models(module=torchvision.models):
+        cls = torchvision.models.get_model_builder(arch).__annotations__["return"]   # the class it builds
+        assert family_of(cls) is not None, arch
+    assert builder("VisionTransformer") is torchvision.models.VisionTransformer
+
+
+def _reshape(layout: str, grid: tuple[int, int]):
+    """pytorch-grad-cam's reshape_transform for a layout (its ViT and Swin recipes), None for nchw."""
+    if layout == "tokens":
+        return lambda t: t[:, 1:].reshape(t.shape[0], *grid, t.shape[2]).permute(0, 3, 1, 2)
+    if layout == "nhwc":
+        return lambda t: t.permute(0, 3, 1, 2)
+    return None
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILY_ARCHS))
 def test_default_layer_of_every_torchvision_family(family):
-    """Every variant on the family's default layer runs, leaves the forward unchanged, and agrees with
-    pytorch-grad-cam (on DenseNet, its twin without the in-place ReLU)."""
-    model = _densenet() if family == "densenet" else _calibrated(_load(FAMILY_ARCHS[family]))
+    """Every variant on the family's default layer gives a finite, non-constant map, leaves the forward unchanged,
+    and agrees with pytorch-grad-cam given the layer's layout (on DenseNet, its twin without the in-place ReLU)."""
+    size = FAMILY_SIZES.get(family, SIZE)
+    model = _densenet() if family == "densenet" else _calibrated(
+        _load(FAMILY_ARCHS[family], size, arch_options=FAMILY_OPTIONS.get(family)), size)
     layer = model.default_cam_layer
-    assert layer == _TORCHVISION_CAM_LAYERS[family][-1] and model.cam_layouts[layer] == "nchw"
-    x = _batch()
-    with LayerTaps(model.module, [layer]) as taps:
+    defaults = FAMILIES[family].layers(model.module)
+    assert layer == defaults[-1] and model.cam_layers == defaults
+    assert model.cam_layouts == {name: FAMILIES[family].layout for name in defaults}
+    x = _batch(2, size, size)
+    with LayerTaps(model.module, [layer], layouts=model.cam_layouts) as taps:
         res = explain_cam(model.module, taps, [CamRequest(x, None, layer, CAM_VARIANTS)])[0]
     with torch.inference_mode():
         torch.testing.assert_close(res.logits, model.module(x).float())
     peer_model = DenseNetWithoutInplace(model.module) if family == "densenet" else model.module
     module = dict(model.module.named_modules())[layer]
+    reshape = _reshape(model.cam_layouts[layer], tuple(res.native["grad_cam"].shape[-2:]))
+    assert min(res.native["grad_cam"].shape[-2:]) >= 2
     for variant in CAM_VARIANTS:
-        assert res.maps[variant].shape == (2, SIZE, SIZE)
-        torch.testing.assert_close(normalize(res.maps[variant]),
-                                   peer_cam(variant, peer_model, module, x, res.targets), atol=2e-3, rtol=0)
+        maps = res.maps[variant]
+        assert maps.shape == (2, size, size) and bool(torch.isfinite(maps).all())
+        spread = maps.flatten(1).amax(dim=1) - maps.flatten(1).amin(dim=1)
+        assert bool((spread > 1e-3 * maps.flatten(1).amax(dim=1)).all()), f"{family} {variant}: a constant map"
+        with PEERS[variant](peer_model, [module], reshape_transform=reshape) as cam:
+            peer = cam(x.clone().requires_grad_(True), [ClassifierOutputTarget(int(c)) for c in res.targets])
+        torch.testing.assert_close(normalize(maps), torch.from_numpy(peer), atol=2e-3, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", sorted(SIBLING_ARCHS))
+def test_sibling_builders_share_their_family_defaults(arch):
+    model = _load(arch)
+    family = SIBLING_ARCHS[arch]
+    assert model.cam_layers == FAMILIES[family].layers(model.module)
+    assert set(model.cam_layouts.values()) == {FAMILIES[family].layout}
 
 
 # ---------------------------------------------------------------- layouts
