@@ -26,7 +26,7 @@ model's name and source::
         # instead of a fixed `replicas`: Ray Serve autoscaling on ongoing requests per replica
         autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8,
                       upscale_delay_s: 5, downscale_delay_s: 60}
-      - name: text-demo                # a text classifier: token attributions at its embedding layer
+      - name: text-demo                # example: a text classifier: token attributions at its embedding layer
         source: demo                   # demo | torchscript for text models
         modality: text
         text: {embedding: embedding, max_length: 32, pad_id: 0, tokenizer: /models/vocab.json}  # workers/text/config.py
@@ -344,8 +344,7 @@ def model_config_from_dict(raw: dict[str, Any], path: str = "models[]") -> Model
 class AppConfig:
     """The worker side of the one config: models, batching, device, cache."""
 
-    models: tuple[ModelConfig, ...] = (ModelConfig(name="demo", source="demo"),
-                                       ModelConfig(name="text-demo", source="demo", modality="text"))
+    models: tuple[ModelConfig, ...] = (ModelConfig(name="demo", source="demo"),)
     default_model: str = ""
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     # The front door's limits (`server.limits`), which the kernels enforce too; set by ServiceConfig.

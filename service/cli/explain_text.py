@@ -1,6 +1,7 @@
 """`attribution explain --model text-demo --text "..."`: each text its own request; prints its tokens with scores.
 
-    $ attribution explain --local --model text-demo --method integrated_gradients --text "we saw a guitar"
+    $ attribution explain --local --config deploy/config.text-demo.yaml --model text-demo --method integrated_gradients \
+          --text "we saw a guitar"
     we saw a guitar: predicted 3 'music' (1.000), integrated_gradients target 3 'music', completeness 0.0000
       we      -0.0892
       saw     -0.1240

@@ -13,6 +13,7 @@ import secrets
 import grpc
 import pytest
 
+from service.audit.records import SCHEMA_VERSION
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.audit import LOG_NAME
@@ -92,7 +93,7 @@ def test_a_client_traceparent_parents_the_request_s_spans_down_to_the_kernel(fro
     assert kernel["parent_id"] == got["backend"]["span_id"]
     assert kernel["attributes"]["attribution.request_id"] == "traced-1"
     assert root["start"] <= got["validate"]["start"] < got["kernel"]["start"] < got["encode"]["start"] <= root["end"]
-    assert record["trace_id"] == trace_id and record["schema"] == 3
+    assert record["trace_id"] == trace_id and record["schema"] == SCHEMA_VERSION
 
 
 def test_without_a_traceparent_the_server_starts_the_trace_and_the_audit_record_names_it(front_door, spans,

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import pathlib
 
 import pytest
 import torch
 from torch import nn
 
+from service.settings import ServiceConfig
 from workers.config import AppConfig, ModelConfig
 from workers.errors import InvalidArgument, ModelLoadError
 from workers.kernels.text_gradients import TextGradientRequest, explain_text
@@ -94,4 +96,5 @@ def test_tokenizer_file_format(tmp_path):
     path.write_text(json.dumps(tok.to_json()))
     loaded = load_tokenizer(path)
     assert loaded.tokens == tok.tokens and loaded.name == str(path)
-    assert AppConfig().model("text-demo").modality == "text" and AppConfig().default == "demo"
+    shipped = ServiceConfig.load(pathlib.Path(__file__).resolve().parents[3] / "deploy" / "config.text-demo.yaml")
+    assert shipped.app.model("text-demo").modality == "text" and shipped.app.default == "demo"
