@@ -186,7 +186,7 @@ class KernelBench:
         import torch
 
         from service._proto import attribution_pb2 as pb
-        from service.codec import model_info
+        from service.model_info import model_info
         from service.config import Limits
         from service.validation import validate_explain
         from service.settings import ServiceConfig

@@ -51,6 +51,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from service import codec, errors
+from service.model_info import model_info
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.config import Limits
@@ -198,11 +199,11 @@ class PeerServicer(pb_grpc.AttributionServiceServicer):
         return response
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
-        return pb.ListModelsResponse(models=[codec.model_info(m, self._limits) for m in self._described.values()])
+        return pb.ListModelsResponse(models=[model_info(m, self._limits) for m in self._described.values()])
 
     async def GetModel(self, request, context) -> pb.ModelInfo:
         try:
-            return codec.model_info(resolve_model(request.name, self._described), self._limits)
+            return model_info(resolve_model(request.name, self._described), self._limits)
         except Exception as exc:
             await errors.abort_with(context, exc)
 

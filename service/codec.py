@@ -20,7 +20,7 @@ from service import fitting
 from service._proto import attribution_pb2 as pb
 from workers import methods
 from service.decoding.pool import Busy, Decoded, DecodeFailure, ImageDecoder, InlineDecoder
-from service.text_inputs import item_input, modality_fields
+from service.text_inputs import item_input
 from workers.errors import FieldViolation, InternalError, InvalidArgument, Overloaded
 from workers.spec import (AttributionMap, ExplainResult, ExplainSpec, ModelDescription, OutputSpec, SourceGeometry,
                           pixels_to_model_space)
@@ -378,25 +378,3 @@ def encode_result(result: ExplainResult, spec: ExplainSpec, model: ModelDescript
 def violation_message(violations: Sequence[FieldViolation]) -> str:
     """One readable line naming every bad field."""
     return "; ".join(f"{v.field}: {v.description}" for v in violations)
-
-
-def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.ModelInfo:
-    """A model's description and the server's limits as ModelInfo (`limits`: service.config.Limits).
-
-    max_job_items: items per SubmitJob request; 0 when the server runs no offline jobs.
-    """
-    return pb.ModelInfo(
-        name=model.name, version=model.version,
-        input_spec=pb.InputSpec(channels=model.channels, height=model.height, width=model.width,
-                                mean=list(model.mean), std=list(model.std), resize=model.resize,
-                                crop_fraction=model.crop_fraction),
-        num_classes=model.num_classes, class_labels=list(model.labels), cam_layers=list(model.cam_layers),
-        default_cam_layer=model.default_cam_layer,
-        online_methods=[METHOD_ENUMS[m] for m in model.online_methods if m in METHOD_ENUMS],
-        offline_methods=[METHOD_ENUMS[m] for m in model.offline_methods if m in METHOD_ENUMS],
-        limits=pb.ServerLimits(max_items=limits.max_items, max_samples=limits.max_samples,
-                               max_steps=limits.max_steps, max_top_k=min(limits.max_top_k, model.num_classes),
-                               max_image_pixels=limits.max_image_pixels, max_job_items=max_job_items),
-        is_default=model.is_default, default_method=METHOD_ENUMS.get(model.default_method, pb.METHOD_UNSPECIFIED),
-        has_reference_set=model.has_reference_set, **modality_fields(model),
-        cam_layer_layouts=[pb.CamLayer(name=name, layout=layout) for name, layout in model.layer_layouts])

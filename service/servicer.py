@@ -14,7 +14,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from service import codec, errors
+from service import errors
+from service.model_info import model_info
 from service._proto import attribution_pb2 as pb
 from service._proto import attribution_pb2_grpc as pb_grpc
 from service.flow import ExplainFlow
@@ -133,7 +134,7 @@ class AttributionServicer(pb_grpc.AttributionServiceServicer):
     async def _describe(self, model: ModelDescription) -> pb.ModelInfo:
         """ModelInfo; with an offline queue, the adopted defaults and the latest evaluation's recommendation too."""
         if self.jobs is None or self.jobs.defaults is None:
-            return codec.model_info(model, self._limits, self._job_items)
+            return model_info(model, self._limits, self._job_items)
         return await self.jobs.defaults.describe(model, self._limits, self._job_items)
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:

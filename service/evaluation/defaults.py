@@ -18,14 +18,17 @@ import asyncio
 import dataclasses
 import logging
 import time
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from service import codec
+from service.model_info import model_info
 from service._proto import attribution_pb2 as pb
-from service.jobs.records import JobStore, SUCCEEDED
 from service.validation import resolve_model
 from workers.errors import FailedPrecondition, InvalidArgument
 from workers.spec import ModelDescription
+
+if TYPE_CHECKING:  # service.jobs imports this module: no import of it at load
+    from service.jobs.records import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +79,7 @@ class ModelDefaults:
 
     async def describe(self, model: ModelDescription, limits, max_job_items: int) -> pb.ModelInfo:
         """ModelInfo with the adopted defaults and the latest recommendation."""
-        info = codec.model_info(self.apply(model), limits, max_job_items)
+        info = model_info(self.apply(model), limits, max_job_items)
         latest = await asyncio.to_thread(self.store.recommendation, model.name)
         if latest is not None:
             info.recommendation.ParseFromString(latest[1])
@@ -94,7 +97,7 @@ class ModelDefaults:
             if not job.is_evaluation or job.model != model.name:
                 raise InvalidArgument.field("evaluation_job_id", f"job {job_id} is not an evaluation of model "
                                                                  f"{model.name!r}")
-            if job.state != SUCCEEDED:
+            if job.state != pb.SUCCEEDED:
                 raise FailedPrecondition(f"evaluation {job_id} is {pb.JobState.Name(job.state)}; only a SUCCEEDED "
                                          "evaluation's recommendation can be adopted")
         found = await asyncio.to_thread(self.store.recommendation, model.name, job_id)
