@@ -16,14 +16,13 @@ import json
 import pathlib
 from typing import Any
 
-from service.cli import add_tls_arguments
+from service.cli import add_tls_arguments, local
 
 DEFAULT_METHODS = "grad_cam,integrated_gradients,smoothgrad"
 # flag -> the method parameter it sets, on every method that takes it
 _PARAM_FLAGS = {"--layer": "layer", "--steps": "steps", "--rule": "rule", "--baseline": "baseline",
                 "--samples": "samples", "--noise-fraction": "noise_fraction",
                 "--top-k-channels": "top_k_channels", "--patch-size": "patch_size", "--stride": "stride"}
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -181,17 +180,7 @@ def _inputs(args: argparse.Namespace) -> tuple[list[str], list[bytes], dict[str,
     their images (sorted), then the demo images."""
     from service.cli import CliError
 
-    files: list[pathlib.Path] = []
-    for path in args.images:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
-            if not found:
-                raise CliError(f"{path}: a folder with no PNG or JPEG files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise CliError(f"{path}: no such file or folder")
+    files = local.image_files(args.images)
     try:
         pictures = [p.read_bytes() for p in files]
     except OSError as exc:

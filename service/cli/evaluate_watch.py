@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import sys
 import time
-from typing import AsyncIterator, TextIO
+from typing import TextIO
+
+from service.cli import local
 
 _FINAL_NAMES = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -88,7 +89,7 @@ async def _evaluate(args: argparse.Namespace, request, names: list[str], state: 
     from service.errors import code_from_number
 
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else ()
-    async with _target(args) as address:
+    async with local.target(args, jobs=True) as address:
         tls = tls_options(args) if args.server else {}  # --local serves in-process, in plaintext
         async with AsyncAttributionClient(address, token=args.token, timeout=args.timeout, **tls) as client:
             stub = client.stub
@@ -134,37 +135,3 @@ def _report(args: argparse.Namespace, job, names: list[str]) -> int:
     return 0
 
 
-@contextlib.asynccontextmanager
-async def _target(args: argparse.Namespace) -> AsyncIterator[str]:
-    """The address to call: the given server, or the service started in this process on loopback (with jobs,
-    their store and audit log in a temporary directory removed afterwards)."""
-    if args.server:
-        yield args.server
-        return
-    import tempfile
-
-    from service.backends.local import LocalBackend
-    from service.cli import CliError
-    from service.server import create_server
-    from service.settings import ServiceConfig
-    from workers.errors import InvalidArgument
-    from workers.models import ModelRegistry
-    from workers.offline import LocalOfflineWorker
-
-    try:
-        config = ServiceConfig.load(args.config, {"host": "127.0.0.1", "port": 0, "metrics_port": None})
-    except InvalidArgument as exc:  # worded as `attribution serve` words it
-        raise CliError(f"invalid config: {exc}") from None
-    app = config.app
-    registry = ModelRegistry(list(app.models), app.default, cache_dir=app.cache_dir or None)
-    with tempfile.TemporaryDirectory(prefix="attribution-evaluate-") as data_dir:
-        import pathlib
-
-        offline = LocalOfflineWorker(registry, config.jobs.offline, config.server.limits)
-        server = await create_server(config.server, LocalBackend(registry, limits=config.server.limits),
-                                     offline=offline, data_dir=pathlib.Path(data_dir), audit=config.audit,
-                                     jobs=config.jobs)
-        try:
-            yield f"127.0.0.1:{server.port}"
-        finally:
-            await server.stop(1.0)

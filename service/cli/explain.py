@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import pathlib
 import sys
-from typing import Any, AsyncIterator
+from typing import Any
 
-from service.cli import add_tls_arguments, tls_options
+from service.cli import add_tls_arguments, local, tls_options
 from service.client import AsyncAttributionClient, ServiceError, build_request
 
 _PARAM_FLAGS = ("samples", "noise_fraction", "steps", "rule", "baseline", "layer", "also", "top_k_channels",
@@ -75,7 +74,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_tls_arguments(parser, ca_help="PEM root certificates: use TLS (with --server)")
 
 
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _name_list(value: str) -> list[str]:
@@ -148,17 +146,7 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     """(name, bytes) of every input: files as given, folders as their images (sorted), then demo images."""
     from service.cli import CliError
 
-    files: list[pathlib.Path] = []
-    for path in args.images:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
-            if not found:
-                raise CliError(f"{path}: a folder with no PNG or JPEG files")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise CliError(f"{path}: no such file or folder")
+    files = local.image_files(args.images)
     try:
         named = [(str(p), p.read_bytes()) for p in files]
     except OSError as exc:
@@ -231,7 +219,7 @@ async def _explain_all(args: argparse.Namespace, inputs: list[tuple[str, bytes]]
     stems = output_stems([name for name, _ in inputs])
     run_id = uuid.uuid4().hex[:8]  # request ids unique per run: <run>-<index>-<stem>
     failures = 0
-    async with _target(args) as address:
+    async with local.target(args) as address:
         tls = tls_options(args) if args.server else {}  # --local serves in-process, in plaintext
         async with AsyncAttributionClient(address, token=args.token, timeout=args.timeout, **tls) as client:
             labels = await _labels(client, args.model)
@@ -358,28 +346,3 @@ def _line(row: dict[str, Any], progress: dict) -> str:
             f"{row['compute_ms']:.1f} ms, batch {row['batch_size']}{extra}, map {row['map_sha256'][:12]}{saved}")
 
 
-@contextlib.asynccontextmanager
-async def _target(args: argparse.Namespace) -> AsyncIterator[str]:
-    """The address to call: the given server, or an in-process one on loopback."""
-    if args.server:
-        yield args.server
-        return
-    from service.server import create_server
-    from service.settings import ServiceConfig
-    from service.backends.local import LocalBackend
-    from workers.models import ModelRegistry
-
-    from service.cli import CliError
-    from workers.errors import InvalidArgument
-
-    try:
-        config = ServiceConfig.load(args.config, {"host": "127.0.0.1", "port": 0, "metrics_port": None})
-    except InvalidArgument as exc:  # worded as `attribution serve` words it
-        raise CliError(f"invalid config: {exc}") from None
-    app = config.app
-    registry = ModelRegistry(list(app.models), app.default, cache_dir=app.cache_dir or None)
-    server = await create_server(config.server, LocalBackend(registry, limits=config.server.limits))
-    try:
-        yield f"127.0.0.1:{server.port}"
-    finally:
-        await server.stop(1.0)
