@@ -17,11 +17,11 @@ def model_info(model: ModelDescription, limits, max_job_items: int = 0) -> pb.Mo
 
     max_job_items: items per SubmitJob request; 0 when the server runs no offline jobs.
     """
+    image = None if model.modality == "text" else pb.InputSpec(  # a text model's input is its text_spec
+        channels=model.channels, height=model.height, width=model.width, mean=list(model.mean), std=list(model.std),
+        resize=model.resize, crop_fraction=model.crop_fraction)
     return pb.ModelInfo(
-        name=model.name, version=model.version,
-        input_spec=pb.InputSpec(channels=model.channels, height=model.height, width=model.width,
-                                mean=list(model.mean), std=list(model.std), resize=model.resize,
-                                crop_fraction=model.crop_fraction),
+        name=model.name, version=model.version, input_spec=image,
         num_classes=model.num_classes, class_labels=list(model.labels), cam_layers=list(model.cam_layers),
         default_cam_layer=model.default_cam_layer,
         online_methods=[METHOD_ENUMS[m] for m in model.online_methods if m in METHOD_ENUMS],

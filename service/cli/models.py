@@ -40,8 +40,12 @@ def _print(m: pb.ModelInfo) -> None:
     if resize == "center_crop":
         resize += f" {spec.crop_fraction:g}"
     modality = pb.Modality.Name(m.modality or pb.IMAGE).lower()
-    print(f"{m.name}{star}  {modality}  version {m.version[:16]}  input {spec.channels}x{spec.height}x{spec.width} "
-          f"({resize})  classes {m.num_classes}")
+    if m.modality == pb.TEXT:
+        t = m.text_spec
+        shape = f"up to {t.max_length} tokens (vocabulary {t.vocab_size}{', tokenizer' if t.tokenizer else ''})"
+    else:
+        shape = f"{spec.channels}x{spec.height}x{spec.width} ({resize})"
+    print(f"{m.name}{star}  {modality}  version {m.version[:16]}  input {shape}  classes {m.num_classes}")
     layouts = {c.name: c.layout for c in m.cam_layer_layouts}
     layers = [f"{name} ({layouts[name]})" if layouts.get(name) else name for name in m.cam_layers]
     print(f"  CAM layers: {', '.join(layers) or '-'} (default {m.default_cam_layer or '-'})")

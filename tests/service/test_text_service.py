@@ -61,6 +61,7 @@ def scores(attribution: pb.Attribution) -> torch.Tensor:
 def test_model_info_says_text(stub):
     info = stub.GetModel(pb.GetModelRequest(name=TEXT))
     assert info.modality == pb.TEXT and info.num_classes == 4
+    assert not info.HasField("input_spec")  # no image spec: its inputs are described by text_spec
     assert info.text_spec.vocab_size == 54 and info.text_spec.max_length == 32 and info.text_spec.tokenizer
     assert list(info.online_methods) == [pb.VANILLA_GRADIENT, pb.SMOOTHGRAD, pb.INTEGRATED_GRADIENTS]
     assert stub.GetModel(pb.GetModelRequest(name="demo")).modality == pb.IMAGE
@@ -179,3 +180,11 @@ def test_python_client_takes_texts_and_token_ids(harness):
     assert int(item.attributions[0].map.argmax()) == 3 and item.attributions[0].completeness_error is not None
     assert by_ids.items[0].input_sha256 == item.input_sha256
     assert (by_ids.items[0].attributions[0].map == item.attributions[0].map).all()
+
+
+def test_the_models_listing_shows_a_text_model_s_inputs(stub, capsys):
+    from service.cli.models import _print
+
+    _print(stub.GetModel(pb.GetModelRequest(name=TEXT)))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert f"{TEXT}  text" in first and "up to 32 tokens (vocabulary 54" in first and "x" not in first.split("input")[1]
