@@ -26,6 +26,9 @@ model's name and source::
         # instead of a fixed `replicas`: Ray Serve autoscaling on ongoing requests per replica
         autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8,
                       upscale_delay_s: 5, downscale_delay_s: 60}
+      - name: demo-shuffled            # the demo trained on shuffled labels: EvaluationRequest.shuffled_labels_model
+        source: demo                   # of a DATA_RANDOMIZATION evaluation of `demo`
+        shuffled_labels: true
       - name: text-demo                # example: a text classifier: token attributions at its embedding layer
         source: demo                   # demo | torchscript for text models
         modality: text

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from workers.demo_net import DemoNet  # noqa: F401  (re-exported: the demo's network)
 from workers.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ RECIPE_VERSION = 1
 # The watermark-free training scenes come from seed + this offset: far from
 # the small seeds that held-out sets use, whose scenes would otherwise repeat.
 _BLANK_SEED_OFFSET = 1_000_003
+# A shuffled-labels model's permutation comes from seed + this offset: its own stream, not the data's.
+_SHUFFLE_SEED_OFFSET = 2_000_003
 
 # Pixel-space statistics of the synthetic images (over 4096 images, rounded): the net consumes (x - mean) / std.
 DEMO_MEAN: tuple[float, float, float] = (0.48, 0.48, 0.48)
@@ -62,6 +64,10 @@ class DemoConfig:
     train_noise: std (pixel space) of Gaussian noise added to training batches,
         so the net stays confident under SmoothGrad's noise.
     blank_fraction: watermark-free training scenes (uniform target) per watermarked one.
+    shuffle_labels: train on the targets randomly permuted over the training set (the permutation
+        drawn from `seed`): the model of the data-randomization test (Adebayo et al. 2018, section 4),
+        same net and recipe with no link left between an image and its label. Left out of
+        `cache_key()` while False, so the ordinary demo's cache file keeps its name.
     """
 
     image_size: int = 64
@@ -74,6 +80,7 @@ class DemoConfig:
     lr: float = 1e-2
     train_noise: float = 0.2
     blank_fraction: float = 0.25
+    shuffle_labels: bool = False
 
     def __post_init__(self) -> None:
         checks = [  # (field, ok, how to fix)
@@ -93,7 +100,10 @@ class DemoConfig:
 
     def cache_key(self) -> str:
         """Short stable hash of the recipe (config fields + RECIPE_VERSION)."""
-        blob = json.dumps({"recipe": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        fields = dataclasses.asdict(self)
+        if not self.shuffle_labels:
+            del fields["shuffle_labels"]
+        blob = json.dumps({"recipe": RECIPE_VERSION, **fields}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -241,44 +251,6 @@ def _stamp_watermarks(images: torch.Tensor, labels: torch.Tensor, boxes: torch.T
     images.copy_(torch.where(inside.unsqueeze(1), blended, images))
 
 
-def _conv_block(c_in: int, c_out: int, kernel: int, stride: int, padding: int) -> nn.Sequential:
-    # Not inplace: an inplace ReLU rewrites a hooked tensor and breaks
-    # backward hooks (captum, pytorch-grad-cam).
-    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)
-    return nn.Sequential(conv, nn.ReLU(inplace=False))
-
-
-class DemoNet(nn.Module):
-    """Four conv blocks (ReLU), global average pooling, a linear head.
-
-    Input (N, 3, 64, 64) in model space; block3/block4 maps are (N, C, 16, 16);
-    output logits (N, num_classes). No dropout, no batch norm: the forward is
-    a fixed function once trained, which attribution tests rely on.
-    """
-
-    def __init__(self, num_classes: int = 4, widths: tuple[int, int, int, int] = (16, 32, 32, 32)):
-        super().__init__()
-        # A 4x4 stride-2 stem sees one full period of the 4 px patterns and
-        # quarters the cost of everything after it (training time is the budget).
-        self.block1 = _conv_block(3, widths[0], kernel=4, stride=2, padding=1)  # (N, w0, 32, 32)
-        self.block2 = _conv_block(widths[0], widths[1], kernel=3, stride=2, padding=1)  # (N, w1, 16, 16)
-        self.block3 = _conv_block(widths[1], widths[2], kernel=3, stride=1, padding=1)  # (N, w2, 16, 16)
-        self.block4 = _conv_block(widths[2], widths[3], kernel=1, stride=1, padding=0)  # (N, w3, 16, 16)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(widths[3], num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.block4(self.block3(self.block2(self.block1(x))))
-        return self.head(self.pool(x).flatten(1))
-
-    def init_weights(self, gen: torch.Generator) -> None:
-        """Kaiming init from `gen`, so weights never depend on the global RNG."""
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                nn.init.kaiming_uniform_(module.weight, nonlinearity="relu", generator=gen)
-                nn.init.zeros_(module.bias)
-
-
 def train_demo_model(config: DemoConfig = DemoConfig()) -> DemoNet:
     """Train a DemoNet on `make_watermark_dataset(train_size, seed)`; eval mode.
 
@@ -304,6 +276,9 @@ def _train(config: DemoConfig) -> DemoNet:
     # One generator for init, shuffling and noise: the data has its own seeds.
     gen = torch.Generator().manual_seed(config.seed + 1)
     inputs, targets = _training_set(config)
+    if config.shuffle_labels:  # every row's target, blank scenes' included, goes to another image
+        shuffle = torch.Generator().manual_seed(config.seed + _SHUFFLE_SEED_OFFSET)
+        targets = targets[torch.randperm(targets.shape[0], generator=shuffle)]
     noise_std = torch.tensor(config.train_noise) / torch.tensor(DEMO_STD).view(1, 3, 1, 1)
     model = DemoNet(config.num_classes)
     model.init_weights(gen)

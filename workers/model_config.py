@@ -113,6 +113,9 @@ class ModelConfig:
     num_cpus: float = 1.0          # per replica; also torch's intra-op thread count
     cpu_affinity: tuple[int, ...] = ()  # cores each replica pins itself to; () = no pinning (Linux)
     seed: int = 0                  # demo only: data and training seed
+    # Demo only (image): train on shuffled labels, the model of the data-randomization test
+    # (EvaluationRequest.shuffled_labels_model); cached apart from the ordinary demo.
+    shuffled_labels: bool = False
     # Ray Serve autoscaling of the online replicas instead of a fixed `replicas`; keys as AUTOSCALING_KEYS.
     autoscaling: dict | None = None
     # Custom Ray resources each replica needs, e.g. {"a100": 1}: the replicas go only to nodes started with
@@ -133,6 +136,9 @@ class ModelConfig:
                "torchscript and export models need a file path")
         check(self.source in CAM_SOURCES or not (self.cam_layer or self.cam_layers), f"models[{self.name}].cam_layers",
               no_cam_on_torchscript(self.cam_layers or (self.cam_layer,)))
+        check(not self.shuffled_labels or self.source == "demo", f"models[{self.name}].shuffled_labels",
+              "trains the demo model on shuffled labels (source: demo); train your own model on permuted labels "
+              "and serve it under another name for other architectures")
         check(self.replicas >= 0 and self.num_gpus >= 0 and self.num_cpus > 0, f"models[{self.name}]",
                "replicas and num_gpus must be >= 0, num_cpus > 0")
         check_resources(self.resources, f"models[{self.name}].resources")
@@ -173,6 +179,7 @@ class ModelConfig:
               "text models load as demo (the built-in text demo) or torchscript (a scripted module)")
         check(not (self.cam_layer or self.cam_layers or self.cam_layouts), f"{where}.cam_layers",
               "text models have no CAM layers; their attributions are taken at text.embedding")
+        check(not self.shuffled_labels, f"{where}.shuffled_labels", "is for the image demo only")
 
 
 def model_config_from_dict(raw: dict[str, Any], path: str = "models[]") -> ModelConfig:

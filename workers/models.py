@@ -153,7 +153,7 @@ def _build_from_file(cfg: ModelConfig, with_layers: bool) -> tuple[nn.Module, st
 def _build_demo(cfg: ModelConfig, cache_dir: pathlib.Path | None):
     from workers import demo
 
-    config = demo.DemoConfig(seed=cfg.seed)
+    config = demo.DemoConfig(seed=cfg.seed, shuffle_labels=cfg.shuffled_labels)
     module, weights = demo.load_or_build_demo(cache_dir or demo.default_cache_dir(), config)
     # Size and normalization are the demo's own; how images reach that size is the config's.
     spec = InputSpec(channels=3, height=config.image_size, width=config.image_size,

@@ -197,6 +197,19 @@ def test_cache_key_is_stable_and_tracks_the_recipe(monkeypatch: pytest.MonkeyPat
     assert DemoConfig().cache_key() != key
 
 
+def test_shuffled_labels_demo_has_its_own_cache_key_and_leaves_the_demo_s_alone() -> None:
+    import dataclasses
+    import hashlib
+    import json
+
+    key = DemoConfig().cache_key()
+    assert DemoConfig(shuffle_labels=True).cache_key() not in (key, DemoConfig(seed=1, shuffle_labels=True).cache_key())
+    # The ordinary demo's key is the hash of the recipe without the option: existing cache files keep their names.
+    fields = {k: v for k, v in dataclasses.asdict(DemoConfig()).items() if k != "shuffle_labels"}
+    blob = json.dumps({"recipe": demo.RECIPE_VERSION, **fields}, sort_keys=True)
+    assert key == hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert demo.default_cache_dir() == tmp_path / "attribution-service"

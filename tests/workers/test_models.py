@@ -130,6 +130,9 @@ def test_registry_lookup_and_typed_errors(demo_cache_dir):
     ({"name": "a", "source": "torchscript"}, "path"),
     ({"name": "a", "source": "demo", "colour": 1}, "unknown keys"),
     ({"name": "a", "source": "demo", "input": {"channels": 3, "mean": [0.5], "std": [0.5]}}, "input"),
+    ({"name": "a", "source": "torchvision", "arch": "resnet18", "shuffled_labels": True}, "a].shuffled_labels"),
+    ({"name": "a", "source": "demo", "modality": "text", "shuffled_labels": True}, "a].shuffled_labels"),
+    ({"name": "a", "source": "demo", "shuffled_labels": "yes"}, "a].shuffled_labels"),
 ])
 def test_config_errors_name_the_field(raw, field):
     with pytest.raises(InvalidArgument, match=field):
