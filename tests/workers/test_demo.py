@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import re
 
 import pytest
 import torch
@@ -149,7 +150,10 @@ def test_cache_hit_loads_without_training(demo_model: DemoNet, demo_cache_dir: p
     monkeypatch.setattr(demo, "train_demo_model", _must_not_train)
     model, path = load_or_build_demo(demo_cache_dir, demo_config)
     assert path == demo_cache_dir / f"demo-{demo_config.cache_key()}.pt" and path.is_file()
-    assert sorted(p.name for p in demo_cache_dir.iterdir()) == [path.name]  # no temp file left behind
+    # No temp file left behind: the session's cache holds finished cache files only (other tests add their
+    # own demos' files, e.g. the shuffled-labels demo).
+    names = sorted(p.name for p in demo_cache_dir.iterdir())
+    assert path.name in names and all(re.fullmatch(r"demo-[0-9a-f]{16}\.pt", n) for n in names), names
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     for (name, a), (_, b) in zip(model.state_dict().items(), demo_model.state_dict().items()):
         assert torch.equal(a, b), name
