@@ -85,11 +85,16 @@ def pad_sequences(sequences: list[tuple[list[int], list[int]]], pad_id: int) -> 
 
 def _sequence(i: int, seq: pb.TokenSequence, text, violations: list[FieldViolation]):
     field = f"inputs.tokens.sequences[{i}]"
-    ids, real = list(seq.ids), list(seq.attention_mask) or [1] * len(seq.ids)
-    if not 1 <= len(ids) <= text.max_length:
-        violations.append(FieldViolation(f"{field}.ids", f"has {len(ids)} ids; 1..{text.max_length} "
+    count = len(seq.ids)  # checked before any copy: a huge sequence costs nothing to refuse
+    if not 1 <= count <= text.max_length:
+        violations.append(FieldViolation(f"{field}.ids", f"has {count} ids; 1..{text.max_length} "
                                                          "(TextSpec.max_length; longer sequences are not cut)"))
         return None
+    if len(seq.attention_mask) > text.max_length:
+        violations.append(FieldViolation(f"{field}.attention_mask", f"has {len(seq.attention_mask)} values for "
+                                                                    f"{count} ids; give one per id"))
+        return None
+    ids, real = list(seq.ids), list(seq.attention_mask) or [1] * count
     out_of_range = [v for v in ids if not 0 <= v < text.vocab_size]
     if out_of_range:
         violations.append(FieldViolation(f"{field}.ids", f"ids {out_of_range[:5]} are outside the vocabulary "

@@ -43,7 +43,7 @@ from workers.pipeline import explain_batch
 from workers.stages import (ContextCache, WorkerContext, build_items, check_finite, resolve_targets,
                             to_device)
 from workers.postprocess import finish_maps
-from workers.spec import (OFFLINE_ONLY_METHODS, ExplainResult, ExplainSpec, ItemExplanation,
+from workers.spec import (OFFLINE_ONLY_METHODS, ExplainResult, ExplainSpec, ItemExplanation, params_for_items,
                           ModelDescription)
 
 log = logging.getLogger(__name__)
@@ -83,9 +83,7 @@ def slice_spec(spec: ExplainSpec, chunk: slice) -> ExplainSpec:
     target, params = spec.target, spec.params
     if target.kind == "indices" and len(target.indices) > 1:
         target = dataclasses.replace(target, indices=target.indices[chunk])
-    custom = params.baseline_tensor
-    if custom is not None and custom.shape[0] > 1:
-        params = dataclasses.replace(params, baseline_tensor=custom[chunk])
+    params = params_for_items(spec.method, params, chunk)
     pixels = spec.pixels_u8[chunk] if spec.pixels_u8 is not None else None
     mask = None if spec.attention_mask is None else spec.attention_mask[chunk]  # text: the chunk's mask
     return dataclasses.replace(spec, inputs=spec.inputs[chunk], pixels_u8=pixels, target=target, params=params,

@@ -9,6 +9,7 @@ through `torch.save` (about ten times the CPU, on both sides of every call).
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -99,6 +100,20 @@ class MethodParams(TensorFields):
     segmentation_scales: tuple[float, ...] = (50.0, 100.0, 150.0, 250.0, 500.0, 1200.0)  # XRAI (with steps)
 
 
+# The methods whose CUSTOM baseline is one tensor for every item or one per item (the path's start); an
+# Expected Gradients reference set, also in `baseline_tensor`, is drawn from whole and never split by item.
+PER_ITEM_BASELINE_METHODS = ("integrated_gradients", "guided_ig")
+
+
+def params_for_items(method: str, params: MethodParams, index) -> MethodParams:
+    """`params` for a subset of a request's items (`index`: a slice, or an index tensor over the items,
+    e.g. each row's item when rows repeat items): a per-item CUSTOM baseline follows its items."""
+    custom = params.baseline_tensor
+    if custom is None or custom.shape[0] == 1 or method not in PER_ITEM_BASELINE_METHODS:
+        return params
+    return dataclasses.replace(params, baseline_tensor=custom[index])
+
+
 @dataclass(frozen=True)
 class OutputSpec:
     reduction: str = "abs_max"
@@ -180,7 +195,10 @@ class ExplainSpec(TensorFields):
     def __getstate__(self) -> dict:
         state = TensorFields.__getstate__(self)
         pixels = self.pixels_u8
-        carry = pixels is not None and tuple(pixels.shape) == tuple(self.inputs.shape) and bool(self.pixel_mean)
+        # Only pixels that are these very inputs cross in their place (a spec copied with other inputs keeps
+        # its old pixels otherwise); checking costs one normalization, far less than the bytes it saves.
+        carry = (pixels is not None and bool(self.pixel_mean) and tuple(pixels.shape) == tuple(self.inputs.shape)
+                 and torch.equal(pixels_to_model_space(pixels, self.pixel_mean, self.pixel_std), self.inputs))
         dropped = "inputs" if carry else "pixels_u8"  # pixels that do not match the inputs are never sent
         state[dropped] = None
         state["__tensor_fields__"] = tuple(n for n in state.get("__tensor_fields__", ()) if n != dropped)

@@ -33,8 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write every input as sent (the demo images too) here, e.g. for "
                              "`attribution audit verify --inputs DIR`")
     parser.add_argument("--model", default="", help="model name (default: the server's default)")
-    parser.add_argument("--method", default="grad_cam", help="e.g. grad_cam, smoothgrad, integrated_gradients, "
-                                                             "expected_gradients, blur_ig, guided_ig")
+    parser.add_argument("--method", help="e.g. grad_cam (the default for images), smoothgrad, integrated_gradients, "
+                                         "expected_gradients, blur_ig, guided_ig; vanilla is the default for --text")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--target", type=int, help="class index to explain (default: predicted)")
     target.add_argument("--top-k", type=int, help="explain the top-k classes")
@@ -92,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         return run_text(args)
     if not args.images and not args.demo:
         raise CliError("give image files (or folders of them), --demo N, or --text TEXT for a text model")
+    args.method = args.method or "grad_cam"
     if not args.server and not args.local:
         raise CliError("give --server HOST:PORT or --local")
     tls_options(args)  # --cert without --key is refused before any work

@@ -32,18 +32,18 @@ def run_text(args: argparse.Namespace) -> int:
     if args.output is not None:
         raise CliError("-o writes image overlays; text results are printed (use --json to keep them)")
     tls_options(args)
-    if args.method == "grad_cam":  # the image default; a text model's simplest method instead
-        args.method = "vanilla"
+    args.method = args.method or "vanilla"  # gradient x embedding, a text model's simplest method
     _check_names(args)
     return asyncio.run(_explain_texts(args))
 
 
 async def _explain_texts(args: argparse.Namespace) -> int:
-    from service.cli.explain import _labels, _named, _target
+    from service.cli import local
+    from service.cli.explain import _labels, _named
 
     params = {k: getattr(args, k) for k in _TEXT_PARAMS if getattr(args, k) is not None}
     failures = 0
-    async with _target(args) as address:
+    async with local.target(args) as address:
         tls = tls_options(args) if args.server else {}
         async with AsyncAttributionClient(address, token=args.token, timeout=args.timeout, **tls) as client:
             labels = await _labels(client, args.model)

@@ -74,7 +74,7 @@ class ModelDefaults:
             return model
         method = codec.METHOD_NAMES.get(chosen.method, "")
         layer = chosen.cam_layer if chosen.cam_layer in model.cam_layers else model.default_cam_layer
-        return dataclasses.replace(model, default_method=method if method in model.offline_methods else "",
+        return dataclasses.replace(model, default_method=method if method in model.online_methods else "",
                                    default_cam_layer=layer)
 
     async def describe(self, model: ModelDescription, limits, max_job_items: int) -> pb.ModelInfo:
@@ -106,6 +106,10 @@ class ModelDefaults:
                 f"model {model.name!r} has no succeeded evaluation with a recommendation; run an evaluation job first"
             raise FailedPrecondition(what)
         chosen = pb.Recommendation.FromString(found[1])
+        if codec.METHOD_NAMES.get(chosen.method, "") not in model.online_methods:
+            raise FailedPrecondition(f"the recommendation is {pb.Method.Name(chosen.method)}, which model "
+                                     f"{model.name!r} serves as jobs only: it cannot be the default of Explain "
+                                     "requests; name it in your job requests instead")
         chosen.adopted = True
         await asyncio.to_thread(self.store.adopt, model.name, found[0], chosen.SerializeToString())
         self._adopted[model.name] = chosen

@@ -36,6 +36,12 @@ _LAYER_PARAMS = ("cam", "score_cam")
 _UNSET_FIELDS = ("model", "inputs", "target", "output", "request_id", "audit")
 
 
+# Caps on the options whose cost grows with their value: each augmentation re-runs every method on every
+# item, each class compared runs every method once more per item (and pairs grow as its square), and the
+# bootstrap holds resamples x items indices per metric.
+MAX_AUGMENTATIONS, MAX_DISCRIMINATION_CLASSES, MAX_BOOTSTRAP_SAMPLES = 8, 10, 10_000
+
+
 @dataclasses.dataclass
 class ValidatedEvaluation:
     """What SubmitJob stores and the runner runs: the spec, its model, the request with every default
@@ -52,6 +58,10 @@ def validate_evaluation(request: pb.EvaluationRequest, models: Mapping[str, Mode
                         request_id: str = "", decoder: ImageDecoder | None = None) -> ValidatedEvaluation:
     """The checked evaluation (see the module docstring); `InvalidArgument` listing every mistake found."""
     model = resolve_model(request.model, models)
+    if model.modality != "image":
+        raise InvalidArgument.field("evaluation.model", f"model {model.name!r} is a {model.modality} model; the "
+                                    "evaluation's metrics (pixel deletion, localisation, image augmentations) "
+                                    "are for image models")
     v = _Violations()
     item_limits = dataclasses.replace(limits, max_items=config.max_items)
     inputs, names = _items(request, model, item_limits, datasets, v, decoder)
@@ -66,7 +76,7 @@ def validate_evaluation(request: pb.EvaluationRequest, models: Mapping[str, Mode
     if request.dataset:
         pinned.ClearField("inputs")
     methods = _methods(request, pinned, model, limits, items, v)
-    regions = _regions(request.regions, model, items, v)
+    regions = _regions(request.regions, model, items, config.max_items, v)
     shuffled = _shuffled(request.shuffled_labels_model, model, models, v)
     options = _options(request.options, model, v)
     metrics = _metrics(request.metrics, regions is not None, bool(shuffled), methods, model, v)
@@ -178,12 +188,14 @@ class _Renamed:
             self.add(item.field, item.description)
 
 
-def _regions(regions, model: ModelDescription, items: int, v: _Violations) -> torch.Tensor | None:
-    """Ground truth `# (N, H, W)` bool, or None without regions."""
+def _regions(regions, model: ModelDescription, items: int, max_items: int, v: _Violations) -> torch.Tensor | None:
+    """Ground truth `# (N, H, W)` bool, or None without regions (or when the items are not known)."""
     if not regions:
         return None
-    if items and len(regions) != items:
+    if len(regions) > max_items or (items and len(regions) != items):
         v.add("evaluation.regions", f"has {len(regions)} regions for {items} items; give one per item, or none")
+        return None
+    if not items:  # the inputs were refused: nothing to hold the regions against (and no memory spent)
         return None
     h, w = model.height, model.width
     masks = torch.zeros((len(regions), h, w), dtype=torch.bool)
@@ -232,6 +244,9 @@ def _shuffled(name: str, model: ModelDescription, models: Mapping[str, ModelDesc
     if other is None:
         v.add("evaluation.shuffled_labels_model", f"unknown model {name[:64]!r}; served: {', '.join(models)}")
         return ""
+    if other.modality != "image":
+        v.add("evaluation.shuffled_labels_model", f"model {name!r} is a {other.modality} model; give an image model")
+        return ""
     if other.name == model.name:
         v.add("evaluation.shuffled_labels_model", "must be another model than the one evaluated")
         return ""
@@ -264,11 +279,13 @@ def _options(o: pb.EvaluationOptions, model: ModelDescription, v: _Violations) -
         v.add(f"{f}.randomization_threshold", f"must be a Spearman correlation in [-1, 1], got {threshold}")
     augmentations = _augmentations(o.augmentations, side, v) if o.augmentations else d.augmentations
     top_k = o.top_k or min(d.top_k, model.num_classes)
-    if o.top_k and not 2 <= o.top_k <= model.num_classes:
-        v.add(f"{f}.top_k", f"must be 2..{model.num_classes} (the model's classes), got {o.top_k}")
+    most = min(model.num_classes, MAX_DISCRIMINATION_CLASSES)
+    if o.top_k and not 2 <= o.top_k <= most:
+        v.add(f"{f}.top_k", f"must be 2..{most} (the model's classes, at most {MAX_DISCRIMINATION_CLASSES}), "
+                            f"got {o.top_k}")
     samples = o.bootstrap_samples or d.bootstrap_samples
-    if not 1 <= samples <= 100_000:
-        v.add(f"{f}.bootstrap_samples", f"must be 1..100000, got {samples}")
+    if not 1 <= samples <= MAX_BOOTSTRAP_SAMPLES:
+        v.add(f"{f}.bootstrap_samples", f"must be 1..{MAX_BOOTSTRAP_SAMPLES}, got {samples}")
     confidence = o.confidence if o.HasField("confidence") else d.confidence
     if not 0.0 < confidence < 1.0:
         v.add(f"{f}.confidence", f"must be in (0, 1), got {confidence}")
@@ -281,6 +298,10 @@ def _options(o: pb.EvaluationOptions, model: ModelDescription, v: _Violations) -
 
 def _augmentations(given, side: int, v: _Violations) -> tuple[tuple[str, float], ...]:
     defaults, out = dict(js.AUGMENTATION_DEFAULTS), []
+    given = list(dict.fromkeys(given))  # each one re-runs every method on every item: once is enough
+    if len(given) > MAX_AUGMENTATIONS:
+        v.add("evaluation.options.augmentations", f"has {len(given)} augmentations; at most {MAX_AUGMENTATIONS}")
+        return ()
     for i, text in enumerate(given):
         field = f"evaluation.options.augmentations[{i}]"
         name, _, amount = text.partition(":")

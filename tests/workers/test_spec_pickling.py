@@ -3,6 +3,7 @@ writable tensors with the same values, dtypes and shapes."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 
 import numpy as np
@@ -86,6 +87,9 @@ def test_pixels_that_no_longer_match_the_inputs_are_never_sent():
     spec.inputs = spec.inputs[:1]  # e.g. a slice made without its pixels
     back = _roundtrip(spec)
     assert back.pixels_u8 is None and torch.equal(back.inputs, spec.inputs)
+    other = dataclasses.replace(_pixel_spec(), inputs=torch.zeros(2, 3, 112, 112))  # same shape, other values
+    back = _roundtrip(other)
+    assert back.pixels_u8 is None and torch.equal(back.inputs, other.inputs)
 
 
 def test_a_job_chunk_slices_the_pixels_with_the_inputs():
@@ -93,3 +97,22 @@ def test_a_job_chunk_slices_the_pixels_with_the_inputs():
     spec = _pixel_spec(n=4, size=16)
     part = _roundtrip(slice_spec(spec, slice(1, 3)))
     assert torch.equal(part.inputs, spec.inputs[1:3]) and torch.equal(part.pixels_u8, spec.pixels_u8[1:3])
+
+
+def test_a_job_chunk_keeps_a_reference_set_whole_and_splits_per_item_baselines():
+    from workers.offline import slice_spec
+    from workers.spec import params_for_items
+
+    inputs = torch.rand(4, 3, 8, 8)
+    references = torch.rand(100, 3, 8, 8)  # Expected Gradients draws from all of them, whatever the items
+    eg = ExplainSpec(model="m", method="expected_gradients", inputs=inputs,
+                     params=MethodParams(baseline_tensor=references))
+    assert slice_spec(eg, slice(2, 4)).params.baseline_tensor is references
+    per_item = torch.rand(4, 3, 8, 8)
+    ig = ExplainSpec(model="m", method="integrated_gradients", inputs=inputs,
+                     params=MethodParams(baseline="custom", baseline_tensor=per_item))
+    assert torch.equal(slice_spec(ig, slice(2, 4)).params.baseline_tensor, per_item[2:4])
+    rows = torch.arange(4).repeat_interleave(3)  # rows that repeat items (one per class): each row its item's
+    assert torch.equal(params_for_items("integrated_gradients", ig.params, rows).baseline_tensor, per_item[rows])
+    one = MethodParams(baseline="custom", baseline_tensor=per_item[:1])
+    assert params_for_items("guided_ig", one, slice(2, 4)) is one

@@ -244,7 +244,8 @@ def _discrimination(spec, ctx, x, outcomes, runner) -> None:
         raise InvalidArgument.field("evaluation.options.top_k", f"must be in 2..{logits.shape[1]}, got {k}")
     classes = logits.topk(k, dim=1).indices  # (N, k)
     rows = x.repeat_interleave(k, dim=0)  # (N*k, C, H, W): item-major, class-minor
-    maps = runner.maps(module, rows, classes.reshape(-1))
+    items = torch.arange(x.shape[0]).repeat_interleave(k)  # each row's item: its per-item baseline
+    maps = runner.maps(module, rows, classes.reshape(-1), items=items)
     for label, out in outcomes.items():
         stacked = maps[label].view(x.shape[0], k, *maps[label].shape[1:])  # (N, k, H, W)
         out.metrics.append(metric_data(js.CLASS_DISCRIMINATION, "", "spearman", mean_pairwise_spearman(stacked),

@@ -61,17 +61,36 @@ def min_max(maps: torch.Tensor) -> np.ndarray:
     return ((flat - low) / span).view_as(maps).numpy().astype(np.float32)
 
 
+# The report's figure keeps at most this many randomization steps (the first, the last and evenly spaced ones
+# between: a deep net re-initialises dozens of layers) at most this many pixels a side, so an evaluation's
+# result stays a few MB whatever the model (every step's Spearman is in the metrics in full).
+FIGURE_STEPS, FIGURE_SIDE = 8, 64
+
+
+def _figure_planes(maps: torch.Tensor) -> np.ndarray:
+    """Maps `# (n, H, W)` area-averaged down to at most FIGURE_SIDE a side, then min-max scaled."""
+    h, w = maps.shape[-2:]
+    if max(h, w) > FIGURE_SIDE:
+        size = (max(1, round(h * FIGURE_SIDE / max(h, w))), max(1, round(w * FIGURE_SIDE / max(h, w))))
+        maps = torch.nn.functional.adaptive_avg_pool2d(maps.detach().float().cpu().unsqueeze(1), size).squeeze(1)
+    return min_max(maps)
+
+
 def randomization_figure(result: RandomizationResult, mode: str, items: int) -> RandomizationData:
-    """The first `items` items' maps, trained then after each step, and each step's mean Spearman."""
-    steps, previous = ["trained"], ()
+    """The first `items` items' maps, trained then after each kept step (at most FIGURE_STEPS), and each
+    kept step's mean Spearman."""
+    names, previous = [], ()
     for step in result.steps:
         added = [layer for layer in step.layers if layer not in previous]
-        steps.append("+".join(added or step.layers))
+        names.append("+".join(added or step.layers))
         previous = step.layers if mode == "cascading" else ()
-    planes = [result.trained_maps[:items]] + [maps[:items] for maps in result.randomized_maps]
-    maps = np.stack([min_max(p) for p in planes])  # (steps, items, H, W)
-    spearman = [1.0] + [float(step.spearman.aggregate.mean) for step in result.steps]
-    return RandomizationData(mode, steps, maps, spearman)
+    count = len(result.steps)
+    keep = sorted({round(i * (count - 1) / (FIGURE_STEPS - 1)) for i in range(FIGURE_STEPS)}) if count else []
+    keep = keep if count > FIGURE_STEPS else list(range(count))
+    planes = [result.trained_maps[:items]] + [result.randomized_maps[i][:items] for i in keep]
+    maps = np.stack([_figure_planes(p) for p in planes])  # (kept steps + 1, items, h, w)
+    spearman = [1.0] + [float(result.steps[i].spearman.aggregate.mean) for i in keep]
+    return RandomizationData(mode, ["trained"] + [names[i] for i in keep], maps, spearman)
 
 
 def _ranks(means: Sequence[float]) -> list[float]:

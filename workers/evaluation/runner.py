@@ -29,7 +29,8 @@ from workers.kernels.gradients import GradientLimits
 from workers.kernels.hooks import LayerTaps
 from workers.offline import run_offline
 from workers.pipeline import explain_batch
-from workers.spec import OFFLINE_ONLY_METHODS, ExplainSpec, OutputSpec, TargetSpec, request_cost
+from workers.spec import (OFFLINE_ONLY_METHODS, ExplainSpec, OutputSpec, TargetSpec, params_for_items,
+                          request_cost)
 from workers.stages import WorkerContext
 
 # An evaluation's sizes were checked by the front door (jobs.evaluation.max_items); the kernels' own
@@ -116,9 +117,11 @@ class MethodRunner:
 
     # -------------------------------------------------------------- maps --
 
-    def maps(self, module: nn.Module, inputs: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    def maps(self, module: nn.Module, inputs: Tensor, targets: Tensor,
+             items: Tensor | None = None) -> dict[str, Tensor]:
         """Every method's maps `# (N, H, W)` float32 on the host for `inputs` `# (N, C, H, W)` and
-        `targets` `# (N,)` on `module`; the same objects asked again get the same answer."""
+        `targets` `# (N,)` on `module`; the same objects asked again get the same answer. `items` `# (N,)`:
+        each row's item (rows that repeat items, e.g. one per class), which picks per-item baselines."""
         # The weights' version counters: a copy re-initialized in place between two calls is another model.
         key = (module, inputs, targets, tuple(p._version for p in module.parameters()))
         if self._last is not None and all(a is b for a, b in zip(self._last[0][:3], key[:3])) \
@@ -136,7 +139,8 @@ class MethodRunner:
             x, t = host_inputs[chunk], classes[chunk]
             if online:
                 started = time.perf_counter()
-                specs = [self._spec(m, x, t, chunk) for m in online]
+                index = chunk if items is None else items[chunk]
+                specs = [self._spec(m, x, t, index) for m in online]
                 outcomes = explain_batch(ctx, specs)
                 self._share(online, specs, time.perf_counter() - started)
                 for m, outcome in zip(online, outcomes):
@@ -145,7 +149,8 @@ class MethodRunner:
                     _collect(outcome.items, m, out, errors)
             for m in offline:
                 started = time.perf_counter()
-                result = run_offline(ctx, self._spec(m, x, t, chunk), items_per_chunk=len(t),
+                result = run_offline(ctx, self._spec(m, x, t, chunk if items is None else items[chunk]),
+                                     items_per_chunk=len(t),
                                      cancelled=self.cancelled)
                 self.seconds[m.label] += time.perf_counter() - started
                 _collect(result.items, m, out, errors)
@@ -166,11 +171,8 @@ class MethodRunner:
     def attributes(self) -> dict[str, Callable[[nn.Module, Tensor, Tensor], Tensor]]:
         return {m.label: self.attribute(m.label) for m in self.methods}
 
-    def _spec(self, method: EvalMethod, x: Tensor, targets: tuple[int, ...], chunk: slice) -> ExplainSpec:
-        params = method.params
-        custom = params.baseline_tensor
-        if custom is not None and custom.shape[0] > 1:
-            params = dataclasses.replace(params, baseline_tensor=custom[chunk])
+    def _spec(self, method: EvalMethod, x: Tensor, targets: tuple[int, ...], index) -> ExplainSpec:
+        params = params_for_items(method.method, method.params, index)
         return ExplainSpec(model=self.ctx.model.name, method=method.method, inputs=x, request_id=method.label,
                            target=TargetSpec(kind="indices", indices=targets), params=params, output=_OUTPUT,
                            seed=method.seed)

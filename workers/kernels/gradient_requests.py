@@ -14,11 +14,12 @@ from torch import Tensor
 from workers.errors import InvalidArgument
 from workers.kernels.path_rows import MAX_BLUR_IG_SIGMA, check_max_sigma
 from workers.methods import GRADIENT_METHODS, NOISE_METHODS, per_item_rows
+from workers.spec import PER_ITEM_BASELINE_METHODS
 
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gauss_legendre")
 METHODS = GRADIENT_METHODS  # the gradient family of the method table
 # The methods whose path starts at `baselines` (None = zeros).
-BASELINE_METHODS = ("integrated_gradients", "guided_ig")
+BASELINE_METHODS = PER_ITEM_BASELINE_METHODS
 # A request's reference set (Expected Gradients) may hold at most this many baselines.
 MAX_REFERENCES = 4096
 

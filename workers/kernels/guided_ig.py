@@ -99,7 +99,8 @@ def guided_ig(model: nn.Module, inputs: list[Tensor], baselines: list[Tensor], t
     alive = set(range(len(inputs)))
     for step in range(max(steps)):
         if watch is not None and step > 0:
-            alive = {k for k in alive if ids[k] in set(watch.check([ids[j] for j in alive]))}
+            still = set(watch.check([ids[j] for j in alive]))  # one check per step for every request
+            alive = {k for k in alive if ids[k] in still}
         live = [k for k in alive if step < steps[k]]
         if not live:
             break

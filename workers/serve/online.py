@@ -209,7 +209,7 @@ class OnlineWorker:
         with torch.inference_mode():
             if text is not None:  # a text model: one pad token
                 ids = torch.full((1, 1), text.pad_id, device=self.device)
-                out = self.model.module(ids, torch.ones_like(ids))
+                out = text.forward.plain(ids, torch.ones_like(ids))
             else:
                 out = self.model.module(torch.zeros((1,) + spec.shape, device=self.device))
         if not torch.isfinite(out).all():

@@ -66,7 +66,17 @@ class TextForward:
 
     def embed(self, ids: Tensor) -> Tensor:
         """The embedding module's output `# (N, L, D)` for ids `# (N, L)`."""
-        return self.embedding(ids)
+        if not self.scripted:
+            return self.embedding(ids)
+        with self._lock:  # never during another thread's weight swap
+            return self.embedding(ids)
+
+    def plain(self, ids: Tensor, mask: Tensor) -> Tensor:
+        """Logits `# (N, K)` of the model as it is, on ids and mask `# (N, L)` (its predictions)."""
+        if not self.scripted:
+            return self.module(ids, mask)
+        with self._lock:  # a scripted model's embedding weight is swapped while `logits` runs
+            return self.module(ids, mask)
 
     def logits(self, embeds: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
         """Logits `# (N, K)` of the model on ids `# (N, L)` and mask `# (N, L)`, with the embedding

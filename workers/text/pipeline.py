@@ -64,7 +64,7 @@ def _check_method(work, gone, ctx: WorkerContext) -> None:
 def _predict(work, ctx: WorkerContext) -> None:
     mask = to_device(work.spec.attention_mask, ctx.model.device)
     work.mask = mask
-    work.probs = torch.softmax(ctx.model.module(work.inputs, mask).float(), dim=1)
+    work.probs = torch.softmax(ctx.model.text.forward.plain(work.inputs, mask).float(), dim=1)
 
 
 def _resolve(work, ctx: WorkerContext) -> None:

@@ -26,7 +26,8 @@ DEMO = ModelDescription(name="demo", version="v", channels=3, height=64, width=6
                         online_methods=GRADIENT_METHODS + CAM_METHODS,
                         offline_methods=GRADIENT_METHODS + CAM_METHODS + OFFLINE_ONLY_METHODS, is_default=True)
 MODELS = {"demo": DEMO, "shuffled": dataclasses.replace(DEMO, name="shuffled", is_default=False),
-          "other": dataclasses.replace(DEMO, name="other", num_classes=3, is_default=False)}
+          "other": dataclasses.replace(DEMO, name="other", num_classes=3, is_default=False),
+          "text": dataclasses.replace(DEMO, name="text", modality="text", cam_layers=(), is_default=False)}
 
 
 def request(n: int = 2, **fields) -> pb.EvaluationRequest:
@@ -115,6 +116,14 @@ BAD = [
      "evaluation.options.augmentations[0]", "whole number"),
     ("top_k option", dict(options=pb.EvaluationOptions(top_k=9)), "evaluation.options.top_k", "2..4"),
     ("confidence", dict(options=pb.EvaluationOptions(confidence=1.0)), "evaluation.options.confidence", "(0, 1)"),
+    ("bootstrap", dict(options=pb.EvaluationOptions(bootstrap_samples=10_001)), "evaluation.options.bootstrap_samples",
+     "1..10000"),
+    ("too many augmentations", dict(options=pb.EvaluationOptions(augmentations=[f"noise:0.0{i}" for i in range(1, 10)])),
+     "evaluation.options.augmentations", "at most 8"),
+    ("regions beyond the item cap", dict(inputs=pb.Inputs(), dataset="", regions=[box(0, 0, 8, 8)] * 5000),
+     "evaluation.regions", "one per item"),
+    ("shuffled model is text", dict(shuffled_labels_model="text"), "evaluation.shuffled_labels_model",
+     "text model"),
 ]
 
 
@@ -126,6 +135,19 @@ def test_mistakes_name_their_field(name, fields, field, words):
         validate(request(n, **fields), datasets={"holdout": ()}, config=config)
     found = {v.field: v.description for v in info.value.violations}
     assert field in found and words in found[field], found
+
+
+def test_a_text_model_is_refused_and_repeated_augmentations_run_once():
+    with pytest.raises(InvalidArgument) as refused:
+        validate(request(model="text"))
+    assert "text model" in str(refused.value)
+    twice = validate(request(options=pb.EvaluationOptions(augmentations=["noise:0.05", "noise:0.05"]))).spec
+    assert twice.options.augmentations == (("noise", 0.05),)
+    wide = dataclasses.replace(DEMO, num_classes=1000)
+    with pytest.raises(InvalidArgument) as many:
+        validate_evaluation(request(options=pb.EvaluationOptions(top_k=11)), {"demo": wide}, Limits(),
+                            EvaluationConfig(), {}, request_id="job")
+    assert "2..10" in str(many.value)
 
 
 def test_unknown_model_is_not_found():

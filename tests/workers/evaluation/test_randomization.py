@@ -95,3 +95,27 @@ def test_data_randomization_compares_with_the_callers_model() -> None:
     assert results["edge"].steps[0].layers == ("<labels shuffled>",)
     same = data_randomization_check(model, model, x, targets, {"ixg": _input_times_gradient})
     assert same["ixg"].curve.tolist() == pytest.approx([1.0])
+
+
+def test_the_report_figure_of_a_deep_net_keeps_eight_steps_at_most_64_pixels_a_side():
+    """A net with dozens of parametrized layers: the figure shows the first, the last and evenly spaced
+    steps between, area-averaged to 64 px, so an evaluation's result stays small."""
+    from workers.evaluation.aggregate import metric
+    from workers.evaluation.randomization import RandomizationResult, Step
+    from workers.evaluation.ranking import FIGURE_SIDE, FIGURE_STEPS, randomization_figure
+
+    layers = [f"layer{i}" for i in range(41)]
+    steps = [Step(tuple(layers[:i + 1]), metric("spearman", [1.0 - i / 41] * 3), metric("ssim", [0.5] * 3), False)
+             for i in range(41)]
+    maps = [torch.full((3, 224, 160), float(i)) + torch.rand(3, 224, 160) for i in range(41)]
+    result = RandomizationResult("grad_cam", "cascading", steps, True, 0.5, torch.rand(3, 224, 160), maps)
+    figure = randomization_figure(result, "cascading", items=2)
+    assert len(figure.steps) == FIGURE_STEPS + 1 == len(figure.spearman)  # "trained" first
+    assert figure.steps[1] == "layer0" and figure.steps[-1] == "layer40"
+    assert figure.spearman[-1] == pytest.approx(1.0 - 40 / 41)
+    assert figure.maps.shape == (FIGURE_STEPS + 1, 2, FIGURE_SIDE, round(160 * FIGURE_SIDE / 224))
+    assert figure.maps.min() >= 0.0 and figure.maps.max() <= 1.0
+    few = RandomizationResult("grad_cam", "independent", steps[:3], True, 0.5, torch.rand(3, 32, 32),
+                              [torch.rand(3, 32, 32) for _ in range(3)])
+    small = randomization_figure(few, "independent", items=3)
+    assert len(small.steps) == 4 and small.maps.shape == (4, 3, 32, 32)  # small enough: everything kept
