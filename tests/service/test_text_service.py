@@ -188,3 +188,21 @@ def test_the_models_listing_shows_a_text_model_s_inputs(stub, capsys):
     _print(stub.GetModel(pb.GetModelRequest(name=TEXT)))
     first = capsys.readouterr().out.splitlines()[0]
     assert f"{TEXT}  text" in first and "up to 32 tokens (vocabulary 54" in first and "x" not in first.split("input")[1]
+
+
+@pytest.mark.process
+def test_the_cli_explains_a_text_in_process_and_prints_its_tokens(tmp_path):
+    """`attribution explain --local --config ... --text`: the README's line, with the shipped config."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-m", "service.cli", "explain", "--local", "--config",
+                           str(root / "deploy" / "config.text-demo.yaml"), "--model", "text-demo",
+                           "--method", "integrated_gradients", "--text", "we saw a guitar"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "predicted" in lines[0] and [ln.split()[0] for ln in lines[1:5]] == ["we", "saw", "a", "guitar"]
+    assert lines[4].endswith("<- top")
