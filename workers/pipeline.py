@@ -247,7 +247,9 @@ def _reraise(work: _Work, exc: Exception) -> None:
     raise exc
 
 
-def _run_gradients(ctx: WorkerContext, works: list[_Work], gone: Callable[[ExplainSpec], bool]) -> None:
+def fold_watch(ctx: WorkerContext, works: list, gone: Callable[[ExplainSpec], bool]) -> FoldWatch:
+    """The fold's between-chunk check of `works`: a request whose caller has gone is dropped (its
+    `dropped` set to the answer it gets) and its rows leave the chunks still to run."""
     def alive(i: int) -> bool:
         ctx.fold_checks += 1
         try:
@@ -257,7 +259,11 @@ def _run_gradients(ctx: WorkerContext, works: list[_Work], gone: Callable[[Expla
             return False
         return True
 
-    watch = FoldWatch(alive)
+    return FoldWatch(alive)
+
+
+def _run_gradients(ctx: WorkerContext, works: list[_Work], gone: Callable[[ExplainSpec], bool]) -> None:
+    watch = fold_watch(ctx, works, gone)
     try:
         results = explain_gradients(ctx.model.module, [w.kernel_request for w in works], ctx.budget, ctx.limits,
                                     num_classes=ctx.model.num_classes, watch=watch)

@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from workers.batching import FoldWatch
 from workers.errors import AttributionError, InvalidArgument
 from workers.kernels.text_gradients import TextGradientRequest, explain_text, validate_text_request
 from workers.postprocess import normalize
@@ -82,18 +81,9 @@ def _resolve(work, ctx: WorkerContext) -> None:
 
 
 def _run(ctx: WorkerContext, works: list, gone: Callable[[ExplainSpec], bool]) -> None:
-    from workers.pipeline import _check_alive
+    from workers.pipeline import fold_watch
 
-    def alive(i: int) -> bool:
-        ctx.fold_checks += 1
-        try:
-            _check_alive(works[i], gone, ctx)
-        except AttributionError as exc:
-            works[i].dropped = exc
-            return False
-        return True
-
-    watch = FoldWatch(alive)
+    watch = fold_watch(ctx, works, gone)
     try:
         results = explain_text(ctx.model.text.forward, [w.kernel_request for w in works], ctx.budget, watch)
     finally:
